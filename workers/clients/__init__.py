@@ -1,0 +1,1 @@
+"""Thin, typed clients shared by the workers, the CLI and the operators."""

@@ -1,0 +1,39 @@
+"""Redis: one connection pool per address, and a ping that names the service when it fails."""
+
+from __future__ import annotations
+
+import threading
+
+import redis
+
+from essp.errors import ServiceUnavailable
+from essp.settings import Settings
+
+_pools: dict[tuple[str, int, int], redis.ConnectionPool] = {}
+_lock = threading.Lock()
+
+
+def redis_client(settings: Settings, *, db: int | None = None) -> redis.Redis:
+    """A client on the shared pool of this address and database (pools are per process)."""
+    db = settings.redis_db if db is None else db
+    key = (settings.redis_host, settings.redis_port, db)
+    with _lock:
+        pool = _pools.get(key)
+        if pool is None:
+            password = settings.redis_password.get_secret_value() if settings.redis_password else None
+            pool = redis.ConnectionPool(
+                host=settings.redis_host, port=settings.redis_port, db=db, password=password,
+                socket_connect_timeout=3, socket_timeout=30, health_check_interval=30,
+            )
+            _pools[key] = pool
+    return redis.Redis(connection_pool=pool)
+
+
+def check_redis(settings: Settings) -> redis.Redis:
+    """A client that has answered PING, or :class:`ServiceUnavailable` naming Redis."""
+    client = redis_client(settings)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise ServiceUnavailable("Redis", f"{settings.redis_host}:{settings.redis_port}", exc) from None
+    return client

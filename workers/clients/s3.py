@@ -1,0 +1,138 @@
+"""S3 (MinIO in production, SeaweedFS locally): a small typed object store over the MinIO client."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import urllib3
+from minio import Minio
+from minio.error import S3Error
+
+from essp.errors import EsspError, ServiceUnavailable
+from essp.settings import Settings
+
+
+class ObjectNotFound(EsspError, FileNotFoundError):
+    """The object (or its bucket) does not exist."""
+
+
+@dataclass(frozen=True)
+class S3Uri:
+    bucket: str
+    key: str
+
+    @classmethod
+    def parse(cls, uri: str) -> S3Uri:
+        if not uri.startswith("s3://"):
+            raise ValueError(f"{uri!r} is not an s3:// URI")
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        if not bucket or not key:
+            raise ValueError(f"{uri!r} must name a bucket and a key: s3://BUCKET/KEY")
+        return cls(bucket, key)
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+class ObjectStore:
+    """Buckets and objects on one S3 endpoint. Errors name the endpoint or the object's URI."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.endpoint = settings.s3_endpoint
+        # Fail fast when the endpoint is down instead of retrying for minutes.
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=3, read=60),
+            retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)),
+            maxsize=16,
+        )
+        self.client = Minio(
+            settings.s3_endpoint,
+            access_key=settings.secret("s3_access_key"),
+            secret_key=settings.secret("s3_secret_key"),
+            secure=settings.s3_secure,
+            region=settings.s3_region,
+            http_client=http,
+        )
+
+    def _unavailable(self, exc: Exception) -> ServiceUnavailable:
+        return ServiceUnavailable("S3", self.settings.s3_url, exc)
+
+    def _call(self, what: str, fn, *args, **kwargs):  # noqa: ANN001, ANN202
+        try:
+            return fn(*args, **kwargs)
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
+                raise ObjectNotFound(f"{what}: {exc.code} ({exc.message})") from None
+            raise EsspError(f"{what}: S3 error {exc.code}: {exc.message}") from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._unavailable(exc) from None
+
+    def check(self) -> None:
+        """List buckets once: proves the endpoint answers and the credentials are accepted."""
+        self._call(f"S3 at {self.settings.s3_url}", self.client.list_buckets)
+
+    def ensure_bucket(self, bucket: str) -> None:
+        if not self._call(f"s3://{bucket}", self.client.bucket_exists, bucket):
+            try:
+                self._call(f"s3://{bucket}", self.client.make_bucket, bucket)
+            except EsspError as exc:  # another process made it first
+                if "BucketAlreadyOwnedByYou" not in str(exc) and "BucketAlreadyExists" not in str(exc):
+                    raise
+
+    def put_bytes(self, bucket: str, key: str, data: bytes,
+                  content_type: str = "application/octet-stream") -> S3Uri:
+        self._call(f"s3://{bucket}/{key}", self.client.put_object, bucket, key, io.BytesIO(data),
+                   len(data), content_type=content_type)
+        return S3Uri(bucket, key)
+
+    def get_bytes(self, bucket: str, key: str) -> bytes:
+        def read() -> bytes:
+            response = self.client.get_object(bucket, key)
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+
+        return self._call(f"s3://{bucket}/{key}", read)
+
+    def put_json(self, bucket: str, key: str, value: Any) -> S3Uri:
+        return self.put_bytes(bucket, key, json.dumps(value, indent=2, sort_keys=True).encode(),
+                              content_type="application/json")
+
+    def get_json(self, bucket: str, key: str) -> Any:
+        return json.loads(self.get_bytes(bucket, key))
+
+    def exists(self, bucket: str, key: str) -> bool:
+        try:
+            self._call(f"s3://{bucket}/{key}", self.client.stat_object, bucket, key)
+        except ObjectNotFound:
+            return False
+        return True
+
+    def list_keys(self, bucket: str, prefix: str = "") -> Iterator[str]:
+        objects = self._call(f"s3://{bucket}/{prefix}", self.client.list_objects, bucket,
+                             prefix=prefix, recursive=True)
+        try:
+            for obj in objects:
+                yield obj.object_name
+        except S3Error as exc:
+            if exc.code == "NoSuchBucket":
+                raise ObjectNotFound(f"s3://{bucket}: NoSuchBucket") from None
+            raise
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._unavailable(exc) from None
+
+    def delete(self, bucket: str, key: str) -> None:
+        self._call(f"s3://{bucket}/{key}", self.client.remove_object, bucket, key)
+
+    def delete_bucket(self, bucket: str) -> None:
+        """Delete every object of the bucket, then the bucket (tests and teardown)."""
+        for key in list(self.list_keys(bucket)):
+            self.delete(bucket, key)
+        self._call(f"s3://{bucket}", self.client.remove_bucket, bucket)

@@ -1,0 +1,26 @@
+"""Errors that name their cause, shared by the library, the CLI and the operators."""
+
+from __future__ import annotations
+
+
+class EsspError(RuntimeError):
+    """Base of ESSP's own errors: the message is meant for the user as it stands."""
+
+
+class ServiceUnavailable(EsspError):
+    """A service ESSP needs (Redis, Kafka, S3, PostgreSQL, Airflow) does not answer."""
+
+    def __init__(self, service: str, address: str, cause: object, hint: str | None = None) -> None:
+        self.service = service
+        self.address = address
+        hint = hint or "start the local stack with `essp infra up`, or check the ESSP_* settings"
+        super().__init__(f"{service} at {address} is not reachable: {cause} ({hint})")
+
+
+class MalformedMessage(EsspError):
+    """A Kafka message that does not match the schema its topic promises."""
+
+    def __init__(self, topic: str, reason: str) -> None:
+        self.topic = topic
+        self.reason = reason
+        super().__init__(f"malformed message on {topic}: {reason}")

@@ -1,0 +1,141 @@
+"""Background processes the local stack starts: spawn with a PID file, find, stop and wait.
+
+A PID file records the PID and the program, so that `down` stops exactly the processes ESSP started
+(a recycled PID running something else is never signalled) and waits until they have exited.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# Popen objects of processes this Python process started, so they are reaped when they exit.
+_children: dict[int, subprocess.Popen] = {}
+
+
+@dataclass(frozen=True)
+class ProcessRecord:
+    name: str
+    pid: int
+    program: str
+    log: str
+
+    @property
+    def alive(self) -> bool:
+        return pid_alive(self.pid, self.program)
+
+
+def pid_alive(pid: int, program: str | None = None) -> bool:
+    """True if ``pid`` runs (not a zombie) and, when given, runs ``program``."""
+    child = _children.get(pid)
+    if child is not None:  # ours: right after fork its cmdline is still Python's, so ask Popen
+        return child.poll() is None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+        return False
+    if program is None:
+        return True
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(os.path.basename(part.decode(errors="replace")) == os.path.basename(program)
+               for part in cmdline[:3] if part)
+
+
+class ProcessTable:
+    """PID files and logs of the processes started under one state folder."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.run_dir = state_dir / "run"
+        self.log_dir = state_dir / "logs"
+
+    def pidfile(self, name: str) -> Path:
+        return self.run_dir / f"{name}.pid"
+
+    def log(self, name: str) -> Path:
+        return self.log_dir / f"{name}.log"
+
+    def record(self, name: str) -> ProcessRecord | None:
+        """The live process started under ``name``, or None (a stale PID file is removed)."""
+        path = self.pidfile(name)
+        try:
+            data = json.loads(path.read_text())
+            record = ProcessRecord(name, int(data["pid"]), data["program"], data.get("log", ""))
+        except (OSError, ValueError, KeyError):
+            return None
+        if record.alive:
+            return record
+        path.unlink(missing_ok=True)
+        return None
+
+    def adopt(self, name: str, pid: int, program: str, log: Path | str = "") -> ProcessRecord:
+        """Record a process started by someone else on our behalf (a daemonising tool)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        record = ProcessRecord(name, pid, program, str(log))
+        tmp = self.pidfile(name).with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": pid, "program": program, "log": str(log)}))
+        tmp.replace(self.pidfile(name))
+        return record
+
+    def spawn(self, name: str, argv: list[str], *, env: dict[str, str] | None = None,
+              cwd: Path | None = None) -> ProcessRecord:
+        """Start ``argv`` in its own session, output appended to its log, and record its PID."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log(name)
+        with open(log_path, "ab") as log:
+            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(argv)}\n".encode())
+            log.flush()
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    env=env, cwd=cwd, start_new_session=True)
+        _children[proc.pid] = proc
+        return self.adopt(name, proc.pid, argv[0], log_path)
+
+    def exited_early(self, record: ProcessRecord) -> int | None:
+        """The exit code of a process this Python process started, once it has exited."""
+        child = _children.get(record.pid)
+        return child.poll() if child is not None else None
+
+    def stop(self, name: str, timeout_s: float = 30.0) -> bool:
+        """SIGTERM the process group, wait for exit, SIGKILL after ``timeout_s``. True if it ran."""
+        record = self.record(name)
+        if record is None:
+            return False
+        terminate(record.pid, record.program, timeout_s)
+        self.pidfile(name).unlink(missing_ok=True)
+        return True
+
+    def tail(self, name: str, lines: int = 25) -> str:
+        try:
+            text = self.log(name).read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def terminate(pid: int, program: str | None, timeout_s: float = 30.0) -> None:
+    """Stop a process (and its process group, if it leads one) and wait until it is gone."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, sig)
+            else:
+                os.kill(pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + (timeout_s if sig == signal.SIGTERM else 10)
+        while time.monotonic() < deadline and pid_alive(pid, program):
+            time.sleep(0.1)
+        if not pid_alive(pid, program):
+            break
+    child = _children.pop(pid, None)
+    if child is not None:
+        child.wait(timeout=10)
