@@ -1,0 +1,48 @@
+# The README's two commands: `make demo` (the main job end to end) and `make test` (the suite).
+# Both install what is missing and start the services they need; both are idempotent.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.essp-installed
+
+.PHONY: setup demo test lint up down status airflow-up airflow-down clean
+
+setup: $(STAMP)
+
+# Reinstalls when the dependencies change. constraints.txt keeps torch on the CPU wheel.
+$(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "ESSP needs Python >= 3.11 (found $$($(PYTHON) --version))"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/essp demo
+
+test: setup
+	$(BIN)/essp infra up
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+
+up: setup
+	$(BIN)/essp infra up
+
+down:
+	$(BIN)/essp infra down
+
+status:
+	$(BIN)/essp infra status
+
+airflow-up: setup
+	$(BIN)/essp infra up
+	$(BIN)/essp airflow up
+
+airflow-down:
+	$(BIN)/essp airflow down
+
+clean: down
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,132 @@
+"""One operator, two modes: run `essp stage NAME` as a Kubernetes pod or as a local process.
+
+The mode is the setting ``ESSP_STAGE_MODE`` (``local`` by default, ``kubernetes`` in production),
+read when the task runs; a DAG never changes between the two. Either way the stage gets its
+service settings from Airflow's ``essp_*`` connections (in Kubernetes, credentials come from the
+Secret ``ESSP_K8S_SECRET`` instead) and returns small JSON, which becomes the task's XCom.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from airflow.exceptions import AirflowException
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from kubernetes.client import models as k8s
+
+from essp.connections import CONN_IDS, settings_env_from_connection
+from essp.infra import venv_binary
+from essp.settings import Settings
+from essp.stages import KUBERNETES_RESULT_FILE, RESULT_FILE_ENV
+
+OUTPUT_TAIL_LINES = 40
+
+
+def _connection_env(include_secrets: bool) -> dict[str, str]:
+    """ESSP_* variables from Airflow's essp_* connections (those that are defined)."""
+    from airflow.sdk import BaseHook
+
+    env: dict[str, str] = {}
+    for conn_id in CONN_IDS:
+        try:
+            conn = BaseHook.get_connection(conn_id)
+        except Exception:  # noqa: BLE001 - an undefined connection falls back to ESSP_* settings
+            continue
+        env.update(settings_env_from_connection(conn_id, conn, include_secrets=include_secrets))
+    return env
+
+
+class EsspStageOperator(KubernetesPodOperator):
+    """Run the ESSP stage ``stage`` with ``stage_params`` (templated) and push its JSON result.
+
+    :param stage: a registered stage name (``essp stage --help`` lists them).
+    :param stage_params: JSON-serialisable params, passed as ``--params-json``; templated.
+    :param gpus: GPUs the pod requests (``nvidia.com/gpu``); a GPU stage uses the GPU image.
+    :param cpu: CPU request (and limit) of the pod.
+    :param memory: memory request (and limit) of the pod.
+    :param mode: ``local`` or ``kubernetes``; None (the default) reads ``ESSP_STAGE_MODE`` at run time.
+    """
+
+    template_fields: Sequence[str] = (*KubernetesPodOperator.template_fields, "stage_params")
+    ui_color = "#d6e9f8"
+
+    def __init__(self, *, stage: str, stage_params: dict[str, Any] | None = None, gpus: int = 0,
+                 cpu: str = "1", memory: str = "2Gi", mode: str | None = None, **kwargs: Any) -> None:
+        settings = Settings()
+        limits = {"cpu": cpu, "memory": memory}
+        if gpus:
+            limits["nvidia.com/gpu"] = str(gpus)
+        kwargs.setdefault("name", f"essp-{stage}")
+        kwargs.setdefault("namespace", settings.k8s_namespace)
+        kwargs.setdefault("image", settings.image_worker_gpu if gpus else settings.image_worker_cpu)
+        kwargs.setdefault("cmds", ["essp"])
+        kwargs.setdefault("container_resources", k8s.V1ResourceRequirements(
+            requests={"cpu": cpu, "memory": memory}, limits=limits))
+        kwargs.setdefault("env_from", [k8s.V1EnvFromSource(
+            secret_ref=k8s.V1SecretEnvSource(name=settings.k8s_secret))])
+        kwargs.setdefault("labels", {"app.kubernetes.io/part-of": "essp", "essp/stage": stage})
+        if gpus:
+            kwargs.setdefault("tolerations", [k8s.V1Toleration(
+                key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")])
+        kwargs.setdefault("on_finish_action", "delete_pod")
+        kwargs.setdefault("do_xcom_push", True)
+        kwargs.setdefault("get_logs", True)
+        super().__init__(**kwargs)
+        self.stage = stage
+        self.stage_params = stage_params or {}
+        self.gpus = gpus
+        self.mode = mode
+
+    def _arguments(self) -> list[str]:
+        return ["stage", self.stage, "--params-json", json.dumps(self.stage_params, sort_keys=True)]
+
+    def resolved_mode(self) -> str:
+        mode = self.mode or Settings().stage_mode
+        if mode not in ("local", "kubernetes"):
+            raise AirflowException(f"ESSP_STAGE_MODE={mode!r}: expected 'local' or 'kubernetes'")
+        return mode
+
+    def build_pod_request_obj(self, context: Any = None, *, dry_run: bool = False) -> k8s.V1Pod:
+        self.arguments = self._arguments()
+        settings = Settings()
+        # Addresses (not credentials: those come from the Secret) from the connections when running.
+        env = {"ESSP_STAGE_MODE": "kubernetes", RESULT_FILE_ENV: KUBERNETES_RESULT_FILE,
+               "ESSP_K8S_NAMESPACE": settings.k8s_namespace,
+               **({} if dry_run else _connection_env(include_secrets=False))}
+        existing = {e.name for e in (self.env_vars or []) if isinstance(e, k8s.V1EnvVar)}
+        self.env_vars = [*(self.env_vars or []),
+                         *(k8s.V1EnvVar(name=k, value=v) for k, v in sorted(env.items()) if k not in existing)]
+        return super().build_pod_request_obj(context, dry_run=dry_run)
+
+    def execute(self, context: Any) -> Any:
+        if self.resolved_mode() == "kubernetes":
+            return super().execute(context)
+        return self.execute_local()
+
+    def execute_local(self) -> dict[str, Any]:
+        """Run the same command as a local process, its output streamed into the task log."""
+        argv = [venv_binary("essp"), *self._arguments()]
+        with tempfile.TemporaryDirectory(prefix="essp-stage-") as tmp:
+            result_file = Path(tmp) / "result.json"
+            env = {**os.environ, **_connection_env(include_secrets=True), "ESSP_STAGE_MODE": "local",
+                   RESULT_FILE_ENV: str(result_file), "PYTHONUNBUFFERED": "1"}
+            self.log.info("Running stage %s locally: %s", self.stage, " ".join(argv))
+            tail: list[str] = []
+            proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, bufsize=1)
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                self.log.info("%s", line.rstrip())
+                tail = (tail + [line.rstrip()])[-OUTPUT_TAIL_LINES:]
+            code = proc.wait()
+            if code != 0:
+                raise AirflowException(f"stage {self.stage} exited with code {code}:\n" + "\n".join(tail))
+            if not result_file.exists():
+                raise AirflowException(f"stage {self.stage} exited 0 but wrote no result")
+            return json.loads(result_file.read_text())

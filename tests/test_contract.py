@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from essp.contract import (
+    ControlCommand, DeadLetter, DecodeJob, FeatureReady, FramesReady, RedisKeys, SmokePing, Topics,
+    WorkerEvent, decode, encode,
+)
+from essp.errors import MalformedMessage
+
+JOB = DecodeJob(run="r1", epoch=2, sample_id="e2-00017", video="s3://essp-videos/a/v_1.mp4", label=3,
+                offset=40, length=10, height=224, width=224)
+
+
+@pytest.mark.parametrize("message", [
+    JOB,
+    FramesReady(run="r1", epoch=2, sample_id="s", key="k", label=1, frames=11, height=224, width=224),
+    FeatureReady(run="r1", epoch=0, sample_id="s", extractor="flow-dis", stream="temporal", key="k",
+                 label=0, shape=[20, 224, 224], dtype="uint8"),
+    ControlCommand(command="pause", run="r1"),
+    WorkerEvent(event="heartbeat", worker_id="decode-1", worker_kind="decode", counters={"jobs": 3}),
+    DeadLetter(reason="moov atom not found", source_topic="essp.r1.decode", payload_b64="eA=="),
+    SmokePing(token="abc"),
+])
+def test_every_message_kind_round_trips(message):
+    assert decode(encode(message), "topic") == message
+
+
+@pytest.mark.parametrize(("raw", "reason"), [
+    (None, "empty message"),
+    (b"\xff\xfe", "not JSON"),
+    (b"{not json", "not JSON"),
+    (b"[1, 2]", "expected a JSON object, got list"),
+    (b'{"v": 1}', "unknown message kind None"),
+    (b'{"kind": "decode_job", "v": 7}', "schema version 7 is not supported"),
+    (json.dumps({**json.loads(encode(JOB)), "epoch": -1}).encode(), "epoch: Input should be greater"),
+    (json.dumps({**json.loads(encode(JOB)), "extra": 1}).encode(), "extra: Extra inputs are not permitted"),
+    (json.dumps({k: v for k, v in json.loads(encode(JOB)).items() if k != "video"}).encode(),
+     "video: Field required"),
+])
+def test_malformed_messages_are_rejected_with_a_reason(raw, reason):
+    with pytest.raises(MalformedMessage, match="malformed message on essp.r1.decode") as info:
+        decode(raw, "essp.r1.decode", (DecodeJob,))
+    assert reason in info.value.reason
+
+
+def test_a_valid_message_of_the_wrong_kind_is_malformed_on_that_topic():
+    with pytest.raises(MalformedMessage, match="does not belong here"):
+        decode(encode(SmokePing(token="x")), "essp.r1.decode", (DecodeJob,))
+
+
+def test_topic_and_key_names_come_from_one_place():
+    topics, keys = Topics("essp"), RedisKeys("essp")
+    assert topics.decode("r1") == "essp.r1.decode"
+    assert topics.ready("r1", "temporal") == "essp.r1.ready.temporal"
+    assert topics.run_dead("r1") == "essp.r1.dead"
+    assert set(topics.shared()) == {"essp.control", "essp.events", "essp.dead", "essp.smoke"}
+    assert keys.frames("r1", "s9") == "essp:r1:frames:s9"
+    assert keys.feature("r1", "flow-dis", "s9") == "essp:r1:feat:flow-dis:s9"
+
+
+@pytest.mark.parametrize("run", ["", "has space", "a.b", "-lead", "x" * 65, "r/1"])
+def test_unsafe_run_ids_are_refused(run):
+    with pytest.raises(ValueError, match="run id"):
+        Topics().decode(run)
