@@ -1,0 +1,90 @@
+"""The stage operator: one command, run as a local process or rendered as a Kubernetes pod."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from airflow.exceptions import AirflowException
+from kubernetes.client import ApiClient
+from kubernetes.client import models as k8s
+
+from essp.connections import REDIS_CONN_ID, connection_env_vars
+from essp.operators.stage import EsspStageOperator
+
+
+def _render(op: EsspStageOperator) -> k8s.V1Pod:
+    pod = op.build_pod_request_obj(dry_run=True)
+    # Serialise as the API server would receive it, and read it back into the API models.
+    api = ApiClient()
+    body = api.sanitize_for_serialization(pod)
+
+    class _Response:
+        data = json.dumps(body)
+
+    return api.deserialize(_Response(), "V1Pod"), body
+
+
+def test_cpu_stage_renders_a_valid_pod_spec():
+    op = EsspStageOperator(task_id="t", stage="smoke-s3", stage_params={"token": "x"}, cpu="500m",
+                           memory="1Gi")
+    pod, body = _render(op)
+    assert body["apiVersion"] == "v1" and body["kind"] == "Pod"
+    assert pod.metadata.namespace == "essp"
+    assert pod.metadata.labels["essp/stage"] == "smoke-s3"
+    main = pod.spec.containers[0]
+    assert main.image.startswith("ghcr.io/essp-project/essp-worker-cpu:")
+    assert main.command == ["essp"]
+    assert main.args == ["stage", "smoke-s3", "--params-json", '{"token": "x"}']
+    assert main.resources.requests == {"cpu": "500m", "memory": "1Gi"}
+    assert "nvidia.com/gpu" not in main.resources.limits
+    assert main.env_from[0].secret_ref.name == "essp-credentials"
+    env = {e.name: e.value for e in main.env}
+    assert env["ESSP_RESULT_FILE"] == "/airflow/xcom/return.json"
+    assert env["ESSP_STAGE_MODE"] == "kubernetes"
+    assert not any("SECRET" in name or "PASSWORD" in name for name in env)
+    assert pod.spec.restart_policy == "Never"
+    # do_xcom_push adds the sidecar that returns the stage's JSON result.
+    assert any(c.name == "airflow-xcom-sidecar" for c in pod.spec.containers)
+
+
+def test_gpu_stage_requests_a_gpu_on_the_gpu_image(monkeypatch):
+    monkeypatch.setenv("ESSP_IMAGE_WORKER_GPU", "registry.example/essp-worker-gpu:1.2.3")
+    op = EsspStageOperator(task_id="train", stage="smoke-kafka", gpus=1, cpu="4", memory="16Gi",
+                           node_selector={"nvidia.com/gpu.present": "true"})
+    pod, _ = _render(op)
+    main = pod.spec.containers[0]
+    assert main.image == "registry.example/essp-worker-gpu:1.2.3"
+    assert main.resources.limits["nvidia.com/gpu"] == "1"
+    assert pod.spec.node_selector == {"nvidia.com/gpu.present": "true"}
+    assert any(t.key == "nvidia.com/gpu" for t in pod.spec.tolerations)
+
+
+def test_local_mode_runs_the_same_command_with_settings_from_the_connections(settings, monkeypatch):
+    for name, value in connection_env_vars(settings).items():
+        monkeypatch.setenv(name, value)
+    # The connection, not the process environment, decides where the stage goes.
+    monkeypatch.setenv("ESSP_REDIS_PREFIX", "not-this-one")
+    op = EsspStageOperator(task_id="t", stage="smoke-redis", stage_params={"token": "op"}, mode="local")
+    result = op.execute({})
+    assert result["key"] == f"{settings.redis_prefix}:smoke:op"
+    assert result["service"] == "redis" and result["bytes"] > 0
+
+
+def test_local_mode_failure_raises_with_the_stage_output(settings, monkeypatch, closed_port):
+    broken = settings.model_copy(update={"redis_port": closed_port})
+    monkeypatch.setenv(f"AIRFLOW_CONN_{REDIS_CONN_ID.upper()}", connection_env_vars(broken)[
+        f"AIRFLOW_CONN_{REDIS_CONN_ID.upper()}"])
+    op = EsspStageOperator(task_id="t", stage="smoke-redis", mode="local")
+    with pytest.raises(AirflowException, match=f"Redis at 127.0.0.1:{closed_port} is not reachable"):
+        op.execute({})
+
+
+def test_mode_comes_from_the_setting_and_bad_values_are_refused(monkeypatch):
+    op = EsspStageOperator(task_id="t", stage="smoke-redis")
+    monkeypatch.setenv("ESSP_STAGE_MODE", "kubernetes")
+    assert op.resolved_mode() == "kubernetes"
+    monkeypatch.setenv("ESSP_STAGE_MODE", "local")
+    assert op.resolved_mode() == "local"
+    with pytest.raises(AirflowException, match="ESSP_STAGE_MODE='docker'"):
+        EsspStageOperator(task_id="t2", stage="smoke-redis", mode="docker").resolved_mode()
