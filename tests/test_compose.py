@@ -17,6 +17,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+
 from essp.settings import ENV_PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,8 +5,17 @@ import json
 import pytest
 
 from essp.contract import (
-    ControlCommand, DeadLetter, DecodeJob, FeatureReady, FramesReady, RedisKeys, SmokePing, Topics,
-    WorkerEvent, decode, encode,
+    ControlCommand,
+    DeadLetter,
+    DecodeJob,
+    FeatureReady,
+    FramesReady,
+    RedisKeys,
+    SmokePing,
+    Topics,
+    WorkerEvent,
+    decode,
+    encode,
 )
 from essp.errors import MalformedMessage
 

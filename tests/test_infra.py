@@ -10,6 +10,7 @@ import socket
 import time
 
 import pytest
+from conftest import free_port
 
 from essp.clients.kafka import MessageConsumer, MessageProducer, ensure_topics, kafka_admin
 from essp.clients.s3 import ObjectStore
@@ -17,8 +18,6 @@ from essp.contract import SmokePing
 from essp.infra import InfraError, LocalStack
 from essp.procs import ProcessTable, pid_alive
 from essp.settings import Settings, ensure_local_secrets
-
-from conftest import free_port
 
 pytestmark = pytest.mark.slow
 SERVICES = ["redis", "s3", "kafka"]

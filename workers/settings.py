@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "ESSP_"
 SECRETS_FILE = "secrets.env"
@@ -97,8 +97,14 @@ class Settings(BaseSettings):
     image_worker_gpu: str = "ghcr.io/essp-project/essp-worker-gpu:0.1.0"
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings,
-                                   dotenv_settings, file_secret_settings):  # noqa: ANN001, ANN206
+    def settings_customise_sources(  # noqa: ANN206
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ):
         # secrets.env lives in the state folder, which is itself a setting: read it after env.
         from pydantic_settings import DotEnvSettingsSource
 
