@@ -111,7 +111,7 @@ def probe_postgres(settings: Settings) -> bool:
     if not _tcp_open(settings.pg_host, settings.pg_port):
         return False
     try:
-        psycopg2.connect(**_pg_params(settings, "postgres"), connect_timeout=3).close()
+        psycopg2.connect(**pg_params(settings, "postgres"), connect_timeout=3).close()
     except psycopg2.OperationalError as exc:
         # It answers, but refuses us: that is a configuration problem, not a stopped server.
         if "password" in str(exc) or "authentication" in str(exc):
@@ -162,7 +162,7 @@ def probe_kafka(settings: Settings) -> bool:
     return True
 
 
-def _pg_params(settings: Settings, database: str) -> dict:
+def pg_params(settings: Settings, database: str) -> dict:
     params = {"host": settings.pg_host, "port": settings.pg_port, "user": settings.pg_user,
               "dbname": database}
     if settings.pg_password is not None:
@@ -368,7 +368,7 @@ class LocalStack:
 
         s = self.settings
         try:
-            conn = psycopg2.connect(**_pg_params(s, "postgres"), connect_timeout=5)
+            conn = psycopg2.connect(**pg_params(s, "postgres"), connect_timeout=5)
         except psycopg2.OperationalError as exc:
             if not (_is_root() and shutil.which("runuser") and s.pg_password is not None):
                 raise ServiceUnavailable("PostgreSQL", self.address("postgres"), exc,
@@ -378,7 +378,7 @@ class LocalStack:
             subprocess.run(["runuser", "-u", "postgres", "--", "psql", "-qc",
                             f"ALTER USER \"{s.pg_user}\" PASSWORD '{password}'"], check=True,
                            capture_output=True)
-            conn = psycopg2.connect(**_pg_params(s, "postgres"), connect_timeout=5)
+            conn = psycopg2.connect(**pg_params(s, "postgres"), connect_timeout=5)
         conn.autocommit = True
         with conn.cursor() as cur:
             cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (s.pg_database,))
