@@ -7,7 +7,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import free_port
@@ -94,7 +97,14 @@ def test_up_is_idempotent_restarts_keep_data_and_down_leaves_nothing(own_stack):
 
     recorded = [r.pid for r in (stack.table.record(n) for n in SERVICES) if r]
     assert len(recorded) == 3
-    assert sorted(stack.down(SERVICES)) == sorted(SERVICES)
+    # `essp infra down` from another process, as a user runs it.
+    done = subprocess.run([str(Path(sys.executable).parent / "essp"), "infra", "down"],
+                          env={**os.environ, **settings.as_env()}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert all(name in done.stdout for name in SERVICES)
+    deadline = time.monotonic() + 20
+    while any(pid_alive(pid) for pid in recorded) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert not any(pid_alive(pid) for pid in recorded)
     assert {s.state for s in stack.status(SERVICES)} == {"down"}
     assert stack.down(SERVICES) == []  # nothing left to stop

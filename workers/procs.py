@@ -1,7 +1,9 @@
 """Background processes the local stack starts: spawn with a PID file, find, stop and wait.
 
-A PID file records the PID and the program, so that `down` stops exactly the processes ESSP started
-(a recycled PID running something else is never signalled) and waits until they have exited.
+A PID file records the PID, the program and the process's start time (in clock ticks since boot,
+from /proc), so that `down` stops exactly the processes ESSP started — a recycled PID, which has
+another start time, is never signalled — and waits until they have exited. (The command line is
+no proof: Airflow and PostgreSQL rewrite theirs.)
 """
 
 from __future__ import annotations
@@ -24,31 +26,36 @@ class ProcessRecord:
     pid: int
     program: str
     log: str
+    start_ticks: int | None = None
 
     @property
     def alive(self) -> bool:
-        return pid_alive(self.pid, self.program)
+        return pid_alive(self.pid, self.start_ticks)
 
 
-def pid_alive(pid: int, program: str | None = None) -> bool:
-    """True if ``pid`` runs (not a zombie) and, when given, runs ``program``."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (field 3, the state, comes first)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def start_ticks(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None  # field 22: starttime
+
+
+def pid_alive(pid: int, start: int | None = None) -> bool:
+    """True if ``pid`` runs (not a zombie) and, when ``start`` is given, is the process that
+    started at that time rather than a later one that got the same PID."""
     child = _children.get(pid)
-    if child is not None:  # ours: right after fork its cmdline is still Python's, so ask Popen
+    if child is not None:
         return child.poll() is None
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    fields = _stat_fields(pid)
+    if fields is None or fields[0] in ("Z", "X"):
         return False
-    if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-        return False
-    if program is None:
-        return True
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return any(os.path.basename(part.decode(errors="replace")) == os.path.basename(program)
-               for part in cmdline[:3] if part)
+    return start is None or int(fields[19]) == start
 
 
 class ProcessTable:
@@ -69,7 +76,8 @@ class ProcessTable:
         path = self.pidfile(name)
         try:
             data = json.loads(path.read_text())
-            record = ProcessRecord(name, int(data["pid"]), data["program"], data.get("log", ""))
+            record = ProcessRecord(name, int(data["pid"]), data["program"], data.get("log", ""),
+                                   data.get("start_ticks"))
         except (OSError, ValueError, KeyError):
             return None
         if record.alive:
@@ -80,9 +88,10 @@ class ProcessTable:
     def adopt(self, name: str, pid: int, program: str, log: Path | str = "") -> ProcessRecord:
         """Record a process started by someone else on our behalf (a daemonising tool)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        record = ProcessRecord(name, pid, program, str(log))
+        record = ProcessRecord(name, pid, program, str(log), start_ticks(pid))
         tmp = self.pidfile(name).with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": pid, "program": program, "log": str(log)}))
+        tmp.write_text(json.dumps({"pid": pid, "program": program, "log": str(log),
+                                   "start_ticks": record.start_ticks}))
         tmp.replace(self.pidfile(name))
         return record
 
@@ -109,7 +118,7 @@ class ProcessTable:
         record = self.record(name)
         if record is None:
             return False
-        terminate(record.pid, record.program, timeout_s)
+        terminate(record.pid, record.start_ticks, timeout_s)
         self.pidfile(name).unlink(missing_ok=True)
         return True
 
@@ -121,7 +130,7 @@ class ProcessTable:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def terminate(pid: int, program: str | None, timeout_s: float = 30.0) -> None:
+def terminate(pid: int, start: int | None, timeout_s: float = 30.0) -> None:
     """Stop a process (and its process group, if it leads one) and wait until it is gone."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
@@ -132,9 +141,9 @@ def terminate(pid: int, program: str | None, timeout_s: float = 30.0) -> None:
         except ProcessLookupError:
             break
         deadline = time.monotonic() + (timeout_s if sig == signal.SIGTERM else 10)
-        while time.monotonic() < deadline and pid_alive(pid, program):
+        while time.monotonic() < deadline and pid_alive(pid, start):
             time.sleep(0.1)
-        if not pid_alive(pid, program):
+        if not pid_alive(pid, start):
             break
     child = _children.pop(pid, None)
     if child is not None:
