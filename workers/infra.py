@@ -360,7 +360,8 @@ class LocalStack:
         version, cluster = (self.table.run_dir / "postgres.cluster").read_text().split()
         subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, cluster, "stop"],
                        capture_output=True)
-        return self.table.stop("postgres")
+        self.table.stop("postgres")  # waits for the postmaster to be gone (or ends it)
+        return True
 
     def _ready_postgres(self) -> None:
         """Make sure we can log in (setting the generated password if needed) and the DB exists."""
