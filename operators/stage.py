@@ -12,11 +12,15 @@ import json
 import os
 import subprocess
 import tempfile
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from airflow.exceptions import AirflowException
+from airflow.providers.cncf.kubernetes.backcompat.backwards_compat_converters import (
+    convert_env_vars_or_raise_error,
+)
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from kubernetes.client import models as k8s
 
@@ -99,9 +103,10 @@ class EsspStageOperator(KubernetesPodOperator):
         env = {"ESSP_STAGE_MODE": "kubernetes", RESULT_FILE_ENV: KUBERNETES_RESULT_FILE,
                "ESSP_K8S_NAMESPACE": settings.k8s_namespace,
                **({} if dry_run else _connection_env(include_secrets=False))}
-        existing = {e.name for e in (self.env_vars or []) if isinstance(e, k8s.V1EnvVar)}
-        self.env_vars = [*(self.env_vars or []),
-                         *(k8s.V1EnvVar(name=k, value=v) for k, v in sorted(env.items()) if k not in existing)]
+        # A user's env_vars (a dict or V1EnvVar list) win over ours.
+        own = convert_env_vars_or_raise_error(self.env_vars) if self.env_vars else []
+        existing = {e.name for e in own}
+        self.env_vars = [*own, *(k8s.V1EnvVar(name=k, value=v) for k, v in sorted(env.items()) if k not in existing)]
         return super().build_pod_request_obj(context, dry_run=dry_run)
 
     def execute(self, context: Any) -> Any:
@@ -117,13 +122,13 @@ class EsspStageOperator(KubernetesPodOperator):
             env = {**os.environ, **_connection_env(include_secrets=True), "ESSP_STAGE_MODE": "local",
                    RESULT_FILE_ENV: str(result_file), "PYTHONUNBUFFERED": "1"}
             self.log.info("Running stage %s locally: %s", self.stage, " ".join(argv))
-            tail: list[str] = []
+            tail: deque[str] = deque(maxlen=OUTPUT_TAIL_LINES)
             proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True, bufsize=1)
             assert proc.stdout is not None
             for line in proc.stdout:
                 self.log.info("%s", line.rstrip())
-                tail = (tail + [line.rstrip()])[-OUTPUT_TAIL_LINES:]
+                tail.append(line.rstrip())
             code = proc.wait()
             if code != 0:
                 raise AirflowException(f"stage {self.stage} exited with code {code}:\n" + "\n".join(tail))

@@ -51,9 +51,13 @@ def test_cpu_stage_renders_a_valid_pod_spec():
 def test_gpu_stage_requests_a_gpu_on_the_gpu_image(monkeypatch):
     monkeypatch.setenv("ESSP_IMAGE_WORKER_GPU", "registry.example/essp-worker-gpu:1.2.3")
     op = EsspStageOperator(task_id="train", stage="smoke-kafka", gpus=1, cpu="4", memory="16Gi",
-                           node_selector={"nvidia.com/gpu.present": "true"})
+                           node_selector={"nvidia.com/gpu.present": "true"},
+                           env_vars={"NCCL_DEBUG": "INFO", "ESSP_K8S_NAMESPACE": "gpu-jobs"})
     pod, _ = _render(op)
     main = pod.spec.containers[0]
+    env = {e.name: e.value for e in main.env}
+    assert env["NCCL_DEBUG"] == "INFO" and env["ESSP_K8S_NAMESPACE"] == "gpu-jobs"  # the user's win
+    assert env["ESSP_STAGE_MODE"] == "kubernetes"
     assert main.image == "registry.example/essp-worker-gpu:1.2.3"
     assert main.resources.limits["nvidia.com/gpu"] == "1"
     assert pod.spec.node_selector == {"nvidia.com/gpu.present": "true"}
