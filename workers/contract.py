@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from essp.errors import MalformedMessage
 
@@ -78,6 +78,28 @@ class Topics:
     def run_dead(self, run: str) -> str:
         return f"{self.prefix}.{check_run_id(run)}.dead"
 
+    def decode_pattern(self, run: str | None = None) -> str:
+        """Regex of the decode topics of one run, or of every run (resident workers serve all runs)."""
+        return self._pattern("decode", run)
+
+    def frames_pattern(self, run: str | None = None) -> str:
+        return self._pattern("frames", run)
+
+    def _pattern(self, leaf: str, run: str | None) -> str:
+        middle = re.escape(check_run_id(run)) if run else r"[A-Za-z0-9][A-Za-z0-9_-]*"
+        return rf"^{re.escape(self.prefix)}\.{middle}\.{leaf}$"
+
+    def run_of(self, topic: str) -> str:
+        """The run id inside a per-run topic name."""
+        head = self.prefix + "."
+        if not topic.startswith(head) or topic.count(".") < self.prefix.count(".") + 2:
+            raise ValueError(f"topic {topic!r} is not a per-run topic under prefix {self.prefix!r}")
+        return check_run_id(topic[len(head):].split(".", 1)[0])
+
+    def run_topics(self, run: str, streams: list[str]) -> list[str]:
+        """Every topic one run uses: decode jobs, frames notices, one ready topic per stream, dead letters."""
+        return [self.decode(run), self.frames(run), *(self.ready(run, s) for s in streams), self.run_dead(run)]
+
     def shared(self) -> list[str]:
         """Topics that exist independently of any run (created by `essp infra init`)."""
         return [self.control, self.events, self.dead, self.smoke]
@@ -95,12 +117,32 @@ class RedisKeys:
     def feature(self, run: str, extractor: str, sample_id: str) -> str:
         return f"{self.prefix}:{check_run_id(run)}:feat:{extractor}:{sample_id}"
 
+    def sample_state(self, run: str, sample_id: str) -> str:
+        """Per-stream progress of one sample (to extract / extracted / consumed); see essp.payloads."""
+        return f"{self.prefix}:{check_run_id(run)}:state:{sample_id}"
+
     def inflight(self, run: str) -> str:
-        """Samples of the run between decode and consumption: the back-pressure counter."""
+        """Samples of the run between decode and consumption: the back-pressure set (sorted by time)."""
         return f"{self.prefix}:{check_run_id(run)}:inflight"
+
+    def run_state(self, run: str) -> str:
+        """running / paused / stopped, set by control commands and read by every worker."""
+        return f"{self.prefix}:{check_run_id(run)}:runstate"
+
+    def quarantine(self, run: str) -> str:
+        """Hash video URI -> reason, for videos that failed to decode in this run."""
+        return f"{self.prefix}:{check_run_id(run)}:quarantine"
 
     def worker_state(self, run: str, worker_id: str) -> str:
         return f"{self.prefix}:{check_run_id(run)}:worker:{worker_id}"
+
+    def worker(self, worker_id: str) -> str:
+        """The last event of a live worker (expires when its heartbeats stop)."""
+        return f"{self.prefix}:worker:{worker_id}"
+
+    def workers(self) -> str:
+        """Pattern of every live worker's key."""
+        return f"{self.prefix}:worker:*"
 
     def smoke(self, token: str) -> str:
         return f"{self.prefix}:smoke:{token}"
@@ -115,44 +157,57 @@ class Message(BaseModel):
 
 
 class DecodeJob(Message):
-    """Decode `length + 1` frames of `video` from `offset` for one planned sample."""
+    """Decode `length + 1` frames of `video` from `offset` for one planned sample.
+
+    ``features`` names the extractors (= streams) the sample feeds, with their options, e.g.
+    ``{"rgb": {}, "flow": {"method": "dis_fast"}}``: extractor workers pick what names their kind,
+    and the sample counts as in flight until every one of those streams has been consumed.
+    """
 
     kind: Literal["decode_job"] = "decode_job"
     run: str
     epoch: int = Field(ge=0)
-    sample_id: str = Field(min_length=1, max_length=128)
+    sample_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")
     video: str = Field(min_length=1, description="s3://bucket/key of the video")
     label: int = Field(ge=0)
     offset: int = Field(ge=0, description="index of the first frame")
     length: int = Field(ge=1, description="stack length L; L+1 frames are decoded")
     height: int = Field(gt=0)
     width: int = Field(gt=0)
+    video_frames: int | None = Field(None, gt=0, description="frame count of the video (from the manifest)")
+    features: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    max_inflight: int = Field(64, ge=1, description="bound on samples of this run in flight")
+
+    @model_validator(mode="after")
+    def _checks(self) -> DecodeJob:
+        check_run_id(self.run)
+        for name in self.features:
+            _check_stream(name)
+        if self.video_frames is not None and self.offset + self.length + 1 > self.video_frames:
+            raise ValueError(f"offset {self.offset} + {self.length + 1} frames runs past the video's "
+                             f"{self.video_frames} frames")
+        return self
 
 
 class FramesReady(Message):
+    """The decoded frames of ``job`` are in Redis under ``key`` (uint8, ``shape`` = (L+1, H, W, 3))."""
+
     kind: Literal["frames_ready"] = "frames_ready"
-    run: str
-    epoch: int = Field(ge=0)
-    sample_id: str
+    job: DecodeJob
     key: str
-    label: int = Field(ge=0)
-    frames: int = Field(gt=0)
-    height: int = Field(gt=0)
-    width: int = Field(gt=0)
+    shape: list[int]
 
 
 class FeatureReady(Message):
+    """The feature of ``job`` computed by ``extractor`` is in Redis under ``key``, for ``stream``."""
+
     kind: Literal["feature_ready"] = "feature_ready"
-    run: str
-    epoch: int = Field(ge=0)
-    sample_id: str
+    job: DecodeJob
     extractor: str
     stream: str
     key: str
-    label: int = Field(ge=0)
     shape: list[int]
     dtype: str
-
 
 class ControlCommand(Message):
     kind: Literal["control"] = "control"
@@ -182,8 +237,10 @@ class DeadLetter(Message):
     source_partition: int | None = None
     source_offset: int | None = None
     run: str | None = None
+    epoch: int | None = None
     sample_id: str | None = None
     video: str | None = None
+    stream: str | None = Field(None, description="the one stream that lost the sample; None: every stream")
     payload_b64: str | None = None
 
     def payload(self) -> bytes | None:

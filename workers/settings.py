@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     topic_prefix: str = Field("essp", description="Prefix of every Kafka topic ESSP uses.")
     kafka_partitions: int = Field(4, ge=1, description="Partitions of per-run job topics.")
     kafka_session_timeout_ms: int = 6000
+    kafka_membership: Literal["lease", "group"] = Field(
+        "lease", description="How workers of one kind share partitions: leases in Redis (works on every "
+                             "broker, Tansu included) or Kafka's group protocol.")
     kafka_storage_bucket: str = Field("essp-kafka", description="Bucket the local broker stores in.")
 
     # S3 (MinIO in production, SeaweedFS locally): videos, manifests, checkpoints, reports.
@@ -88,6 +91,14 @@ class Settings(BaseSettings):
     airflow_jwt_secret: SecretStr | None = Field(None, description="Shared by every Airflow process.")
     dags_folder: Path = Field(default_factory=lambda: _repo_dir() / "dags")
     plugins_folder: Path = Field(default_factory=lambda: _repo_dir() / "plugins")
+
+    # The streaming data plane.
+    payload_ttl_s: int = Field(900, ge=10, description="Lifetime of frames and features in Redis.")
+    max_inflight: int = Field(64, ge=1, description="Default bound on samples of one run in flight.")
+    video_cache_mb: int = Field(256, ge=0, description="In-memory LRU of video bytes per decode worker.")
+    prefetch_depth: int = Field(8, ge=1, description="Samples a consumer holds ready ahead of the trainer.")
+    heartbeat_s: float = Field(5.0, gt=0, description="Interval of worker heartbeats on the events topic.")
+    extractor_modules: str = Field("", description="Comma-separated modules that register extra extractors.")
 
     # How Airflow runs a stage: a local process of `essp stage ...`, or a Kubernetes pod.
     stage_mode: Literal["local", "kubernetes"] = "local"

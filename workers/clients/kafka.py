@@ -4,12 +4,19 @@ validates what it reads, dead-letters what is malformed and commits only when to
 from __future__ import annotations
 
 import base64
+import os
+import re
+import socket
+import threading
+import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError, UnknownTopicOrPartitionError
+from kafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError, UnknownTopicOrPartitionError
+from kafka.structs import OffsetAndMetadata
 
 from essp.contract import DeadLetter, Message, decode, encode
 from essp.errors import MalformedMessage, ServiceUnavailable
@@ -17,6 +24,14 @@ from essp.settings import Settings
 
 # How long a client waits for the first answer of the broker before it reports it unreachable.
 BOOTSTRAP_TIMEOUT_MS = 8000
+# Also the rebalance timeout: how long a rebalance waits for members to rejoin. Keep it short: a
+# long one stalls every group of the broker (Tansu's coordinator) while one member is slow. Members
+# busy for longer (waiting on back-pressure) call `keep_alive`.
+MAX_POLL_INTERVAL_MS = 20000
+
+
+class RebalancedDuringWork(Exception):
+    """A commit was refused because the group rebalanced; the new owner redoes the uncommitted work."""
 
 
 def _unavailable(settings: Settings, exc: Exception) -> ServiceUnavailable:
@@ -104,6 +119,19 @@ class MessageProducer:
             raise _unavailable(self.settings, exc) from None
         return metadata.partition, metadata.offset
 
+    def publish_many(self, topic: str, messages: Iterable[tuple[str | None, Message]]) -> int:
+        """Send many messages pipelined, then wait until the broker has acknowledged every one."""
+        futures = []
+        try:
+            for key, message in messages:
+                futures.append(self._producer.send(topic, value=encode(message),
+                                                   key=key.encode() if key else None))
+            for future in futures:
+                future.get(timeout=60)
+        except KafkaError as exc:
+            raise _unavailable(self.settings, exc) from None
+        return len(futures)
+
     def flush(self) -> None:
         self._producer.flush(timeout=30)
 
@@ -135,27 +163,84 @@ class MessageConsumer:
     the caller calls after it has finished with everything ``poll`` returned (at-least-once).
     """
 
-    def __init__(self, settings: Settings, group_id: str, topics: Iterable[str], *,
+    def __init__(self, settings: Settings, group_id: str, topics: Iterable[str] = (), *,
                  dead_letter_topic: str, expected: tuple[type[Message], ...] = (),
-                 auto_offset_reset: str = "earliest", max_poll_interval_ms: int = 300000) -> None:
+                 pattern: str | None = None, auto_offset_reset: str = "earliest",
+                 max_poll_interval_ms: int = MAX_POLL_INTERVAL_MS, metadata_max_age_ms: int = 3000,
+                 membership: str | None = None) -> None:
         self.settings = settings
+        self.group_id = group_id
         self.expected = expected
         self.dead_letter_topic = dead_letter_topic
         self.dead_lettered = 0
         self._dead_producer: MessageProducer | None = None
+        self._last_poll = time.monotonic()
+        self.membership = membership or settings.kafka_membership
+        if self.membership not in ("group", "lease"):
+            raise ValueError(f"membership {self.membership!r} is not 'group' or 'lease'")
+        self._topics = list(topics)
+        if bool(self._topics) == bool(pattern):
+            raise ValueError("give either topics or a pattern")
         try:
             self._consumer = KafkaConsumer(
-                *topics, **_common(settings), group_id=group_id, enable_auto_commit=False,
-                auto_offset_reset=auto_offset_reset,
+                *(self._topics if self.membership == "group" else ()), **_common(settings), group_id=group_id,
+                enable_auto_commit=False, auto_offset_reset=auto_offset_reset,
                 session_timeout_ms=settings.kafka_session_timeout_ms,
                 heartbeat_interval_ms=max(1000, settings.kafka_session_timeout_ms // 3),
-                max_poll_interval_ms=max_poll_interval_ms,
+                max_poll_interval_ms=max_poll_interval_ms, metadata_max_age_ms=metadata_max_age_ms,
             )
         except KafkaError as exc:
             raise _unavailable(settings, exc) from None
+        # A pattern is resolved here rather than by the client's regex subscription: the matching
+        # topics are listed every few seconds and followed by name.
+        self._pattern = re.compile(pattern) if pattern else None
+        self._topics_every_s = metadata_max_age_ms / 1000
+        self._topics_checked = 0.0
+        self._subscribed: set[str] = set()
+        self._lease: PartitionLease | None = None
+        if self.membership == "lease":
+            self._lease = PartitionLease(settings, group_id)
+            self._lease.start()
+
+    def _current_topics(self) -> set[str]:
+        if self._pattern is None:
+            return set(self._topics)
+        return {t for t in self._consumer.topics() if self._pattern.match(t)}
+
+    def _refresh(self) -> None:
+        """Follow the topics (pattern) and, with leases, take this member's share of partitions."""
+        if time.monotonic() - self._topics_checked < (1.0 if self._lease else self._topics_every_s):
+            return
+        self._topics_checked = time.monotonic()
+        if self._lease is None:
+            if self._pattern is None:
+                return
+            found = self._current_topics()
+            if found != self._subscribed:
+                if found:
+                    self._consumer.subscribe(topics=sorted(found))
+                else:
+                    self._consumer.unsubscribe()
+                self._subscribed = found
+            return
+        if time.monotonic() - self._lease.topics_at > self._topics_every_s or not self._subscribed:
+            self._subscribed = self._current_topics()
+            self._lease.topics_at = time.monotonic()
+        partitions = []
+        for topic in sorted(self._subscribed):
+            for p in sorted(self._consumer.partitions_for_topic(topic) or ()):
+                partitions.append(TopicPartition(topic, p))
+        mine = set(self._lease.share(partitions))
+        if mine != self._consumer.assignment():
+            self._consumer.assign(sorted(mine))
 
     def poll(self, timeout_s: float = 1.0, max_records: int = 100) -> list[Received]:
+        self._last_poll = time.monotonic()
         try:
+            self._refresh()
+            if not self._consumer.assignment() and (self._lease or (self._pattern and not self._subscribed)):
+                time.sleep(timeout_s)  # no topic of ours yet, or no partition is this member's
+                return []
             batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
         except KafkaError as exc:
             raise _unavailable(self.settings, exc) from None
@@ -182,16 +267,62 @@ class MessageConsumer:
         self._dead_producer.publish(self.dead_letter_topic, letter, key=f"{record.topic}:{record.offset}")
         self.dead_lettered += 1
 
-    def commit(self) -> None:
+    def commit(self, offsets: dict[tuple[str, int], int] | None = None) -> None:
+        """Commit the positions after everything polled, or exactly ``offsets``: (topic, partition)
+        -> the next offset to read (the last processed offset + 1)."""
         try:
-            self._consumer.commit()
+            if offsets is None:
+                self._consumer.commit()
+            elif offsets:
+                self._consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
+                                       for (t, p), o in offsets.items()})
+        except CommitFailedError as exc:
+            # The group rebalanced while we worked: the partitions' new owners redo what we did
+            # not commit (at-least-once), so this is not an error of the job.
+            raise RebalancedDuringWork(str(exc)) from None
         except KafkaError as exc:
             raise _unavailable(self.settings, exc) from None
 
     def assignment(self) -> set:
         return self._consumer.assignment()
 
+    def pause_only(self, paused: set) -> None:
+        """Pause exactly these assigned partitions and resume the others."""
+        assigned = self._consumer.assignment()
+        to_pause = assigned & paused
+        to_resume = (assigned - paused) & self._consumer.paused()
+        if to_pause:
+            self._consumer.pause(*to_pause)
+        if to_resume:
+            self._consumer.resume(*to_resume)
+
+    def keep_alive(self, every_s: float = MAX_POLL_INTERVAL_MS / 4000) -> None:
+        """Poll with every partition paused, so a member busy with one long job (waiting on
+        back-pressure) keeps its place in the group without taking new records."""
+        if time.monotonic() - self._last_poll < every_s:
+            return
+        assigned = self._consumer.assignment()
+        was_paused = self._consumer.paused()
+        if assigned:
+            self._consumer.pause(*assigned)
+        try:
+            if self._consumer.assignment():
+                self._consumer.poll(timeout_ms=0)
+        except KafkaError as exc:
+            raise _unavailable(self.settings, exc) from None
+        finally:
+            resume = self._consumer.assignment() - was_paused
+            if resume:
+                self._consumer.resume(*resume)
+        self._last_poll = time.monotonic()
+
+    def rewind(self, topic: str, partition: int, offset: int) -> None:
+        """Read again from ``offset`` (a record taken but not processed, e.g. of a paused run)."""
+        self._consumer.seek(TopicPartition(topic, partition), offset)
+
     def close(self) -> None:
+        if self._lease is not None:
+            self._lease.stop()
         self._consumer.close(autocommit=False)
         if self._dead_producer is not None:
             self._dead_producer.close()
@@ -201,3 +332,66 @@ class MessageConsumer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class PartitionLease(threading.Thread):
+    """Membership of a group kept in Redis, for brokers whose group coordinator cannot be relied on.
+
+    Tansu (the local broker) answers a follower's SyncGroup after a fixed pause, often with an
+    empty assignment (tansu-io/tansu: "SyncGroup response missing member_assignment"), so members
+    of a group other than its leader may never get partitions. In ``lease`` mode each member keeps
+    a lease in a Redis sorted set (refreshed by this thread every second, expiring after the
+    session timeout), and every member computes the same round-robin share of the partitions over
+    the live members. Offsets are still committed to the Kafka group, so a partition that changes
+    hands resumes from its last commit: a member that dies has its uncommitted work redone by the
+    next owner, within a session timeout.
+    """
+
+    def __init__(self, settings: Settings, group_id: str) -> None:
+        super().__init__(name=f"essp-lease-{group_id}", daemon=True)
+        from essp.clients.redis import redis_client  # Kafka clients need Redis only for leases
+
+        self.redis = redis_client(settings)
+        self.key = f"{settings.redis_prefix}:members:{group_id}"
+        self.member = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.ttl_s = settings.kafka_session_timeout_ms / 1000
+        self.topics_at = 0.0
+        self._stopping = threading.Event()
+        self._beat()
+
+    def _now(self) -> float:
+        seconds, micros = self.redis.time()  # one clock for every member: the server's
+        return seconds + micros / 1e6
+
+    def _beat(self) -> None:
+        now = self._now()
+        pipe = self.redis.pipeline()
+        pipe.zadd(self.key, {self.member: now + self.ttl_s})
+        pipe.zremrangebyscore(self.key, "-inf", now)
+        pipe.expire(self.key, int(self.ttl_s * 10))
+        pipe.execute()
+
+    def run(self) -> None:
+        while not self._stopping.wait(1.0):
+            try:
+                self._beat()
+            except Exception:  # noqa: BLE001 - Redis away: the lease lapses and others take over
+                continue
+
+    def members(self) -> list[str]:
+        return sorted(m.decode() for m in self.redis.zrangebyscore(self.key, self._now(), "+inf"))
+
+    def share(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        """This member's partitions: every member computes the same split from the same list."""
+        members = self.members()
+        if self.member not in members:
+            return []
+        index, count = members.index(self.member), len(members)
+        return [tp for i, tp in enumerate(partitions) if i % count == index]
+
+    def stop(self) -> None:
+        self._stopping.set()
+        try:
+            self.redis.zrem(self.key, self.member)  # hand the partitions over now, not at expiry
+        except Exception:  # noqa: BLE001 - it expires anyway
+            pass

@@ -1,0 +1,253 @@
+"""The streaming data plane end to end on the real services: a synthetic dataset ingested to S3,
+epochs planned to Kafka, decoded and extracted by resident worker processes, consumed from Redis.
+
+One module-scoped set of workers (2 decode, 2 flow, 1 rgb) serves every test here, as resident
+workers serve every run; each test uses its own run id.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+from conftest import _cleanup
+from workerproc import start_workers
+
+from essp.clients.kafka import MessageConsumer, ensure_topics
+from essp.clients.redis import redis_client
+from essp.clients.s3 import ObjectStore, S3Uri
+from essp.consumer import SampleStream
+from essp.contract import DeadLetter, RedisKeys, Topics, WorkerEvent
+from essp.extractors import dequantise_flow
+from essp.ingest import ingest_directory
+from essp.payloads import SampleStore
+from essp.plan import plan_epoch, publish_plan
+from essp.resident import publish_control
+from essp.synth import synthesize
+
+pytestmark = pytest.mark.slow
+
+FEATURES = {"rgb": {}, "flow": {"method": "dis_fast"}}
+L, SIZE = 4, 32
+
+
+@pytest.fixture(scope="module")
+def plane(base_settings, tmp_path_factory):
+    """Isolated settings, an ingested dataset, and resident workers for the whole module."""
+    tag = "t" + uuid.uuid4().hex[:10]
+    settings = base_settings.model_copy(update={
+        "topic_prefix": tag, "redis_prefix": tag, "bucket_videos": f"{tag}-videos",
+        "bucket_models": f"{tag}-models", "bucket_runs": f"{tag}-runs", "heartbeat_s": 1.0,
+    })
+    root = tmp_path_factory.mktemp("synth")
+    synthesize(root, classes=3, videos_per_class=4, frames=20, height=48, width=48, keyint=6, seed=3)
+    manifest, _ = ingest_directory(settings, root, "tiny")
+    # Damage two videos after ingest: one's bytes are garbage, the other is gone. Their samples
+    # must be dead-lettered at decode while the epoch completes.
+    store = ObjectStore(settings)
+    train = manifest.split("train")
+    corrupt, missing = train[0].uri, train[-1].uri
+    store.put_bytes(S3Uri.parse(corrupt).bucket, S3Uri.parse(corrupt).key, b"\x00\x00\x00\x18ftypmp42" + b"x" * 5000)
+    store.delete(S3Uri.parse(missing).bucket, S3Uri.parse(missing).key)
+    topics = Topics(tag)
+    ensure_topics(settings, [topics.control, topics.events, topics.dead])
+    logs = tmp_path_factory.mktemp("worker-logs")
+    workers = start_workers(settings, logs, [
+        ("decode-a", ["decode"]), ("decode-b", ["decode"]),
+        ("flow-a", ["extract", "--kind", "flow"]), ("flow-b", ["extract", "--kind", "flow"]),
+        ("rgb-a", ["extract", "--kind", "rgb"]),
+    ])
+    yield settings, manifest, {"corrupt": corrupt, "missing": missing}, {w.name: w for w in workers}
+    for worker in workers:
+        worker.stop()
+    _cleanup(settings)
+
+
+def run_epoch(settings, manifest, run, *, epoch=0, samples=24, max_inflight=64, features=FEATURES,
+              during=None, consume_delay=0.0):
+    """Plan and publish one epoch, drain every stream, return {stream: {sample_id: Sample}} and stats."""
+    plan = plan_epoch(manifest, run=run, epoch=epoch, features=features, length=L, height=SIZE, width=SIZE,
+                      samples=samples, max_inflight=max_inflight)
+    results, stats, errors = {}, {}, []
+
+    def drain(stream):
+        try:
+            with SampleStream(settings, run, stream, prefetch=2) as samples_in:
+                got = {}
+                for i, sample in enumerate(samples_in.epoch(epoch, len(plan.jobs), timeout_s=90)):
+                    assert sample.sample_id not in got
+                    got[sample.sample_id] = sample
+                    if during and stream == "flow":
+                        during(i)
+                    time.sleep(consume_delay)
+                results[stream], stats[stream] = got, samples_in.stats
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=drain, args=(s,)) for s in features]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)  # let the consumers join their groups before the first notice
+    publish_plan(settings, plan)
+    for t in threads:
+        t.join(200)
+    if errors:
+        raise errors[0]
+    return plan, results, stats
+
+
+def dead_letters(settings, run):
+    topics = Topics(settings.topic_prefix)
+    with MessageConsumer(settings, f"check-{uuid.uuid4().hex[:6]}", [topics.run_dead(run)],
+                         dead_letter_topic=topics.dead) as consumer:
+        letters = []
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            got = consumer.poll(1.0)
+            letters += [r.message for r in got if isinstance(r.message, DeadLetter)]
+            if letters and not got:
+                break
+        return letters
+
+
+def test_every_planned_sample_arrives_once_and_bad_videos_are_dead_lettered(plane):
+    settings, manifest, damaged, _ = plane
+    run = "r-all"
+    plan, results, stats = run_epoch(settings, manifest, run, samples=30)
+    bad = {job.sample_id for job in plan.jobs if job.video in damaged.values()}
+    good = {job.sample_id: job for job in plan.jobs if job.sample_id not in bad}
+    assert bad, "the plan should hit a damaged video (seeded; widen samples if this fires)"
+    for stream, expected_shape in (("rgb", (3, SIZE, SIZE)), ("flow", (2 * L, SIZE, SIZE))):
+        assert set(results[stream]) == set(good), stream
+        assert stats[stream].dead == len(bad)
+        for sample_id, sample in results[stream].items():
+            assert sample.label == good[sample_id].label
+            assert sample.array.shape == expected_shape and sample.array.dtype == np.uint8
+    # The flow that arrives is the motion of each class (synth: TranslateLeft/Right/Up).
+    mean_flow: dict[str, list] = {}
+    for sample in results["flow"].values():
+        flow = dequantise_flow(sample.array, 20.0, stacked=True)
+        mean_flow.setdefault(manifest.classes[sample.label], []).append((flow[0::2].mean(), flow[1::2].mean()))
+    motion = {name: np.mean(values, axis=0) for name, values in mean_flow.items()}
+    assert motion["TranslateLeft"][0] < -0.05 < 0.05 < motion["TranslateRight"][0], motion
+    assert motion["TranslateUp"][1] < -0.05, motion
+    letters = dead_letters(settings, run)
+    assert {letter.sample_id for letter in letters} == bad
+    reasons = {letter.video: letter.reason for letter in letters}
+    assert set(reasons) == {job.video for job in plan.jobs if job.sample_id in bad}
+    for video, reason in reasons.items():
+        assert video in reason  # the reason names the video ...
+        if video == damaged["missing"]:
+            assert "NoSuchKey" in reason  # ... and the cause
+    quarantine = redis_client(settings).hgetall(RedisKeys(settings.redis_prefix).quarantine(run))
+    assert {k.decode() for k in quarantine} == set(reasons)
+    # Nothing of the run is left in Redis but its bookkeeping: payloads were taken, slots freed.
+    store = SampleStore(settings, run)
+    assert store.inflight() == 0
+    assert store.payload_bytes() == 0
+
+
+def test_in_flight_bound_holds_while_the_consumer_is_slow(plane):
+    settings, manifest, damaged, _ = plane
+    run, bound = "r-bound", 4
+    store_run = SampleStore(settings, run)
+    peak = {"inflight": 0, "bytes": 0, "used_memory": 0}
+    client = redis_client(settings)
+    baseline = int(client.info("memory")["used_memory"])
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak["inflight"] = max(peak["inflight"], store_run.inflight())
+            peak["bytes"] = max(peak["bytes"], store_run.payload_bytes())
+            peak["used_memory"] = max(peak["used_memory"], int(client.info("memory")["used_memory"]) - baseline)
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        plan, results, _ = run_epoch(settings, manifest, run, samples=20, max_inflight=bound,
+                                     features={"flow": {"method": "dis_ultrafast"}}, consume_delay=0.15)
+    finally:
+        done.set()
+        watcher.join()
+    delivered = len(results["flow"])
+    assert delivered >= 20 - sum(job.video in damaged.values() for job in plan.jobs)
+    frames_bytes = (L + 1) * SIZE * SIZE * 3
+    flow_bytes = 2 * L * SIZE * SIZE
+    # A slot is taken before decode and freed when the consumer takes the sample; the consumer's
+    # own prefetch queue is outside Redis.
+    assert 1 <= peak["inflight"] <= bound
+    assert peak["bytes"] <= bound * (frames_bytes + flow_bytes)
+    # Redis' own figure, with room for its bookkeeping (keys, notices of other tests, allocator).
+    assert peak["used_memory"] < bound * (frames_bytes + flow_bytes) + 4 * 1024 * 1024
+
+
+def test_killing_workers_mid_epoch_loses_no_sample(plane):
+    settings, manifest, damaged, workers = plane
+    run = "r-kill"
+    killed = []
+
+    def kill_some(i):
+        if i == 3:
+            workers["decode-a"].kill()
+            workers["flow-a"].kill()
+            killed.append(time.monotonic())
+
+    plan, results, _ = run_epoch(settings, manifest, run, samples=30, during=kill_some)
+    assert killed
+    good = {job.sample_id for job in plan.jobs if job.video not in damaged.values()}
+    assert set(results["flow"]) == good and set(results["rgb"]) == good
+    # Bring the module's workers back for the tests that follow.
+    from workerproc import WorkerProcess
+
+    logs = workers["decode-b"].log_path.parent
+    for name, args in (("decode-a", ["decode"]), ("flow-a", ["extract", "--kind", "flow"])):
+        workers[name] = WorkerProcess(settings, args, logs, name + "-2")
+        workers[name].wait_serving()
+
+
+def test_pause_holds_a_run_and_resume_finishes_it(plane):
+    settings, manifest, damaged, _ = plane
+    run = "r-pause"
+    publish_control(settings, "pause", run=run)
+    plan = plan_epoch(manifest, run=run, epoch=0, features={"rgb": {}}, length=L, height=SIZE, width=SIZE,
+                      samples=8)
+    publish_plan(settings, plan)
+    with SampleStream(settings, run, "rgb") as stream:
+        time.sleep(6)
+        assert stream._queue.qsize() == 0, "a paused run must not be decoded"
+        publish_control(settings, "resume", run=run)
+        got = list(stream.epoch(0, len(plan.jobs), timeout_s=60))
+    assert len(got) + stream.stats.dead == len(plan.jobs)
+
+
+def test_heartbeats_carry_counters_and_sigterm_stops_cleanly(plane):
+    settings, manifest, damaged, workers = plane
+    topics = Topics(settings.topic_prefix)
+    seen: dict[str, WorkerEvent] = {}
+    with MessageConsumer(settings, f"ev-{uuid.uuid4().hex[:6]}", [topics.events],
+                         dead_letter_topic=topics.dead) as consumer:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not {"decode-b", "flow-b"} <= set(seen):
+            for r in consumer.poll(1.0):
+                if isinstance(r.message, WorkerEvent) and r.message.event == "heartbeat":
+                    seen[r.message.worker_id] = r.message
+        assert seen["decode-b"].counters["jobs_done"] > 0
+        assert {"failures", "busy_s", "jobs_done"} <= set(seen["flow-b"].counters)
+        # A stop command for one worker id: that worker, and only it, exits cleanly.
+        publish_control(settings, "stop", target="rgb-a")
+        workers["rgb-a"].proc.wait(30)
+        assert workers["rgb-a"].proc.returncode == 0
+        assert workers["flow-b"].proc.poll() is None
+        # SIGTERM: a clean exit with a stopped event.
+        assert workers["decode-b"].stop() == 0
+        stopped = set()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not {"rgb-a", "decode-b"} <= stopped:
+            stopped |= {r.message.worker_id for r in consumer.poll(1.0)
+                        if isinstance(r.message, WorkerEvent) and r.message.event == "stopped"}
+        assert {"rgb-a", "decode-b"} <= stopped

@@ -1,0 +1,367 @@
+"""What every resident worker shares: a consumer-group loop with exact commits, control commands,
+per-run pause/stop, heartbeats with counters, and a clean shutdown.
+
+A worker serves every run: it subscribes to a topic pattern (``essp.<any run>.decode``), so a new
+run's topics are picked up without a restart, and a new worker process takes partitions over by
+rebalance (elasticity). Offsets are committed per record after :meth:`ResidentWorker.handle` has
+returned, i.e. after the Redis write and the notice: a worker killed mid-job leaves that job, uncommitted,
+to the next owner of its partition.
+
+Control (topic ``essp.control``): every worker reads every command (no consumer group, from the end)
+and obeys those whose ``target`` is ``*``, its kind or its id. Without a run, pause / resume / stop
+apply to the worker; with a run they apply to that run, whose state also lives in Redis
+(:class:`RunControl`) so that a worker started later obeys it too.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import ClassVar
+
+import redis
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
+
+from essp.clients.kafka import (
+    BOOTSTRAP_TIMEOUT_MS,
+    MessageConsumer,
+    MessageProducer,
+    RebalancedDuringWork,
+    Received,
+)
+from essp.clients.redis import redis_client
+from essp.contract import ControlCommand, DeadLetter, Message, RedisKeys, Topics, WorkerEvent, decode, encode
+from essp.errors import MalformedMessage, ServiceUnavailable
+from essp.settings import Settings
+
+log = logging.getLogger("essp.worker")
+
+RUN_STATES = ("running", "paused", "stopped")
+
+
+def limit_threads() -> None:
+    """One compute thread per worker process: parallelism comes from processes (replicas), and
+    threads of OpenCV / BLAS / torch would fight over the same cores."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+    import cv2
+
+    cv2.setNumThreads(1)
+    import sys
+
+    if "torch" in sys.modules:  # never import torch only to configure it
+        sys.modules["torch"].set_num_threads(1)
+
+
+class RunControl:
+    """The state of each run (running / paused / stopped) in Redis, read with a short cache."""
+
+    CACHE_S = 1.0
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.keys = RedisKeys(settings.redis_prefix)
+        self._cache: dict[str, tuple[float, str]] = {}
+
+    def set(self, run: str, state: str) -> None:
+        if state not in RUN_STATES:
+            raise ValueError(f"run state {state!r} is not one of {', '.join(RUN_STATES)}")
+        redis_client(self.settings).set(self.keys.run_state(run), state)
+        self._cache.pop(run, None)
+
+    def get(self, run: str, *, fresh: bool = False) -> str:
+        now = time.monotonic()
+        cached = self._cache.get(run)
+        if cached and not fresh and now - cached[0] < self.CACHE_S:
+            return cached[1]
+        try:
+            value = redis_client(self.settings).get(self.keys.run_state(run))
+        except redis.RedisError:
+            # Redis away: keep the last known state; the job itself will stall until Redis is back.
+            return cached[1] if cached else "running"
+        state = value.decode() if value else "running"
+        self._cache[run] = (now, state)
+        return state
+
+    def forget(self, run: str) -> None:
+        self._cache.pop(run, None)
+
+
+def publish_control(settings: Settings, command: str, *, run: str | None = None, target: str = "*",
+                    epoch: int | None = None) -> ControlCommand:
+    """Record a run's new state in Redis (for workers that start later) and tell every worker now."""
+    if run and command in ("pause", "resume", "stop"):
+        RunControl(settings).set(run, {"pause": "paused", "resume": "running", "stop": "stopped"}[command])
+    message = ControlCommand(command=command, run=run, target=target, epoch=epoch)
+    with MessageProducer(settings) as producer:
+        producer.publish(Topics(settings.topic_prefix).control, message)
+    return message
+
+
+class ControlListener(threading.Thread):
+    """Reads every control command from now on (no group: each worker must see all of them)."""
+
+    def __init__(self, settings: Settings, on_command: Callable[[ControlCommand], None],
+                 stopping: threading.Event) -> None:
+        super().__init__(name="essp-control", daemon=True)
+        self.settings = settings
+        self.on_command = on_command
+        self.stopping = stopping
+        self.topic = Topics(settings.topic_prefix).control
+        self.ready = threading.Event()
+
+    def run(self) -> None:
+        consumer = None
+        while not self.stopping.is_set():
+            try:
+                if consumer is None:
+                    consumer = KafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap,
+                                             bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS, group_id=None,
+                                             enable_auto_commit=False)
+                    parts = consumer.partitions_for_topic(self.topic) or {0}
+                    consumer.assign([TopicPartition(self.topic, p) for p in parts])
+                    consumer.seek_to_end()
+                    for tp in consumer.assignment():
+                        consumer.position(tp)  # resolve "end" now, before we report ready
+                    self.ready.set()
+                for records in consumer.poll(timeout_ms=500).values():
+                    for record in records:
+                        try:
+                            message = decode(record.value, self.topic, (ControlCommand,))
+                        except MalformedMessage as exc:
+                            log.warning("ignored a control message: %s", exc)
+                            continue
+                        self.on_command(message)
+            except KafkaError as exc:
+                log.warning("control topic unreachable (%s); retrying", exc)
+                if consumer is not None:
+                    consumer.close()
+                    consumer = None
+                self.stopping.wait(2.0)
+        if consumer is not None:
+            consumer.close()
+
+
+class WorkInterrupted(Exception):
+    """Raised by ``handle`` when the worker is stopping before the job is done: it stays uncommitted."""
+
+
+class ResidentWorker(ABC):
+    """A long-lived member of one consumer group. Subclasses say what to read and how to handle one
+    message; this class does the loop, the commits, control, heartbeats and shutdown."""
+
+    kind: str  # decode, or the extractor kind (rgb, flow, ...): the `worker_kind` of its events
+    family: ClassVar[str]  # decode | extract: a control target that reaches every worker of the family
+    max_records: ClassVar[int] = 4
+
+    def __init__(self, settings: Settings, *, worker_id: str | None = None, run: str | None = None) -> None:
+        self.settings = settings
+        self.topics = Topics(settings.topic_prefix)
+        self.keys = RedisKeys(settings.redis_prefix)
+        self.run_filter = run
+        self.worker_id = worker_id or f"{self.kind}-{socket.gethostname()}-{os.getpid()}"
+        self.counters: dict[str, float] = {"jobs_done": 0, "failures": 0, "busy_s": 0.0, "waited_s": 0.0,
+                                           "duplicates": 0, "redone": 0, "dead_lettered": 0}
+        self.stopping = threading.Event()
+        self.paused = False
+        self.control = RunControl(settings)
+        self.producer: MessageProducer | None = None
+        self.consumer: MessageConsumer | None = None
+        self._started = time.monotonic()
+        self._lock = threading.Lock()
+
+    # -- what subclasses define -------------------------------------------------------------------
+    @abstractmethod
+    def group_id(self) -> str: ...
+
+    @abstractmethod
+    def pattern(self) -> str: ...
+
+    @abstractmethod
+    def expected(self) -> tuple[type[Message], ...]: ...
+
+    @abstractmethod
+    def handle(self, received: Received) -> None:
+        """Process one message completely (payload in Redis, notice published) or dead-letter it.
+        Raise :class:`ServiceUnavailable` to have it retried once the service is back."""
+
+    def run_of(self, received: Received) -> str:
+        return self.topics.run_of(received.topic)
+
+    # -- shared helpers ---------------------------------------------------------------------------
+    def count(self, name: str, amount: float = 1) -> None:
+        with self._lock:
+            self.counters[name] = self.counters.get(name, 0) + amount
+
+    def publish(self, topic: str, message: Message, key: str | None = None) -> None:
+        assert self.producer is not None
+        self.producer.publish(topic, message, key=key)
+
+    def dead_letter(self, received: Received, reason: str, *, run: str | None, epoch: int | None = None,
+                    sample_id: str | None = None, video: str | None = None, stream: str | None = None) -> None:
+        letter = DeadLetter(reason=reason, source_topic=received.topic, source_partition=received.partition,
+                            source_offset=received.offset, run=run, epoch=epoch, sample_id=sample_id,
+                            video=video, stream=stream,
+                            payload_b64=base64.b64encode(encode(received.message)).decode())
+        topic = self.topics.run_dead(run) if run else self.topics.dead
+        self.publish(topic, letter, key=sample_id)
+        self.count("dead_lettered")
+
+    def event(self, event: str, detail: str | None = None, run: str | None = None) -> None:
+        with self._lock:
+            counters = dict(self.counters)
+        if self.consumer is not None:  # malformed messages the consumer dead-lettered itself
+            counters["dead_lettered"] += self.consumer.dead_lettered
+        counters["uptime_s"] = round(time.monotonic() - self._started, 3)
+        message = WorkerEvent(event=event, worker_id=self.worker_id, worker_kind=self.kind, run=run,
+                              counters=counters, detail=detail)
+        try:
+            if self.producer is not None:
+                self.producer.publish(self.topics.events, message, key=self.worker_id, wait=False)
+            client = redis_client(self.settings)
+            client.set(self.keys.worker(self.worker_id), encode(message),
+                       ex=max(10, int(self.settings.heartbeat_s * 3)))
+        except (ServiceUnavailable, OSError, Exception) as exc:  # noqa: BLE001 - a heartbeat never kills a worker
+            log.warning("could not send %s event: %s", event, exc)
+
+    # -- control ------------------------------------------------------------------------------------
+    def on_command(self, command: ControlCommand) -> None:
+        if command.target not in ("*", self.family, self.kind, self.worker_id):
+            return
+        if command.run:
+            self.control.forget(command.run)  # re-read its state from Redis now
+            return
+        if command.command == "pause":
+            self.paused = True
+            self.event("heartbeat", detail="paused")
+        elif command.command == "resume":
+            self.paused = False
+            self.event("heartbeat", detail="resumed")
+        elif command.command == "stop":
+            self.stop()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def _heartbeats(self) -> None:
+        while not self.stopping.wait(self.settings.heartbeat_s):
+            self.event("heartbeat", detail="paused" if self.paused else None)
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def _paused_partitions(self) -> set:
+        assert self.consumer is not None
+        assigned = self.consumer.assignment()
+        if self.paused:
+            return set(assigned)
+        held = set()
+        for tp in assigned:
+            try:
+                if self.control.get(self.topics.run_of(tp.topic)) == "paused":
+                    held.add(tp)
+            except ValueError:
+                continue
+        return held
+
+    def serve(self, *, install_signals: bool = True, ready: threading.Event | None = None) -> dict[str, float]:
+        """Run until stopped (SIGTERM, SIGINT, a stop command, or :meth:`stop`). Returns the counters."""
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stop())
+        self.producer = MessageProducer(self.settings)
+        self.consumer = MessageConsumer(self.settings, self.group_id(), pattern=self.pattern(),
+                                        dead_letter_topic=self.topics.dead, expected=self.expected())
+        listener = ControlListener(self.settings, self.on_command, self.stopping)
+        listener.start()
+        listener.ready.wait(15)
+        beats = threading.Thread(target=self._heartbeats, name="essp-heartbeat", daemon=True)
+        beats.start()
+        self.event("started")
+        log.info("%s serving %s as group %s", self.worker_id, self.pattern(), self.group_id())
+        if ready is not None:
+            ready.set()
+        try:
+            while not self.stopping.is_set():
+                self._step()
+        finally:
+            self.event("stopped")
+            self.consumer.close()
+            self.producer.close()
+            listener.join(5)
+        return dict(self.counters)
+
+    def _step(self) -> None:
+        assert self.consumer is not None
+        self.consumer.pause_only(self._paused_partitions())
+        batch = self.consumer.poll(timeout_s=0.5, max_records=self.max_records)
+        done: dict[tuple[str, int], int] = {}
+        held: set[tuple[str, int]] = set()
+        for received in batch:
+            tp = (received.topic, received.partition)
+            if tp in held:
+                continue
+            if self._decide(received) == "hold" or not self._handle_with_retry(received):
+                # Leave it (and what follows on its partition) for later, or for another member.
+                self.consumer.rewind(received.topic, received.partition, received.offset)
+                held.add(tp)
+                continue
+            done[tp] = received.offset + 1
+        if done:
+            try:
+                self.consumer.commit(done)
+            except RebalancedDuringWork as exc:
+                log.info("commit refused after a rebalance (the new owner redoes the work): %s", exc)
+            except ServiceUnavailable as exc:
+                log.warning("commit failed, the jobs will be redone: %s", exc)
+
+    def _decide(self, received: Received) -> str:
+        """process / hold (worker or run paused, or stopping)."""
+        if self.paused or self.stopping.is_set():
+            return "hold"
+        try:
+            run = self.run_of(received)
+        except ValueError:
+            return "process"
+        return "hold" if self.control.get(run) == "paused" else "process"
+
+    def skip_stopped(self, received: Received, run: str) -> None:
+        """A job of a stopped run is committed without work; subclasses may clean up its sample."""
+        self.count("skipped")
+
+    def _handle_with_retry(self, received: Received) -> bool:
+        """True when the message is finished with (processed, skipped or dead-lettered)."""
+        delay = 0.5
+        try:
+            run: str | None = self.run_of(received)
+        except ValueError:
+            run = None
+        while True:
+            if run and self.control.get(run) == "stopped":
+                self.skip_stopped(received, run)
+                return True
+            started = time.monotonic()
+            try:
+                self.handle(received)
+                self.count("busy_s", time.monotonic() - started)
+                return True
+            except WorkInterrupted:
+                return False
+            except ServiceUnavailable as exc:
+                # Redis or Kafka restarting: stall, then resume where we were (nothing committed).
+                log.warning("%s; retrying in %.1fs", exc, delay)
+                self.event("error", detail=str(exc))
+                if self.stopping.wait(delay):
+                    return False
+                delay = min(delay * 2, 10.0)
+            except Exception as exc:  # noqa: BLE001 - one bad message must not kill the worker
+                log.exception("job failed")
+                self.count("failures")
+                self.dead_letter(received, f"{type(exc).__name__}: {exc}", run=run)
+                return True
