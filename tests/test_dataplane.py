@@ -23,8 +23,9 @@ from essp.consumer import SampleStream
 from essp.contract import DeadLetter, RedisKeys, Topics, WorkerEvent
 from essp.extractors import dequantise_flow
 from essp.ingest import ingest_directory
+from essp.manifest import ManifestStore
 from essp.payloads import SampleStore
-from essp.plan import plan_epoch, publish_plan
+from essp.plan import plan_epoch, publish_plan, record_decode_quarantine
 from essp.resident import publish_control
 from essp.synth import synthesize
 
@@ -144,6 +145,14 @@ def test_every_planned_sample_arrives_once_and_bad_videos_are_dead_lettered(plan
             assert "NoSuchKey" in reason  # ... and the cause
     quarantine = redis_client(settings).hgetall(RedisKeys(settings.redis_prefix).quarantine(run))
     assert {k.decode() for k in quarantine} == set(reasons)
+    # The next epoch's manifest version quarantines them, and its plan no longer draws them.
+    updated, uri = record_decode_quarantine(settings, manifest, run)
+    assert uri and updated.version == manifest.version + 1
+    assert {(q.uri, q.stage) for q in updated.quarantined if q.stage == "decode"} == {(v, "decode") for v in reasons}
+    assert ManifestStore(settings).load(updated.name).version == updated.version
+    replanned = plan_epoch(updated, run=run, epoch=1, features=FEATURES, length=L, height=SIZE, width=SIZE,
+                           samples=30)
+    assert not {job.video for job in replanned.jobs} & set(reasons)
     # Nothing of the run is left in Redis but its bookkeeping: payloads were taken, slots freed.
     store = SampleStore(settings, run)
     assert store.inflight() == 0

@@ -135,7 +135,7 @@ def plan_cmd(
 ) -> None:
     """Plan one epoch (seeded by run and epoch) and publish its decode jobs."""
     from essp.manifest import ManifestStore
-    from essp.plan import PlanError, parse_features, plan_epoch, publish_plan
+    from essp.plan import PlanError, parse_features, plan_epoch, publish_plan, record_decode_quarantine
 
     settings = Settings()
     try:
@@ -144,6 +144,11 @@ def plan_cmd(
     except (PlanError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from None
     loaded = ManifestStore(settings).load(manifest)
+    # Videos that failed to decode in earlier epochs of this run: quarantine them in a new manifest
+    # version, so this epoch (and later runs) skip them.
+    loaded, new_uri = record_decode_quarantine(settings, loaded, run)
+    if new_uri:
+        err.print(f"quarantined {len(loaded.quarantined)} video(s) in {new_uri}")
     try:
         plan = plan_epoch(loaded, run=run, epoch=epoch, features=spec, length=length, height=height, width=width,
                           samples=samples, seed=seed, max_inflight=max_inflight or settings.max_inflight)

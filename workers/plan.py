@@ -134,3 +134,30 @@ def parse_features(spec: str) -> dict[str, dict[str, Any]]:
     if not features:
         raise PlanError(f"no feature named in {spec!r}")
     return features
+
+
+def decode_quarantine(settings: Settings, run: str) -> dict[str, str]:
+    """Videos of ``run`` that failed to decode: URI -> reason (written by the decode workers)."""
+    from essp.clients.redis import redis_client
+    from essp.contract import RedisKeys
+
+    raw = redis_client(settings).hgetall(RedisKeys(settings.redis_prefix).quarantine(run))
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def record_decode_quarantine(settings: Settings, manifest: Manifest, run: str) -> tuple[Manifest, str | None]:
+    """Write a new manifest version listing the run's undecodable videos as quarantined (stage
+    ``decode``), so later epochs and runs skip them. Returns the manifest and its new URI (None when
+    nothing new was quarantined)."""
+    from essp.manifest import ManifestStore
+
+    present = {video.uri for video in manifest.videos}
+    bad = {uri: reason for uri, reason in decode_quarantine(settings, run).items() if uri in present}
+    if not bad:
+        return manifest, None
+    updated = manifest
+    for uri, reason in sorted(bad.items()):
+        updated = updated.quarantine(uri, reason, "decode")
+    store = ManifestStore(settings)
+    uri = store.save(updated.model_copy(update={"version": 0}))
+    return store.load(uri), uri
