@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from essp.dataplane_cli import consume_cmd, control_app, plan_cmd, worker_app
+from essp.dataset_cli import dataset_app
 from essp.errors import EsspError
 from essp.infra import SERVICES, LocalStack, init_resources, prepare_settings
 from essp.settings import Settings
@@ -22,6 +23,7 @@ infra_app = typer.Typer(help="The embedded local stack: PostgreSQL, Redis, S3, K
 airflow_app = typer.Typer(help="Airflow's processes on the local stack.", no_args_is_help=True)
 app.add_typer(infra_app, name="infra")
 app.add_typer(airflow_app, name="airflow")
+app.add_typer(dataset_app, name="dataset")
 app.add_typer(worker_app, name="worker")
 app.add_typer(control_app, name="control")
 app.command("plan")(plan_cmd)

@@ -1,0 +1,436 @@
+"""Probing and segment decoding of videos held in memory: nothing decoded is ever written to disk.
+
+Frame ``i`` of a video is the frame shown ``i / fps`` after the first one:
+``round((pts - base) * time_base * fps)``, where ``base`` is the smallest timestamp of the first GOP
+(the first frame shown; a stream's start_time can differ from it, as in AVI with B-frames).
+:func:`probe_video` counts frames and :func:`decode_segment` finds them by that same rule, so
+``offset + count <= info.frames`` always decodes for a video that probed fine. A timestamp gap (a
+dropped frame) repeats the frame before it, as a player would show it.
+
+Only containers with a per-frame index (MP4/MOV, Matroska/WebM, AVI) are seeked; the others (MPEG
+program/transport streams, FLV, ...) are decoded from the start, because their timestamps after a
+seek can be off by a frame. AVI has no presentation timestamps (one chunk per frame): the keyframe a
+decode starts from gives the index and the frames after it are counted in the decoder's output
+order, which is display order (so H.264 with B-frames in AVI comes out right too). Frames without
+timestamps (raw streams), or whose timestamps run out of display order, are counted from the start.
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import av
+import cv2
+import numpy as np
+
+from essp.errors import EsspError
+
+# How far before the target a retry seeks when the keyframe interval is unknown (x264's default GOP).
+DEFAULT_SEEK_BACK = 250
+# Containers whose seeks land on a keyframe by an index of every frame (FFmpeg's format names).
+INDEXED_FORMATS = frozenset({"mov", "mp4", "matroska", "webm", "avi"})
+
+
+class VideoError(EsspError):
+    """A video that cannot be probed or decoded; the message names the video and the cause."""
+
+    def __init__(self, video: str, reason: str) -> None:
+        self.video = video
+        self.reason = reason
+        super().__init__(f"video {video}: {reason}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # survives pickling (process pools)
+        return type(self), (self.video, self.reason)
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    frames: int
+    fps: float
+    width: int
+    height: int
+    codec: str
+    keyframe_interval: int | None  # median distance in frames between keyframes; None with one keyframe
+    duration_s: float
+    size_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _NoTimestamps(Exception):
+    """Frames carry no usable pts (none, or out of display order): count them from the start."""
+
+
+# ---------------------------------------------------------------------------------------------
+# opening
+
+
+def _container_diagnosis(data: bytes) -> str | None:
+    """Why an MP4/MOV or AVI file would not open or shows no stream, from its own structure; None
+    when the structure looks whole (or the format is another one)."""
+    if data[:4] == b"RIFF" and len(data) >= 12:
+        declared = struct.unpack("<I", data[4:8])[0] + 8
+        if declared > len(data):
+            return f"truncated AVI: the RIFF header declares {declared} bytes, the file has {len(data)}"
+        return None
+    if data[4:8] != b"ftyp":
+        return None
+    pos, found, cut = 0, set(), None
+    while pos + 8 <= len(data):
+        size, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if size == 1 and pos + 16 <= len(data):
+            size = struct.unpack(">Q", data[pos + 8:pos + 16])[0]
+        elif size == 0:
+            size = len(data) - pos
+        if size < 8:
+            return f"corrupt MP4: box at byte {pos} declares {size} bytes"
+        if pos + size > len(data):
+            cut = (kind.decode("latin-1"), len(data) - pos, size)
+            break
+        found.add(kind)
+        pos += size
+    if b"moov" in found:
+        return None
+    where = f"the file ends {cut[1]} bytes into a {cut[2]}-byte '{cut[0]}' box" if cut else "no 'moov' box"
+    if cut and cut[0] == "moov":
+        return f"moov atom cut short (truncated? {where})"
+    return f"moov atom not found (truncated? {where})"
+
+
+def _open(data: bytes, name: str) -> av.container.InputContainer:
+    if not data:
+        raise VideoError(name, "empty file (0 bytes)")
+    try:
+        return av.open(io.BytesIO(data), mode="r")
+    except av.FFmpegError as exc:
+        reason = _container_diagnosis(data)
+        if reason:
+            raise VideoError(name, reason) from None
+        if isinstance(exc, av.EOFError):
+            raise VideoError(name, "the container ends before any frame (truncated, or no frames)") from None
+        if isinstance(exc, av.InvalidDataError):
+            raise VideoError(name, f"not a video: no container format recognised ({len(data)} bytes)") from None
+        raise VideoError(name, f"container error: {exc}") from None
+
+
+def _video_stream(container: av.container.InputContainer, name: str, data: bytes) -> av.video.stream.VideoStream:
+    if not container.streams.video:
+        # A cut-off MP4 header can open with no stream at all: say why rather than "no video stream".
+        reason = _container_diagnosis(data)
+        if reason:
+            raise VideoError(name, reason)
+        kinds = ", ".join(sorted({s.type for s in container.streams})) or "none"
+        raise VideoError(name, f"not a video: no video stream in the {container.format.name} container "
+                               f"(streams: {kinds})")
+    stream = container.streams.video[0]
+    if stream.codec_context is None:  # PyAV gives no decoder context for a codec FFmpeg cannot decode
+        raise VideoError(name, f"unsupported codec{_fourcc(data)}: this FFmpeg build has no decoder for it")
+    return stream
+
+
+def _fourcc(data: bytes) -> str:
+    """The video FourCC of an AVI header, for the error message (PyAV hides it when no decoder exists)."""
+    at = data.find(b"strh", 0, 65536)
+    if data[:4] != b"RIFF" or at < 0 or data[at + 8:at + 12] != b"vids":
+        return ""
+    return f" (FourCC {data[at + 12:at + 16].decode('latin-1')!r})"
+
+
+def _fps(stream: av.video.stream.VideoStream, name: str) -> float:
+    rate = stream.guessed_rate or stream.average_rate or stream.base_rate
+    if not rate or rate <= 0:
+        raise VideoError(name, "frame rate unknown (container gives none)")
+    return float(rate)
+
+
+def _formats(container: av.container.InputContainer) -> set[str]:
+    return set(container.format.name.split(","))
+
+
+def _first_gop_base(packets: Iterable[av.Packet]) -> int | None:
+    """The smallest pts before the second keyframe (in decode order): the first frame shown."""
+    base, keyframes = None, 0
+    for packet in packets:
+        if packet.is_keyframe:
+            keyframes += 1
+            if keyframes == 2:
+                break
+        # Packets an MP4 edit list cuts away are decoded but never shown.
+        if packet.pts is not None and packet.size and not packet.is_discard:
+            base = packet.pts if base is None else min(base, packet.pts)
+    return base
+
+
+class _Clock:
+    """Frame index of a timestamp: round((pts - base) * time_base * fps)."""
+
+    def __init__(self, stream: av.video.stream.VideoStream, fps: float, base: int | None) -> None:
+        self.start = base or 0
+        self.time_base = float(stream.time_base) if stream.time_base and base is not None else None
+        self.fps = fps
+
+    def index(self, pts: int | None) -> int:
+        if pts is None or self.time_base is None:
+            raise _NoTimestamps()
+        return int(round((pts - self.start) * self.time_base * self.fps))
+
+    def pts(self, index: int) -> int:
+        """A timestamp half a frame before frame `index`: a backward seek to it lands at or before the frame."""
+        if self.time_base is None:
+            raise _NoTimestamps()
+        return self.start + max(0, int((index - 0.5) / (self.fps * self.time_base)))
+
+
+# How frames get their index (see the module's docstring):
+#   "pts":      from each decoded frame's timestamp (MP4, MKV, WebM, MPEG-PS/TS, ...);
+#   "chunks":   AVI: one chunk per frame and no real presentation timestamps, so the keyframe a
+#               decode starts from gives the index and the frames after it are counted (display
+#               order is the decoder's output order); an empty chunk is a dropped frame;
+#   "sequence": no timestamps at all: counted from the start of the stream.
+Mode = Literal["pts", "chunks", "sequence"]
+
+
+def _mode(container: av.container.InputContainer) -> Mode:
+    return "chunks" if "avi" in _formats(container) else "pts"
+
+
+def _frames(stream: av.video.stream.VideoStream, packets: Iterable[av.Packet], clock: _Clock,
+            mode: Mode) -> Iterator[tuple[int, av.VideoFrame]]:
+    """(frame index, frame) in display order for the frames decoded from `packets`.
+
+    Zero-size packets never reach the decoder: to FFmpeg an empty packet means end of stream, yet
+    AVI stores a dropped frame as an empty chunk and the demuxer ends with one."""
+    codec = stream.codec_context
+    if mode == "pts":
+        last = None
+        for packet in _with_drain(packets):
+            if packet is not None and not packet.size:
+                continue
+            for frame in codec.decode(packet):
+                index = clock.index(frame.pts)
+                if last is not None and index < last:
+                    raise _NoTimestamps()  # out of display order: the timestamps cannot be trusted
+                last = index
+                yield index, frame
+        return
+    next_index = 0 if mode == "sequence" else None
+    for packet in _with_drain(packets):
+        if packet is not None and not packet.size:
+            if next_index is not None and packet.pts is not None and mode == "chunks":
+                next_index += 1  # a dropped frame: its slot shows the frame before
+            continue
+        if next_index is None:
+            if not packet or not packet.is_keyframe:
+                continue  # a decode starts at a keyframe; anything before it cannot be placed
+            next_index = clock.index(packet.pts if packet.pts is not None else packet.dts)
+        for frame in codec.decode(packet):
+            yield next_index, frame
+            next_index += 1
+
+
+def _with_drain(packets: Iterable[av.Packet]) -> Iterator[av.Packet | None]:
+    yield from packets
+    yield None  # drains the decoder's delayed frames
+
+
+# ---------------------------------------------------------------------------------------------
+# probing
+
+
+def probe_video(data: bytes, name: str) -> VideoInfo:
+    """Frames, rate, size, codec and keyframe interval of a video, read from its bytes.
+
+    Demuxes every packet (cheap, nothing decoded), decodes the first frame and the whole last GOP,
+    so a truncated or corrupt tail is found here rather than in the middle of an epoch.
+    """
+    with _open(data, name) as container:
+        stream = _video_stream(container, name, data)
+        fps = _fps(stream, name)
+        promised = stream.frames or 0
+        packets: list[av.Packet] = []
+        demux_error = None
+        try:
+            for packet in container.demux(stream):
+                if packet.size or packet.pts is not None:  # the demuxer's final flush packet has neither
+                    packets.append(packet)
+        except av.FFmpegError as exc:
+            demux_error = str(exc)
+        # A packet cut short by the end of the file is flagged corrupt; it and what follows are lost.
+        intact = next((i for i, p in enumerate(packets) if p.is_corrupt), len(packets))
+        readable = packets[:intact]
+        expected = max(promised, len(packets))
+        if not any(p.size for p in readable):
+            if demux_error or intact < len(packets) or promised:
+                raise VideoError(name, f"truncated: 0 of {expected} frames readable"
+                                       + (f" ({demux_error})" if demux_error else ""))
+            raise VideoError(name, "no frames: the video stream is empty")
+
+        codec_name = stream.codec_context.name
+        clock = _Clock(stream, fps, _first_gop_base(readable))
+        mode = _mode(container)
+        try:
+            first_index, first = _first_frame(stream, readable, clock, mode, name)
+            if first_index != 0:
+                raise VideoError(name, f"the first frame shown has index {first_index}, not 0 (timestamp "
+                                       f"{first.pts}, first GOP's earliest {clock.start})")
+            keyframes = sorted({clock.index(p.pts) for p in readable if p.is_keyframe and p.pts is not None})
+            frames, tail_error = _probe_tail(stream, readable, clock, mode)
+        except _NoTimestamps:  # positions in decode order stand in for frame indexes
+            _, first = _first_frame(stream, readable, clock, "sequence", name)
+            keyframes = [i for i, p in enumerate(readable) if p.is_keyframe]
+            frames, tail_error = _probe_tail(stream, readable, clock, "sequence")
+        width, height = first.width, first.height
+
+    missing = intact < len(packets) or demux_error or (promised and frames < promised)
+    if missing or tail_error:
+        cause = tail_error or demux_error or ("last packet cut short" if intact < len(packets) else None)
+        raise VideoError(name, f"{'truncated' if missing else 'corrupt'}: {frames} of {max(expected, frames)} "
+                               f"frames readable" + (f" ({cause})" if cause else ""))
+    gaps = [b - a for a, b in zip(keyframes, keyframes[1:], strict=False)]
+    return VideoInfo(frames=frames, fps=fps, width=width, height=height, codec=codec_name,
+                     keyframe_interval=int(statistics.median(gaps)) if gaps else None,
+                     duration_s=round(frames / fps, 6), size_bytes=len(data))
+
+
+def _first_frame(stream: av.video.stream.VideoStream, packets: list[av.Packet], clock: _Clock, mode: Mode,
+                 name: str) -> tuple[int, av.VideoFrame]:
+    stream.codec_context.flush_buffers()
+    codec_name = stream.codec_context.name
+    try:
+        found = next(_frames(stream, iter(packets), clock, mode), None)
+    except av.FFmpegError as exc:
+        raise VideoError(name, f"first frame not decodable ({codec_name}): {exc}") from None
+    if found is None:
+        raise VideoError(name, f"no frame decodable ({codec_name}, {len(packets)} packets)")
+    return found
+
+
+def _probe_tail(stream: av.video.stream.VideoStream, packets: list[av.Packet], clock: _Clock,
+                mode: Mode) -> tuple[int, str | None]:
+    """Decode the last GOP (everything in "sequence" mode): (frames in the timeline, error or None)."""
+    stream.codec_context.flush_buffers()  # as after a seek: the last GOP decodes on its own
+    start = 0 if mode == "sequence" else max((i for i, p in enumerate(packets) if p.is_keyframe), default=0)
+    last = -1
+    try:
+        for index, _ in _frames(stream, iter(packets[start:]), clock, mode):
+            last = max(last, index)
+    except av.FFmpegError as exc:
+        return last + 1, f"decode error after frame {last}: {exc}"
+    return last + 1, None
+
+
+# ---------------------------------------------------------------------------------------------
+# segment decoding
+
+
+def decode_segment(data: bytes, name: str, offset: int, count: int, size: tuple[int, int] | None = None,
+                   *, fps: float | None = None, keyframe_interval: int | None = None) -> np.ndarray:
+    """Frames ``offset .. offset+count-1`` as uint8 RGB, shape (count, H, W, 3).
+
+    `size` is (height, width) to resize to (cv2.INTER_AREA). `fps` and `keyframe_interval` are the
+    probe's (the manifest's) values; without them the container's rate and a default seek-back apply.
+    Seeks to the keyframe before the first frame and decodes forward; when the container's seek lands
+    after the target (inexact indexes), it retries further back, then from the start.
+    """
+    if offset < 0 or count < 1:
+        raise VideoError(name, f"bad segment: offset {offset}, count {count} (need offset >= 0, count >= 1)")
+    if size is not None and (len(size) != 2 or min(size) < 1):
+        raise VideoError(name, f"bad resize target {size!r}: expected (height, width), both >= 1")
+    span = f"frames {offset}..{offset + count - 1}"
+    with _open(data, name) as container:
+        stream = _video_stream(container, name, data)
+        rate = fps or _fps(stream, name)
+        base = _first_gop_base(container.demux(stream))
+        mode = _mode(container)
+        indexed = not INDEXED_FORMATS.isdisjoint(_formats(container))
+    back = 2 * (keyframe_interval or DEFAULT_SEEK_BACK)
+    starts = [s for s in (offset, offset - back) if s > 0 and indexed] + [0]
+    try:
+        for start in starts:
+            with _open(data, name) as container:
+                stream = _video_stream(container, name, data)
+                segment = _decode_from(container, stream, _Clock(stream, rate, base), mode, start, offset, count,
+                                       size, name, span)
+            if segment is not None:
+                return segment
+    except _NoTimestamps:
+        with _open(data, name) as container:
+            stream = _video_stream(container, name, data)
+            segment = _decode_from(container, stream, _Clock(stream, rate, None), "sequence", 0, offset, count, size,
+                                   name, span)
+            if segment is not None:
+                return segment
+    raise VideoError(name, f"asked {span}: the first decodable frame comes after frame {offset}")
+
+
+class _Segment:
+    """The output array, filled slot by slot (allocated once the first frame's size is known)."""
+
+    def __init__(self, count: int, size: tuple[int, int] | None) -> None:
+        self.count, self.size = count, size
+        self.array: np.ndarray | None = None
+        self.filled = 0
+
+    def put(self, frame: av.VideoFrame) -> None:
+        rgb = frame.to_ndarray(format="rgb24")
+        height, width = self.size or (rgb.shape[0], rgb.shape[1])
+        if self.array is None:
+            self.array = np.empty((self.count, height, width, 3), np.uint8)
+        if rgb.shape[:2] != (height, width):  # resize target, or a mid-stream resolution change
+            rgb = cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA)
+        self.array[self.filled] = rgb
+        self.filled += 1
+
+    def repeat(self) -> None:
+        assert self.array is not None
+        self.array[self.filled] = self.array[self.filled - 1]
+        self.filled += 1
+
+
+def _decode_from(container: av.container.InputContainer, stream: av.video.stream.VideoStream, clock: _Clock,
+                 mode: Mode, start: int, offset: int, count: int, size: tuple[int, int] | None, name: str,
+                 span: str) -> np.ndarray | None:
+    """Seek to the keyframe before frame `start` (from the beginning when `start` is 0) and decode the
+    segment; None when the first frame decoded is already past `offset` (the caller retries further back)."""
+    if start > 0:
+        try:
+            container.seek(clock.pts(start), stream=stream, backward=True, any_frame=False)
+        except av.FFmpegError:
+            return None  # not seekable here: the caller ends by decoding from the start
+    segment = _Segment(count, size)
+    before: av.VideoFrame | None = None  # the last frame before `offset`, held over a gap
+    last = None
+    try:
+        for index, frame in _frames(stream, container.demux(stream), clock, mode):
+            if last is None and index > offset:
+                return None
+            last = index
+            if index < offset:
+                before = frame
+                continue
+            slot = index - offset
+            if slot < segment.filled:  # a duplicate timestamp: keep the first frame shown
+                continue
+            if segment.filled == 0 and slot > 0:
+                if before is None:
+                    return None
+                segment.put(before)
+            while segment.filled < min(slot, count):  # a gap in the timeline holds the frame before
+                segment.repeat()
+            if slot < count:
+                segment.put(frame)
+            if segment.filled == count:
+                assert segment.array is not None
+                return segment.array
+    except av.FFmpegError as exc:
+        at = 0 if last is None else last + 1
+        raise VideoError(name, f"asked {span}: decode error at frame {at}: {exc}") from None
+    if last is None and start > 0:
+        return None  # the seek went past the last frame: retry further back
+    raise VideoError(name, f"asked {span}, only {0 if last is None else last + 1} frames decodable")
