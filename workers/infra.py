@@ -301,13 +301,15 @@ class LocalStack:
 
         store = ObjectStore(self.settings)
         deadline = time.monotonic() + START_TIMEOUT_S
-        while True:  # the S3 gateway answers before its filer is ready to take a bucket
+        # The S3 gateway answers before its filer takes a bucket, and before its volume server takes
+        # an object (500s for a few seconds on a busy machine): ready means an object was written.
+        while True:
             try:
                 store.ensure_bucket(self.settings.kafka_storage_bucket)
+                store.put_bytes(self.settings.kafka_storage_bucket, ".essp-ready", b"ok")
+                store.delete(self.settings.kafka_storage_bucket, ".essp-ready")
                 return
-            except ServiceUnavailable:
-                raise
-            except EsspError as exc:
+            except EsspError as exc:  # ServiceUnavailable included: the gateway's 500s while starting
                 if time.monotonic() > deadline:
                     raise InfraError(f"S3 at {self.settings.s3_url} refuses our credentials or "
                                      f"bucket creation: {exc}") from None
