@@ -9,11 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from essp.clients.kafka import delete_topics, kafka_admin
-from essp.clients.redis import redis_client
-from essp.clients.s3 import ObjectStore
-from essp.errors import EsspError
 from essp.infra import LocalStack, prepare_settings
+from essp.localworkers import isolated_settings, remove_isolated
 from essp.settings import Settings
 
 
@@ -28,33 +25,13 @@ def base_settings() -> Settings:
 @pytest.fixture
 def settings(base_settings: Settings) -> Iterator[Settings]:
     """Settings isolated for one test: own topic prefix, Redis key prefix and buckets."""
-    tag = "t" + uuid.uuid4().hex[:10]
-    isolated = base_settings.model_copy(update={
-        "topic_prefix": tag, "redis_prefix": tag, "bucket_videos": f"{tag}-videos",
-        "bucket_models": f"{tag}-models", "bucket_runs": f"{tag}-runs",
-    })
+    isolated = isolated_settings(base_settings, "t" + uuid.uuid4().hex[:10])
     yield isolated
     _cleanup(isolated)
 
 
 def _cleanup(settings: Settings) -> None:
-    client = redis_client(settings)
-    keys = list(client.scan_iter(match=f"{settings.redis_prefix}:*", count=1000))
-    if keys:
-        client.delete(*keys)
-    store = ObjectStore(settings)
-    for bucket in (settings.bucket_videos, settings.bucket_models, settings.bucket_runs):
-        try:
-            store.delete_bucket(bucket)
-        except EsspError:
-            pass
-    admin = kafka_admin(settings)
-    try:
-        topics = [t for t in admin.list_topics() if t.startswith(settings.topic_prefix + ".")]
-    finally:
-        admin.close()
-    if topics:
-        delete_topics(settings, topics)
+    remove_isolated(settings)
 
 
 def free_port() -> int:

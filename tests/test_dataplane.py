@@ -23,6 +23,7 @@ from essp.consumer import SampleStream
 from essp.contract import DeadLetter, RedisKeys, Topics, WorkerEvent
 from essp.extractors import dequantise_flow
 from essp.ingest import ingest_directory
+from essp.localworkers import isolated_settings
 from essp.manifest import ManifestStore
 from essp.payloads import SampleStore
 from essp.plan import plan_epoch, publish_plan, record_decode_quarantine
@@ -39,10 +40,7 @@ L, SIZE = 4, 32
 def plane(base_settings, tmp_path_factory):
     """Isolated settings, an ingested dataset, and resident workers for the whole module."""
     tag = "t" + uuid.uuid4().hex[:10]
-    settings = base_settings.model_copy(update={
-        "topic_prefix": tag, "redis_prefix": tag, "bucket_videos": f"{tag}-videos",
-        "bucket_models": f"{tag}-models", "bucket_runs": f"{tag}-runs", "heartbeat_s": 1.0,
-    })
+    settings = isolated_settings(base_settings, tag).model_copy(update={"heartbeat_s": 1.0})
     root = tmp_path_factory.mktemp("synth")
     synthesize(root, classes=3, videos_per_class=4, frames=20, height=48, width=48, keyint=6, seed=3)
     manifest, _ = ingest_directory(settings, root, "tiny")

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from essp.bench_dataplane import bench_app
 from essp.dataplane_cli import consume_cmd, control_app, plan_cmd, worker_app
 from essp.dataset_cli import dataset_app
 from essp.errors import EsspError
@@ -24,6 +25,7 @@ airflow_app = typer.Typer(help="Airflow's processes on the local stack.", no_arg
 app.add_typer(infra_app, name="infra")
 app.add_typer(airflow_app, name="airflow")
 app.add_typer(dataset_app, name="dataset")
+app.add_typer(bench_app, name="bench")
 app.add_typer(worker_app, name="worker")
 app.add_typer(control_app, name="control")
 app.command("plan")(plan_cmd)
