@@ -5,8 +5,9 @@ the stream's ready notices and the run's dead letters, takes each payload out of
 the sample's in-flight slot once every stream has it) and queues it, up to ``prefetch`` samples
 ahead. :meth:`SampleStream.epoch` yields the samples of one epoch exactly once each (duplicates from
 at-least-once delivery are dropped), ends when every planned sample has arrived or is known dead,
-and counts the time the trainer spent waiting for data. Several members of one group (DDP ranks)
-split the samples between them.
+and counts the time the trainer spent waiting for data. Several members of one group split the
+samples between them (under DDP one rank reads and hands sub-batches to the others, see
+essp.trainer).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +32,10 @@ log = logging.getLogger("essp.consumer")
 
 class EpochStalled(EsspError):
     """No sample arrived for too long: the workers are missing, paused or failing."""
+
+
+class StreamClosed(EsspError):
+    """The stream was interrupted (the trainer is stopping) while the epoch waited for samples."""
 
 
 @dataclass(frozen=True)
@@ -139,16 +144,20 @@ class SampleStream:
         return None
 
     # -- foreground -------------------------------------------------------------------------------
-    def epoch(self, epoch: int, expected: int, *, timeout_s: float = 120.0) -> Iterator[Sample]:
+    def epoch(self, epoch: int, expected: int, *, timeout_s: float = 120.0,
+              keep_waiting: Callable[[], bool] | None = None) -> Iterator[Sample]:
         """Yield each of the ``expected`` samples of ``epoch`` once; samples that died (dead letters)
-        count as accounted for. Raises :class:`EpochStalled` after ``timeout_s`` without progress."""
+        count as accounted for. Raises :class:`EpochStalled` after ``timeout_s`` without progress.
+
+        ``keep_waiting``: asked when ``timeout_s`` passes without a sample; true (the run is paused)
+        waits on instead of raising."""
         seen: set[str] = set()
         pending, self._carry = self._carry, []
         while len(seen) < expected:
             if pending:
                 item = pending.pop(0)
             else:
-                item = self._next(timeout_s, epoch, len(seen), expected)
+                item = self._next(timeout_s, epoch, len(seen), expected, keep_waiting=keep_waiting)
             if item.epoch > epoch:
                 self._carry.append(item)  # the next epoch started early: keep it for then
                 continue
@@ -164,16 +173,24 @@ class SampleStream:
             yield item
         self._carry.extend(pending)
 
-    def _next(self, timeout_s: float, epoch: int, have: int, expected: int) -> Sample | _Dead:
+    def _next(self, timeout_s: float, epoch: int, have: int, expected: int,
+              keep_waiting: Callable[[], bool] | None = None) -> Sample | _Dead:
         started = time.monotonic()
+        progress = started
         while True:
+            if self._stop.is_set():
+                self.stats.waited_s += time.monotonic() - started
+                raise StreamClosed(f"stream {self.stream} of run {self.run}: interrupted in epoch {epoch} "
+                                   f"({have} of {expected} accounted for)")
             if self._error is not None:
                 raise EsspError(f"stream {self.stream} of run {self.run}: the prefetch thread failed: "
                                 f"{self._error}") from self._error
             try:
                 item = self._queue.get(timeout=0.2)
             except queue.Empty:
-                if time.monotonic() - started > timeout_s:
+                if time.monotonic() - progress > timeout_s and keep_waiting is not None and keep_waiting():
+                    progress = time.monotonic()
+                if time.monotonic() - progress > timeout_s:
                     self.stats.waited_s += time.monotonic() - started
                     raise EpochStalled(
                         f"stream {self.stream} of run {self.run}, epoch {epoch}: no sample for {timeout_s:.0f}s "
@@ -182,6 +199,10 @@ class SampleStream:
                 continue
             self.stats.waited_s += time.monotonic() - started
             return item
+
+    def interrupt(self) -> None:
+        """Make a waiting :meth:`epoch` raise :class:`StreamClosed` (from another thread or a signal)."""
+        self._stop.set()
 
     def close(self) -> None:
         self._stop.set()
@@ -194,3 +215,4 @@ class SampleStream:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+

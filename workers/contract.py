@@ -125,6 +125,15 @@ class RedisKeys:
         """Samples of the run between decode and consumption: the back-pressure set (sorted by time)."""
         return f"{self.prefix}:{check_run_id(run)}:inflight"
 
+    def trainer(self, run: str, stream: str) -> str:
+        """The state of a run's trainer for one stream (ready / training / epoch_done / stopped / failed),
+        with its last finished epoch: what the master waits on."""
+        return f"{self.prefix}:{check_run_id(run)}:trainer:{_check_stream(stream)}"
+
+    def epoch_request(self, run: str) -> str:
+        """The epoch the master asked the run's trainers to train, with its sample count."""
+        return f"{self.prefix}:{check_run_id(run)}:epochreq"
+
     def run_state(self, run: str) -> str:
         """running / paused / stopped, set by control commands and read by every worker."""
         return f"{self.prefix}:{check_run_id(run)}:runstate"

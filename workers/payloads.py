@@ -252,6 +252,24 @@ class SampleStore:
         self._call(self.redis.hsetnx, self.state_key(sample_id), "streams", ",".join(streams))
         self._call(self._abandon, keys=keys, args=[sample_id, stream or "", self.ttl_s])
 
+    def reset(self, sample_ids: list[str]) -> int:
+        """Forget the progress of these samples (state, payloads, in-flight slots), so that a
+        re-published epoch is delivered again; returns the keys deleted."""
+        if not sample_ids:
+            return 0
+        deleted = 0
+        ids = set(sample_ids)
+        pipe = self.redis.pipeline(transaction=False)
+        for sample_id in sample_ids:
+            pipe.delete(self.state_key(sample_id), self.frames_key(sample_id))
+        for key in self.redis.scan_iter(match=f"{self.keys.prefix}:{self.run}:feat:*", count=1000):
+            if key.decode().rsplit(":", 1)[1] in ids:
+                pipe.delete(key)
+        pipe.zrem(self.keys.inflight(self.run), *sample_ids)
+        for result in self._call(pipe.execute)[:-1]:
+            deleted += int(result)
+        return deleted
+
     # -- run ----------------------------------------------------------------------------------------
     def payload_bytes(self) -> int:
         """Bytes of this run's frames and features now in Redis (for tests and benchmarks)."""
