@@ -16,6 +16,7 @@ from essp.dataset_cli import dataset_app
 from essp.errors import EsspError
 from essp.infra import SERVICES, LocalStack, init_resources, prepare_settings
 from essp.settings import Settings
+from essp.train_cli import predict_cmd, train_cmd
 
 app = typer.Typer(help="ESSP: two-stream video classification on streamed data, run by Airflow.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -30,6 +31,8 @@ app.add_typer(worker_app, name="worker")
 app.add_typer(control_app, name="control")
 app.command("plan")(plan_cmd)
 app.command("consume")(consume_cmd)
+app.command("train")(train_cmd)
+app.command("predict")(predict_cmd)
 
 out = Console()
 err = Console(stderr=True)

@@ -1,0 +1,143 @@
+"""A two-stream training run end to end on the real services, small: a synthetic dataset ingested to
+S3, resident decode / extractor / trainer processes (the flow and rgb trainers with DDP on two gloo
+processes each), epochs planned to Kafka and trained from Redis, a stop and a resume, scoring of
+every test and training video, every fusion side by side, the report and the registry in S3, and
+prediction with the registered model."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from conftest import _cleanup
+
+from essp.clients.s3 import ObjectStore, S3Uri
+from essp.ingest import ingest_directory
+from essp.localworkers import isolated_settings
+from essp.predict import PredictionError, predict_videos
+from essp.registry import ModelRegistry
+from essp.report import read_report
+from essp.runstore import RunStore
+from essp.synth import synthesize
+from essp.training import RunSpecError, parse_spec, run_training
+
+pytestmark = pytest.mark.slow
+
+CLASSES = 3
+PARAMS = {"length": 4, "size": 32, "snippets": 5, "batch_size": 8, "lr": 0.05, "samples_per_epoch": 48,
+          "trainer_procs": 2, "fusion": "max", "registry": "e2e"}
+
+
+@pytest.fixture(scope="module")
+def trained(base_settings, tmp_path_factory):
+    """Train 2 epochs, stop (the trainers exit), then ask for 5: the run resumes from its checkpoints."""
+    settings = isolated_settings(base_settings, "t" + uuid.uuid4().hex[:10]).model_copy(update={"heartbeat_s": 1.0})
+    root = tmp_path_factory.mktemp("synth")
+    synthesize(root, classes=CLASSES, videos_per_class=6, frames=24, height=48, width=48, keyint=6, seed=5)
+    manifest, _ = ingest_directory(settings, root, "tiny")
+    logs = tmp_path_factory.mktemp("logs")
+    lines: list[str] = []
+    spec = parse_spec({**PARAMS, "run": "e2e-run", "manifest": "tiny", "epochs": 2})
+    first = run_training(settings, spec, log=lines.append, log_dir=logs)
+    spec = parse_spec({**PARAMS, "run": "e2e-run", "manifest": "tiny", "epochs": 5})
+    outcome = run_training(settings, spec, log=lines.append, log_dir=logs)
+    yield settings, manifest, spec, first, outcome, lines, root
+    _cleanup(settings)
+
+
+def test_both_streams_learn_and_the_fusion_is_at_least_as_good(trained):
+    settings, manifest, spec, first, outcome, lines, _ = trained
+    report = read_report(settings, spec.run)
+    chance = 1 / CLASSES
+    streams = report["evaluation"]["streams"]
+    assert set(streams) == {"rgb", "flow"}
+    for name, metrics in streams.items():
+        assert metrics["videos"] == len(manifest.split("test"))
+        assert metrics["top1"] > chance, (name, metrics)
+    best = max(m["top1"] for m in streams.values())
+    assert report["selected"] == "max" and outcome["selected"] == "max"
+    assert report["selected_metrics"]["top1"] >= best
+    assert report["summary"]["fused_ge_best_stream"] is True
+    # every strategy was scored side by side, the learned ones fitted on training videos only
+    fusion = report["evaluation"]["fusion"]
+    assert {"average", "weighted", "max", "product", "learned", "sequence"} <= set(fusion)
+    assert all("skipped" not in fusion[s] for s in ("learned", "sequence"))
+    runs = RunStore(settings, spec.run)
+    assert runs.load_json("fusion/max.json")["strategy"] == "max"
+    test_ids = set(runs.load_json("predictions/test.json")["video_ids"])
+    train_ids = set(runs.load_scores("train", "flow").video_ids)
+    assert test_ids and train_ids and not test_ids & train_ids
+    assert test_ids == {v.id for v in manifest.split("test")}
+    # the report's plots are in S3 next to its JSON
+    store = ObjectStore(settings)
+    for name in ("loss.png", "accuracy.png", "confusion.png", "per_class.png", "fusion.png"):
+        location = S3Uri.parse(outcome["report"][name])
+        assert store.get_bytes(location.bucket, location.key)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_run_resumed_from_its_checkpoints_and_kept_the_history(trained):
+    settings, _, spec, first, outcome, lines, _ = trained
+    assert "  resuming after epoch 1" in lines
+    report = read_report(settings, spec.run)
+    for stream in ("rgb", "flow"):
+        epochs = [h["epoch"] for h in report["history"][stream]]
+        assert epochs == [0, 1, 2, 3, 4]
+        history = report["history"][stream]
+        assert history[-1]["loss"] < history[0]["loss"]
+        assert all(0 <= h["data_wait"] <= 1 and h["samples"] >= 46 for h in history)
+        state = RunStore(settings, spec.run).load_checkpoint(stream=stream)
+        assert (state["epoch"], state["iteration"]) == (5, history[-1]["iteration"])
+    epochs_lines = [line for line in lines if line.startswith("  epoch ")]
+    assert len(epochs_lines) == 2 * 5  # each epoch trained once per stream, none twice
+
+
+def test_the_registry_promotes_only_a_better_model(trained):
+    settings, _, spec, first, outcome, _, _ = trained
+    registry = ModelRegistry(settings, "e2e")
+    versions = registry.versions()
+    assert [v.version for v in versions] == [1, 2]
+    assert first["registry"]["promoted"] is True
+    better = outcome["metrics"]["top1"] > first["metrics"]["top1"]
+    assert outcome["registry"]["promoted"] is better
+    production = registry.production()
+    assert production is not None
+    assert production.version == (2 if better else 1)
+    assert set(production.streams) == {"rgb", "flow"}
+    assert production.fusion["strategy"] == "max"
+
+
+def test_predict_uses_the_production_model_and_names_bad_videos(trained):
+    settings, manifest, spec, _, outcome, _, root = trained
+    video = manifest.split("test")[0]
+    location = S3Uri.parse(video.uri)
+    data = ObjectStore(settings).get_bytes(location.bucket, location.key)
+    result = predict_videos(settings, [("good.mp4", data), ("broken.mp4", b"\x00" * 2048)], registry="e2e", top=2)
+    assert result["fusion"] == "max" and result["version"] == ModelRegistry(settings, "e2e").production().version
+    good, broken = result["videos"]
+    assert [c["class"] in manifest.classes for c in good["top"]] == [True, True]
+    assert good["top"][0]["score"] >= good["top"][1]["score"]
+    assert "broken.mp4" in broken["error"]
+    override = predict_videos(settings, [("good.mp4", data)], registry="e2e", fusion="average", top=1)
+    assert override["fusion"] == "average"
+    with pytest.raises(PredictionError, match="fitted on the training videos"):
+        predict_videos(settings, [("good.mp4", data)], registry="e2e", fusion="learned")
+    with pytest.raises(PredictionError, match="no production model"):
+        predict_videos(settings, [("good.mp4", data)], registry="nothing-here")
+    json.dumps(result)
+
+
+@pytest.mark.parametrize("values, named", [
+    ({"fusion": "median"}, "fusion"),
+    ({"fusion": "weighted"}, "fusion_weights"),
+    ({"fusion_weights": {"rgb": 1.0}}, "missing"),
+    ({"streams": {"rgb": {"arch": "alexnet"}}}, "streams.rgb.arch"),
+    ({"streams": {"depth": {}}}, "not a registered extractor"),
+    ({"streams": {"flow": {"options": {"method": "lucas"}}}}, "streams.flow.options"),
+    ({"epochs": 0}, "epochs"),
+    ({"lr_steps": [30, 10]}, "lr_steps"),
+    ({"run": "bad run id"}, "run"),
+])
+def test_bad_params_are_refused_with_their_name(values, named):
+    with pytest.raises(RunSpecError, match=named):
+        parse_spec({"run": "r1", "manifest": "tiny", **values})
