@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 CLASSES = 3
 PARAMS = {"length": 4, "size": 32, "snippets": 5, "batch_size": 8, "lr": 0.05, "samples_per_epoch": 48,
-          "trainer_procs": 2, "fusion": "max", "registry": "e2e"}
+          "trainer_procs": 2, "fusion": "weighted", "fusion_weights": {"rgb": 1.0, "flow": 2.0}, "registry": "e2e"}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_both_streams_learn_and_the_fusion_is_at_least_as_good(trained):
         assert metrics["videos"] == len(manifest.split("test"))
         assert metrics["top1"] > chance, (name, metrics)
     best = max(m["top1"] for m in streams.values())
-    assert report["selected"] == "max" and outcome["selected"] == "max"
+    assert report["selected"] == "weighted" and outcome["selected"] == "weighted"
     assert report["selected_metrics"]["top1"] >= best
     assert report["summary"]["fused_ge_best_stream"] is True
     # every strategy was scored side by side, the learned ones fitted on training videos only
@@ -64,7 +64,7 @@ def test_both_streams_learn_and_the_fusion_is_at_least_as_good(trained):
     assert {"average", "weighted", "max", "product", "learned", "sequence"} <= set(fusion)
     assert all("skipped" not in fusion[s] for s in ("learned", "sequence"))
     runs = RunStore(settings, spec.run)
-    assert runs.load_json("fusion/max.json")["strategy"] == "max"
+    assert runs.load_json("fusion/weighted.json")["strategy"] == "weighted"
     test_ids = set(runs.load_json("predictions/test.json")["video_ids"])
     train_ids = set(runs.load_scores("train", "flow").video_ids)
     assert test_ids and train_ids and not test_ids & train_ids
@@ -104,7 +104,7 @@ def test_the_registry_promotes_only_a_better_model(trained):
     assert production is not None
     assert production.version == (2 if better else 1)
     assert set(production.streams) == {"rgb", "flow"}
-    assert production.fusion["strategy"] == "max"
+    assert production.fusion["strategy"] == "weighted"
 
 
 def test_predict_uses_the_production_model_and_names_bad_videos(trained):
@@ -113,7 +113,7 @@ def test_predict_uses_the_production_model_and_names_bad_videos(trained):
     location = S3Uri.parse(video.uri)
     data = ObjectStore(settings).get_bytes(location.bucket, location.key)
     result = predict_videos(settings, [("good.mp4", data), ("broken.mp4", b"\x00" * 2048)], registry="e2e", top=2)
-    assert result["fusion"] == "max" and result["version"] == ModelRegistry(settings, "e2e").production().version
+    assert result["fusion"] == "weighted" and result["version"] == ModelRegistry(settings, "e2e").production().version
     good, broken = result["videos"]
     assert [c["class"] in manifest.classes for c in good["top"]] == [True, True]
     assert good["top"][0]["score"] >= good["top"][1]["score"]
@@ -121,7 +121,7 @@ def test_predict_uses_the_production_model_and_names_bad_videos(trained):
     override = predict_videos(settings, [("good.mp4", data)], registry="e2e", fusion="average", top=1)
     assert override["fusion"] == "average"
     with pytest.raises(PredictionError, match="fitted on the training videos"):
-        predict_videos(settings, [("good.mp4", data)], registry="e2e", fusion="learned")
+        predict_videos(settings, [("good.mp4", data)], registry="e2e", fusion="sequence")
     with pytest.raises(PredictionError, match="no production model"):
         predict_videos(settings, [("good.mp4", data)], registry="nothing-here")
     json.dumps(result)

@@ -19,7 +19,7 @@ from essp.errors import EsspError
 from essp.evaluate import ScoredVideo, score_local
 from essp.fusion import Fuser, make_fuser
 from essp.models import build_model
-from essp.registry import ModelRegistry, ModelVersion
+from essp.registry import ModelRegistry, ModelVersion, registry_names
 from essp.runstore import load_checkpoint_uri
 from essp.settings import Settings
 from essp.training import RunSpec, stream_scores
@@ -28,6 +28,20 @@ from essp.video import VideoError, probe_video
 
 class PredictionError(EsspError):
     """No model to predict with, or a fusion that cannot be used."""
+
+
+def resolve_registry(settings: Settings, registry: str | None) -> str:
+    """The registry named, or the only one that has a production model."""
+    if registry:
+        return registry
+    names = registry_names(settings)
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        raise PredictionError("no model registry has a production model yet: train one (`essp train` / the "
+                              "essp_train DAG)")
+    raise PredictionError(f"several registries have a production model ({', '.join(names)}): name one with "
+                          "--registry")
 
 
 def resolve_model(settings: Settings, registry: str, version: int | None) -> ModelVersion:
@@ -72,10 +86,11 @@ def load_fuser(settings: Settings, model: ModelVersion, strategy: str | None) ->
     return strategy, make_fuser(strategy, weights=weights, num_classes=len(model.class_names))
 
 
-def predict_videos(settings: Settings, sources: list[tuple[str, bytes]], *, registry: str = "default",
+def predict_videos(settings: Settings, sources: list[tuple[str, bytes]], *, registry: str | None = None,
                    version: int | None = None, fusion: str | None = None, top: int = 3,
                    snippets: int | None = None) -> dict[str, Any]:
     """Top classes of each video (name, bytes) with the registered model; see the module's doc."""
+    registry = resolve_registry(settings, registry)
     model = resolve_model(settings, registry, version)
     spec = RunSpec.model_validate(model.params)
     strategy, fuser = load_fuser(settings, model, fusion)

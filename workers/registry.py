@@ -319,3 +319,13 @@ class ModelRegistry:
             if event.promoted or not promoted_only:
                 events.append(event)
         return events
+
+
+def registry_names(settings: Settings) -> list[str]:
+    """Every registry that has a production model, in the models bucket."""
+    store = ObjectStore(settings)
+    try:
+        keys = list(store.list_keys(settings.bucket_models, f"{REGISTRY_PREFIX}/"))
+    except ObjectNotFound:
+        return []
+    return sorted({key.split("/")[1] for key in keys if key.endswith("/production.json")})

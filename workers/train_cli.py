@@ -117,7 +117,8 @@ def train_cmd(
 
 def predict_cmd(
     videos: Annotated[list[str], typer.Argument(help="Video files or s3:// URIs.")],
-    registry: Annotated[str, typer.Option(help="Model registry name.")] = "default",
+    registry: Annotated[str | None, typer.Option(help="Model registry (default: the only one with a production "
+                                                       "model; a run registers under its dataset's name).")] = None,
     version: Annotated[int | None, typer.Option(help="Model version (default: production).")] = None,
     fusion: Annotated[str | None, typer.Option(help="Override the registered fusion (fixed strategies).")] = None,
     top: Annotated[int, typer.Option(min=1, help="Classes printed per video.")] = 3,

@@ -80,7 +80,7 @@ class RunSpec(BaseModel):
     snippets: int = Field(DEFAULT_SNIPPETS, ge=1, le=250, description="Snippets scored per test video.")
     fusion: Literal["average", "weighted", "max", "product", "learned", "sequence"] = "average"
     fusion_weights: dict[str, float] | None = None
-    registry: str = "default"
+    registry: str | None = Field(None, description="Model registry name; default: the dataset's name.")
     promote_metric: Literal["top1", "top5", "mean_class_accuracy", "mAP"] = "top1"
     trainer_procs: int = Field(1, ge=1, le=64, description="DDP processes per stream trainer (one per GPU).")
     max_inflight: int = Field(64, ge=1)
@@ -156,7 +156,8 @@ def prepare_run(settings: Settings, spec: RunSpec) -> dict[str, Any]:
                            f"(train {len(train)}, test {len(test)} videos)")
     if len(manifest.classes) < 2:
         raise RunSpecError(f"manifest {manifest_uri}: {len(manifest.classes)} class; at least 2 are needed")
-    facts = {"spec": spec.model_dump(mode="json"), "manifest_uri": manifest_uri, "classes": manifest.classes,
+    facts = {"spec": spec.model_dump(mode="json"), "manifest_uri": manifest_uri, "dataset": manifest.name,
+             "classes": manifest.classes,
              "train_videos": len(train), "test_videos": len(test),
              "samples_per_epoch": spec.samples_per_epoch or len(train)}
     RunStore(settings, spec.run).save_json("spec.json", facts)
@@ -324,16 +325,29 @@ def register_run(settings: Settings, spec: RunSpec, metrics: dict[str, Any], *, 
 
     _, facts = load_run(settings, spec.run)
     runs = RunStore(settings, spec.run)
-    registry = ModelRegistry(settings, spec.registry)
+    name = registry_name(spec, facts)
+    registry = ModelRegistry(settings, name)
+    production = registry.production()
     version = registry.register(
         run=spec.run, streams={s: runs.latest_checkpoint_uri(s) for s in spec.streams},
         fusion={"strategy": spec.fusion, "weights": spec.fusion_weights, "state": fusion_state},
         metrics={k: metrics[k] for k in ("top1", "top5", "mean_class_accuracy", "mAP", "videos")},
         params=spec.model_dump(mode="json"), manifest=facts["manifest_uri"], class_names=facts["classes"])
-    result = registry.promote(version.version, metric=spec.promote_metric)
-    log(f"  registered {spec.registry} v{version.version}; "
-        f"{'promoted to production' if result.promoted else 'not promoted'}: {result.reason}")
-    return {"version": version.version, "promoted": result.promoted, "reason": result.reason}
+    if production is not None and production.class_names != facts["classes"]:
+        # Accuracies over other classes do not compare: a person decides (ModelRegistry.promote(force=True)).
+        promoted, reason = False, (f"production v{production.version} predicts other classes "
+                                   f"({len(production.class_names)}: {', '.join(production.class_names[:4])}...); "
+                                   "promote by hand")
+    else:
+        result = registry.promote(version.version, metric=spec.promote_metric)
+        promoted, reason = result.promoted, result.reason
+    log(f"  registered {name} v{version.version}; {'promoted to production' if promoted else 'not promoted'}: {reason}")
+    return {"registry": name, "version": version.version, "promoted": promoted, "reason": reason}
+
+
+def registry_name(spec: RunSpec, facts: dict[str, Any]) -> str:
+    """The registry a run's model goes to: the param, else the dataset's name."""
+    return spec.registry or facts.get("dataset") or "default"
 
 
 # -- end to end, locally --------------------------------------------------------------------------------
