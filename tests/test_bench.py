@@ -104,3 +104,32 @@ def test_bad_options_are_refused_before_anything_runs():
     result = runner.invoke(bench_app, ["dataplane", "--sizes", "224,x"])
     assert result.exit_code != 0
     assert set(BenchOptions().methods) == set(FLOW_METHODS)
+
+
+@pytest.mark.slow
+def test_trainer_bench_quick_run_measures_compute_and_data_wait(base_settings, tmp_path):
+    from essp.bench_trainer import TrainerBenchOptions, bench_trainer
+
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text(f"# Benchmarks\n\n## Data plane\n\n{DOCS_START}\nkept\n{DOCS_END}\n")
+    result = bench_trainer(TrainerBenchOptions.quick_run(), settings=base_settings, json_path=tmp_path / "r.json",
+                           write_docs=True, docs_path=docs)
+    rows = result["rows"]
+    compute = {(r["stream"], r["arch"]) for r in rows if r["stage"] == "compute"}
+    streaming = [r for r in rows if r["stage"] == "streaming"]
+    assert compute == {("rgb", "tiny"), ("flow", "tiny")}
+    assert {(r["stream"], r["workers"]) for r in streaming} == {("rgb", 1), ("flow", 1)}
+    assert all(r["images_per_s"] > 0 for r in rows if r["stage"] == "compute")
+    for row in streaming:
+        assert row["samples"] == 8 and row["samples_per_s"] > 0 and 0 <= row["data_wait"] <= 1
+    assert json.loads((tmp_path / "r.json").read_text())["rows"] == json.loads(json.dumps(rows))
+    page = docs.read_text()
+    assert "kept" in page and "<!-- bench:trainer:start -->" in page and "| streaming | flow | tiny |" in page
+
+
+def test_trainer_bench_refuses_bad_options():
+    runner = CliRunner()
+    result = runner.invoke(bench_app, ["trainer", "--archs", "tiny,alexnet"])
+    assert result.exit_code != 0 and "alexnet" in result.output
+    result = runner.invoke(bench_app, ["trainer", "--streams", "depth"])
+    assert result.exit_code != 0 and "depth" in result.output

@@ -1012,18 +1012,19 @@ def render_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_docs(path: Path, block: str) -> None:
-    """Replace what lies between the markers (a "Data plane" section with the markers is appended
-    when they are missing, and the file created when it is)."""
+def update_docs(path: Path, block: str, *, name: str = "dataplane", title: str = "Data plane") -> None:
+    """Replace what lies between the ``bench:<name>`` markers (a section titled ``title`` with the
+    markers is appended when they are missing, and the file created when it is)."""
     path = Path(path)
+    start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    fenced = f"{DOCS_START}\n{block}{DOCS_END}"
-    if DOCS_START in text and DOCS_END in text:
-        head, rest = text.split(DOCS_START, 1)
-        _, tail = rest.split(DOCS_END, 1)
+    fenced = f"{start}\n{block}{end}"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
         text = head + fenced + tail
     else:
-        text = text.rstrip("\n") + "\n\n## Data plane\n\n" + fenced + "\n"
+        text = text.rstrip("\n") + f"\n\n## {title}\n\n" + fenced + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
 

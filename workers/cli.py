@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from essp.bench_dataplane import bench_app
+from essp.bench_trainer import trainer_cmd as _registers_bench_trainer  # noqa: F401 - `essp bench trainer`
 from essp.dataplane_cli import consume_cmd, control_app, plan_cmd, worker_app
 from essp.dataset_cli import dataset_app
 from essp.errors import EsspError
