@@ -40,10 +40,15 @@ def _logging(verbose: bool) -> None:
 
 
 def _supervise(argv: list[str], replicas: int, name: str) -> None:
-    """Run ``replicas`` copies of this worker command as child processes; SIGTERM/SIGINT reach them
-    all, and this returns when every one has exited."""
-    children = [subprocess.Popen([sys.executable, "-m", "essp.cli", *argv, "--replicas", "1",
-                                  "--worker-id", f"{name}-{os.getpid()}-{i}"]) for i in range(replicas)]
+    """Run ``replicas`` copies of this worker command as child processes."""
+    supervise([([*argv, "--replicas", "1", "--worker-id", f"{name}-{os.getpid()}-{i}"], None)
+               for i in range(replicas)])
+
+
+def supervise(commands: list[tuple[list[str], dict[str, str] | None]]) -> None:
+    """Run each (`essp` arguments, environment) as a child process; SIGTERM/SIGINT reach them all,
+    and this returns when every one has exited (with the worst exit code)."""
+    children = [subprocess.Popen([sys.executable, "-m", "essp.cli", *argv], env=env) for argv, env in commands]
 
     def forward(signum: int, _frame: object) -> None:
         for child in children:

@@ -393,22 +393,14 @@ def load_pretrained(model: StreamModel, source: str | Path, settings: Settings |
     first_conv_weight = f"{model.first_conv_key}.weight"
     head_prefix = f"{model.head_key}."
 
-    missing = [key for key in target if key not in state]
-    if missing:
-        shapes = ", ".join(f"{key} {tuple(target[key].shape)}" for key in missing[:5])
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise ModelError(
-            f"pretrained {name} does not fit {model.arch}/{model.stream}: missing key(s) {shapes}{more} "
-            "(model shapes given)"
-        )
-    unexpected = [key for key in state if key not in target]
-    if unexpected:
-        shapes = ", ".join(f"{key} {tuple(state[key].shape)}" for key in unexpected[:5])
-        more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
-        raise ModelError(
-            f"pretrained {name} does not fit {model.arch}/{model.stream}: unexpected key(s) {shapes}{more} "
-            "(checkpoint shapes given)"
-        )
+    for kind, keys, shapes_of in (("missing", [k for k in target if k not in state], target),
+                                  ("unexpected", [k for k in state if k not in target], state)):
+        if keys:
+            shapes = ", ".join(f"{key} {tuple(shapes_of[key].shape)}" for key in keys[:5])
+            more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
+            given = "model" if kind == "missing" else "checkpoint"
+            raise ModelError(f"pretrained {name} does not fit {model.arch}/{model.stream}: {kind} key(s) "
+                             f"{shapes}{more} ({given} shapes given)")
 
     # The head is taken or skipped as a whole, so that a weight never meets a bias from another head.
     head_keys = [key for key in target if key.startswith(head_prefix)]

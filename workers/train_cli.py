@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from essp.dataplane_cli import Verbose, WorkerId, _logging, worker_app
+from essp.dataplane_cli import Verbose, WorkerId, _logging, supervise, worker_app
 from essp.settings import Settings
 
 out = Console()
@@ -63,29 +63,15 @@ def train_worker_cmd(run: Annotated[str, typer.Option(help="The run (its spec.js
 def _spawn_ranks(argv: list[str], nproc: int, name: str) -> None:
     """torchrun's job for one machine: N rank processes with RANK/WORLD_SIZE/MASTER_* set;
     SIGTERM/SIGINT reach them all."""
-    import signal
     import socket
-    import subprocess
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    children = []
-    for rank in range(nproc):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        children.append(subprocess.Popen([sys.executable, "-m", "essp.cli", *argv, "--worker-id", name], env=env))
-
-    def forward(signum: int, _frame: object) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    codes = [child.wait() for child in children]
-    if any(codes):
-        raise typer.Exit(max(codes))
+    supervise([([*argv, "--worker-id", name], {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank),
+                                                  "WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
+                                                  "MASTER_PORT": str(port)})
+               for rank in range(nproc)])
 
 
 def train_cmd(
