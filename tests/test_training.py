@@ -141,3 +141,24 @@ def test_predict_uses_the_production_model_and_names_bad_videos(trained):
 def test_bad_params_are_refused_with_their_name(values, named):
     with pytest.raises(RunSpecError, match=named):
         parse_spec({"run": "r1", "manifest": "tiny", **values})
+
+
+def test_a_model_of_other_classes_is_registered_but_never_promoted_automatically(settings):
+    from essp.registry import ModelRegistry
+    from essp.training import register_run
+
+    metrics = {"top1": 0.9, "top5": 1.0, "mean_class_accuracy": 0.9, "mAP": 0.95, "videos": 10}
+    registry = ModelRegistry(settings, "classes-test")
+    old = registry.register(run="old-run", streams={"rgb": "s3://b/old.pt"}, fusion={"strategy": "average"},
+                            metrics={**metrics, "top1": 0.5}, class_names=["A", "B", "C"])
+    registry.promote(old.version)
+    spec = parse_spec({"run": "new-run", "manifest": "other", "streams": {"rgb": {}}, "registry": "classes-test"})
+    runs = RunStore(settings, spec.run)
+    runs.save_json("spec.json", {"spec": spec.model_dump(mode="json"), "manifest_uri": "s3://b/m.json",
+                                 "dataset": "other", "classes": ["A", "B", "D"]})
+    runs.store.put_json(settings.bucket_runs, f"{spec.run}/checkpoints/rgb/latest.json",
+                        {"uri": "s3://b/new.pt", "epoch": 1, "iteration": 1, "finished_epoch": True})
+    result = register_run(settings, spec, metrics, fusion_state="s3://b/f.json", log=lambda _: None)
+    assert result["version"] == 2 and result["promoted"] is False
+    assert "other classes" in result["reason"]
+    assert registry.production().version == 1  # a better top1 over other classes does not compare

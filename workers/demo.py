@@ -11,6 +11,7 @@ video predicted with the registered model. The figures are in docs/results.md.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 from rich.console import Console
@@ -60,6 +61,7 @@ def run_demo(out: Console) -> dict:
 
 # The demo's dataset and run: 4 motion classes, 16 clips each (8 scene groups, 2 held out for test),
 # 48 frames at 112x112; L=10 flow stacks; small enough for a 2-core CPU in a few minutes.
+SYNTH_GENERATOR = 2  # bump when essp.synth renders differently: the demo regenerates its dataset
 DEMO_DATASET = {"classes": 4, "videos_per_class": 16, "frames": 48, "height": 112, "width": 112, "seed": 0}
 DEMO_PARAMS = {"epochs": 10, "samples_per_epoch": 128, "length": 10, "size": 112, "batch_size": 16, "lr": 0.02,
                "snippets": 25, "fusion": "weighted", "fusion_weights": {"rgb": 1.0, "flow": 2.0}}
@@ -70,8 +72,12 @@ DEMO_PARAMS = {"epochs": 10, "samples_per_epoch": 128, "length": 10, "size": 112
 def run_demo_training(settings: Settings, out: Console, **overrides: object) -> dict:
     """Synthesise (once) and ingest the demo dataset, train, score, fuse, report, register, predict."""
     root = settings.state_dir / "datasets" / "synth-demo"
-    if not (root / "classInd.txt").exists():
+    marker = root / "essp-demo-dataset.json"
+    wanted = json.dumps({**DEMO_DATASET, "generator": SYNTH_GENERATOR}, sort_keys=True)
+    if not marker.exists() or marker.read_text() != wanted:  # absent, or made by another version
+        shutil.rmtree(root, ignore_errors=True)
         synthesize(root, **DEMO_DATASET)
+        marker.write_text(wanted)
     manifest, uri = ingest_directory(settings, root, "synth-demo")
     out.print(f"  dataset {manifest.name} v{manifest.version}: {len(manifest.videos)} videos, "
               f"{len(manifest.classes)} classes ({uri})")
