@@ -324,3 +324,25 @@ def test_count_parameters(built):
     assert count_parameters(nn.Linear(3, 2)) == 8
     # resnet18 has 11,689,512 parameters with ImageNet's 1000-way fc (512 * 1000 + 1000); ours is 7-way.
     assert count_parameters(built("resnet18", "rgb")) == 11_689_512 - 513_000 + 7 * 512 + 7
+
+
+def test_pretrained_weights_load_from_s3_and_a_missing_object_is_named(settings):
+    import io
+
+    from essp.clients.s3 import ObjectStore
+
+    torch.manual_seed(3)
+    rgb = build_model("tiny", "rgb", num_classes=5)
+    buffer = io.BytesIO()
+    torch.save({"model": rgb.state_dict()}, buffer)
+    store = ObjectStore(settings)
+    store.ensure_bucket(settings.bucket_models)
+    store.put_bytes(settings.bucket_models, "pretrained/tiny-rgb.pt", buffer.getvalue())
+    uri = f"s3://{settings.bucket_models}/pretrained/tiny-rgb.pt"
+    flow = build_model("tiny", "flow", num_classes=5, length=4, pretrained=uri, settings=settings)
+    first = flow.first_conv_key + ".weight"
+    expected = rgb.state_dict()[first].mean(dim=1, keepdim=True).expand(-1, 8, -1, -1)
+    assert torch.allclose(flow.state_dict()[first], expected)
+    with pytest.raises(ModelError, match="missing.pt"):
+        build_model("tiny", "flow", num_classes=5, length=4, pretrained=uri.replace("tiny-rgb", "missing"),
+                    settings=settings)
