@@ -40,6 +40,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_port_block(count: int = 4, low: int = 20000, high: int = 32000) -> int:
+    """The first of ``count`` consecutive ports that are all free now, below the kernel's ephemeral
+    range (32768+ here), where outgoing connections would otherwise take them at random."""
+    import random
+
+    for _ in range(200):
+        base = random.randrange(low, high - count)
+        socks = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError(f"no {count} consecutive free ports in {low}-{high}")
+
+
 @pytest.fixture
 def closed_port() -> int:
     """A port nothing listens on (bound and released; nothing of ours will take it meanwhile)."""

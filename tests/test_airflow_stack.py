@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psycopg2
 import pytest
-from conftest import free_port
+from conftest import free_port_block
 
 from essp.airflow_stack import PROCESSES, AirflowStack, api_healthy
 from essp.infra import LocalStack, pg_params
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def airflow_settings(base_settings, tmp_path):
     shutil.copy(base_settings.state_dir / SECRETS_FILE, tmp_path / SECRETS_FILE)
-    settings = Settings(state_dir=tmp_path, airflow_port=free_port(),
+    settings = Settings(state_dir=tmp_path, airflow_port=free_port_block(1),
                         pg_database=f"essp_test_{uuid.uuid4().hex[:8]}")
     LocalStack(settings).up(["postgres"])  # creates the database
     yield settings

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import free_port, free_port_block
 
 from essp.clients.kafka import MessageConsumer, MessageProducer, ensure_topics, kafka_admin
 from essp.clients.s3 import ObjectStore
@@ -29,8 +29,9 @@ SERVICES = ["redis", "s3", "kafka"]
 @pytest.fixture
 def own_stack(tmp_path):
     ensure_local_secrets(tmp_path)
-    settings = Settings(state_dir=tmp_path, redis_port=free_port(), s3_port=free_port(),
-                        kafka_port=free_port(), weed_port_base=free_port() % 20000 + 30000)
+    base = free_port_block(7)  # redis, s3, kafka, then weed's master, volume, filer, admin
+    settings = Settings(state_dir=tmp_path, redis_port=base, s3_port=base + 1, kafka_port=base + 2,
+                        weed_port_base=base + 3)
     stack = LocalStack(settings)
     yield stack
     stack.down(SERVICES)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import free_port
+from conftest import free_port_block
 from pydantic import ValidationError
 
 from essp.runstore import RunStore
@@ -187,7 +187,8 @@ def _ddp_rank(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_ddp_on_two_gloo_processes_keeps_replicas_identical_with_uneven_shares(tmp_path):
-    mp.start_processes(_ddp_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_ddp_rank, args=(2, free_port_block(1), str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert_same(r0["state"], r1["state"])
     for a, b in zip(r0["momentum"], r1["momentum"], strict=True):
