@@ -162,3 +162,53 @@ def test_a_model_of_other_classes_is_registered_but_never_promoted_automatically
     assert result["version"] == 2 and result["promoted"] is False
     assert "other classes" in result["reason"]
     assert registry.production().version == 1  # a better top1 over other classes does not compare
+
+
+def _pids_of(marker: str) -> list[int]:
+    import os
+
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    if marker.encode() in handle.read():
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+def test_a_trainer_that_dies_mid_run_fails_the_run_with_its_log_and_stops_the_rest(settings, tmp_path):
+    import os
+    import signal
+    import threading
+    import time
+
+    from essp.errors import EsspError
+    from essp.train_worker import trainer_state
+
+    synthesize(tmp_path / "data", classes=2, videos_per_class=4, frames=16, height=32, width=32, keyint=4, seed=1)
+    ingest_directory(settings, tmp_path / "data", "killme")
+    spec = parse_spec({"run": "kill-run", "manifest": "killme", "epochs": 50, "length": 2, "size": 32,
+                       "batch_size": 4, "samples_per_epoch": 8, "snippets": 2})
+    killed: list[int] = []
+
+    def kill_after_first_epoch() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if int(trainer_state(settings, spec.run, "flow").get("epoch_done", -1)) >= 0:
+                for pid in _pids_of(f"{spec.run}-train-flow"):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_after_first_epoch)
+    killer.start()
+    started = time.monotonic()
+    with pytest.raises(EsspError, match=r"worker kill-run-train-flow exited with -9 during epoch \d+"):
+        run_training(settings, spec, log=lambda _: None, log_dir=tmp_path / "logs")
+    killer.join()
+    assert killed and time.monotonic() - started < 120  # noticed at once, not after epoch_timeout_s
+    assert _pids_of("--worker-id kill-run-") == []  # every other worker of the run was stopped

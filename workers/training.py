@@ -193,7 +193,8 @@ def trained_epochs(settings: Settings, spec: RunSpec) -> int:
     return min(done)
 
 
-def train_epoch(settings: Settings, spec: RunSpec, epoch: int, *, log: Log = print) -> dict[str, Any]:
+def train_epoch(settings: Settings, spec: RunSpec, epoch: int, *, log: Log = print,
+                alive: Callable[[], None] | None = None) -> dict[str, Any]:
     """Plan, publish and train one epoch on every stream; returns each stream's figures."""
     _, facts = load_run(settings, spec.run)
     manifest = ManifestStore(settings).load(facts["manifest_uri"])
@@ -206,12 +207,14 @@ def train_epoch(settings: Settings, spec: RunSpec, epoch: int, *, log: Log = pri
     SampleStore(settings, spec.run).reset(plan.sample_ids())
     publish_plan(settings, plan)
     request_epoch(settings, spec.run, epoch, len(plan.jobs))
-    return wait_epoch_done(settings, spec.run, list(spec.streams), epoch, timeout_s=spec.epoch_timeout_s, log=log)
+    return wait_epoch_done(settings, spec.run, list(spec.streams), epoch, timeout_s=spec.epoch_timeout_s, log=log,
+                           alive=alive)
 
 
 def wait_epoch_done(settings: Settings, run: str, streams: list[str], epoch: int, *, timeout_s: float = 1800,
-                    poll_s: float = 0.5, log: Log = print) -> dict[str, Any]:
-    """Block until every stream's trainer recorded ``epoch`` done (the Airflow trigger polls the same state)."""
+                    poll_s: float = 0.5, log: Log = print, alive: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Block until every stream's trainer recorded ``epoch`` done (the Airflow trigger polls the same state).
+    ``alive`` raises when a process the run depends on has died (local runs check their workers)."""
     deadline = time.monotonic() + timeout_s
     results: dict[str, Any] = {}
     while True:
@@ -229,6 +232,8 @@ def wait_epoch_done(settings: Settings, run: str, streams: list[str], epoch: int
                         f"{figures['samples_per_s']:.1f} samples/s  data wait {100 * figures['data_wait']:.1f}%")
         if len(results) == len(streams):
             return results
+        if alive is not None:
+            alive()
         if time.monotonic() > deadline:
             missing = sorted(set(streams) - set(results))
             raise EsspError(f"run {run}: epoch {epoch} not done by stream(s) {', '.join(missing)} after "
@@ -376,14 +381,19 @@ def run_training(settings: Settings, spec: RunSpec, *, log: Log = print, log_dir
         if first:
             log(f"  resuming after epoch {first - 1}")
         t0 = time.monotonic()
+
+        def alive() -> None:
+            for worker in workers:
+                if worker.proc.poll() is not None:
+                    raise EsspError(f"run {spec.run}: worker {worker.name} exited with {worker.proc.returncode} "
+                                    f"during epoch {epoch}; its log ({worker.log_path}) ends:\n{worker.log(2000)}")
+
         for epoch in range(first, spec.epochs):
-            train_epoch(settings, spec, epoch, log=log)
+            train_epoch(settings, spec, epoch, log=log, alive=alive)
         timings["train_s"] = time.monotonic() - t0
-    finally:
-        for worker in workers:
+        for worker in workers:  # the trainers' checkpoints are in S3: free their cores for scoring
             if "-train-" in worker.name:
                 worker.stop()
-    try:
         t0 = time.monotonic()
         score_split(settings, spec, "test", log=log)
         score_split(settings, spec, "train", log=log)
