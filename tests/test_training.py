@@ -212,3 +212,24 @@ def test_a_trainer_that_dies_mid_run_fails_the_run_with_its_log_and_stops_the_re
     killer.join()
     assert killed and time.monotonic() - started < 120  # noticed at once, not after epoch_timeout_s
     assert _pids_of("--worker-id kill-run-") == []  # every other worker of the run was stopped
+
+
+def test_the_steps_run_as_stages_with_small_json(trained):
+    from essp.stages import run_stage, stage_names
+
+    settings, _, spec, _, outcome, _, _ = trained
+    assert {"train-prepare", "train-epoch", "train-score", "train-fuse-report", "train-register"} <= set(
+        stage_names())
+    fused = run_stage("train-fuse-report", settings, {"run": spec.run})
+    assert fused["selected"] == "weighted" and fused["metrics"]["top1"] == outcome["metrics"]["top1"]
+    assert fused["report"].endswith("/report/report.json") and len(json.dumps(fused)) < 4096
+    before = len(ModelRegistry(settings, "e2e").versions())
+    registered = run_stage("train-register", settings, {"run": spec.run, "metrics": fused["metrics"],
+                                                       "fusion_state": fused["fusion_state"]})
+    assert registered["version"] == before + 1 and registered["promoted"] is False  # not better than itself
+    with pytest.raises(RunSpecError, match="fusion"):
+        run_stage("train-prepare", settings, {"run": "x1", "manifest": "tiny", "fusion": "median"})
+    with pytest.raises(Exception, match="epoch"):
+        run_stage("train-epoch", settings, {"run": spec.run, "epoch": -1})
+    with pytest.raises(Exception, match="run id"):
+        run_stage("train-score", settings, {})
