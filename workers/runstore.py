@@ -97,12 +97,16 @@ class RunStore:
             "finished_epoch": finished_epoch, "saved_at": time.time()})
         return uri
 
-    def latest_checkpoint_uri(self, stream: str) -> str | None:
+    def latest_pointer(self, stream: str) -> dict[str, Any] | None:
+        """``latest.json`` of a stream: uri, epoch (the next to train), iteration, finished_epoch."""
         try:
-            pointer = self.store.get_json(self.bucket, f"{self.run}/checkpoints/{stream}/latest.json")
+            return self.store.get_json(self.bucket, f"{self.run}/checkpoints/{stream}/latest.json")
         except ObjectNotFound:
             return None
-        return str(pointer["uri"])
+
+    def latest_checkpoint_uri(self, stream: str) -> str | None:
+        pointer = self.latest_pointer(stream)
+        return None if pointer is None else str(pointer["uri"])
 
     def load_checkpoint(self, uri: str | None = None, *, stream: str | None = None) -> dict[str, Any]:
         """A checkpoint by URI, or the latest of ``stream``."""

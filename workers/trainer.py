@@ -42,6 +42,7 @@ from essp.models import build_model, normalise_batch, stream_channels
 log = logging.getLogger("essp.trainer")
 
 CHECKPOINT_FORMAT = 1
+FINITE_CHECK_STEPS = 25  # how often the epoch reads its loss back from the device to check it
 
 
 class TrainingError(EsspError):
@@ -178,23 +179,26 @@ class StreamTrainer:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    def step(self, arrays: list[np.ndarray], labels: list[int]) -> tuple[float, int]:
-        """One optimisation step on one batch; returns (summed loss, correct predictions)."""
+    def step(self, arrays: list[np.ndarray], labels: list[int]) -> torch.Tensor:
+        """One optimisation step on one batch; returns [summed loss, correct predictions] as a tensor
+        on the device: reading them back would make the host wait for the GPU at every step, so the
+        epoch sums them there and reads them every FINITE_CHECK_STEPS steps."""
         inputs = self._batch_tensor(arrays)
         targets = torch.as_tensor(labels, dtype=torch.long, device=self.device)
         with self._autocast():
             logits = self.net(inputs)
             loss = self.loss_fn(logits.float(), targets)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"stream {self.stream}: loss is {loss.item()} at iteration {self.iteration} "
-                                f"(lr {self.current_lr():g}); lower the learning rate")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.scheduler.step()
         self.iteration += 1
-        correct = int((logits.argmax(1) == targets).sum())
-        return float(loss.detach()) * len(labels), correct
+        return torch.stack([loss.detach().double() * len(labels), (logits.argmax(1) == targets).sum().double()])
+
+    def _check_finite(self, totals: torch.Tensor) -> None:
+        if not bool(torch.isfinite(totals[0])):
+            raise TrainingError(f"stream {self.stream}: the loss is not finite by iteration {self.iteration} "
+                                f"(lr {self.current_lr():g}); lower the learning rate")
 
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -241,22 +245,25 @@ class StreamTrainer:
         self.net.train()
         clock = _Clock()
         source_wait0 = wait_s() if wait_s else 0.0
-        loss_sum, correct, count, steps = 0.0, 0, 0, 0
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # summed loss, correct
+        count, steps = 0, 0
         stopped = False
         recent: deque[list[np.ndarray]] = deque(maxlen=self.params.precise_bn_batches or 1)
         batches = self._shared_batches(samples, clock) if self.distributed else self._batches(samples, clock)
         with self._join():
             for arrays, labels, ids in batches:
                 recent.append(arrays)
-                batch_loss, batch_correct = self.step(arrays, labels)
-                loss_sum += batch_loss
-                correct += batch_correct
+                totals += self.step(arrays, labels)
                 count += len(labels)
                 steps += 1
+                if steps % FINITE_CHECK_STEPS == 0:
+                    self._check_finite(totals)
                 self.consumed.extend(ids)
                 if stop is not None and stop():
                     stopped = True
                     break
+        self._check_finite(totals)
+        loss_sum, correct = (float(x) for x in totals.tolist())
         if not stopped and self.params.precise_bn_batches:
             self.recompute_batchnorm(list(recent))
         seconds = time.monotonic() - clock.started
@@ -363,7 +370,7 @@ class StreamTrainer:
 
         return Join([self.net])
 
-    def _reduce_epoch(self, loss_sum: float, correct: int, count: int, steps: int, seconds: float,
+    def _reduce_epoch(self, loss_sum: float, correct: float, count: int, steps: int, seconds: float,
                       waited: float) -> tuple[float, int, int, int, float, float]:
         device = self._comm_device()
         sums = torch.tensor([loss_sum, correct, count], dtype=torch.float64, device=device)

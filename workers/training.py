@@ -29,8 +29,8 @@ from essp.errors import EsspError
 from essp.evaluate import DEFAULT_SNIPPETS, manifest_videos
 from essp.evaluate import score_split as score_videos
 from essp.extractors import create_extractor, extractor_kinds
-from essp.fusion import FUSION_STRATEGIES, StreamScores, compare_fusions, make_fuser
-from essp.manifest import Manifest, ManifestStore
+from essp.fusion import StreamScores, compare_fusions, make_fuser
+from essp.manifest import ManifestStore
 from essp.models import ARCHITECTURES, build_model
 from essp.plan import decode_quarantine, plan_epoch, publish_plan
 from essp.runstore import RunStore, VideoScores
@@ -114,8 +114,6 @@ class RunSpec(BaseModel):
                                  f"missing: {missing or 'none'})")
             if any(w < 0 for w in self.fusion_weights.values()) or sum(self.fusion_weights.values()) <= 0:
                 raise ValueError("fusion_weights: weights must be >= 0 and not all zero")
-        if self.fusion in ("learned", "sequence") and len(self.streams) < 1:
-            raise ValueError(f"fusion {self.fusion!r} needs at least one stream")
         if self.lr_steps != sorted(set(self.lr_steps)) or any(s <= 0 for s in self.lr_steps):
             raise ValueError(f"lr_steps: must be strictly increasing positive iterations, got {self.lr_steps}")
         return self
@@ -188,8 +186,8 @@ def trained_epochs(settings: Settings, spec: RunSpec) -> int:
         if state:
             done.append(int(state.get("epoch_done", -1)) + 1)
             continue
-        uri = runs.latest_checkpoint_uri(stream)
-        done.append(0 if uri is None else int(runs.load_checkpoint(uri)["epoch"]))
+        pointer = runs.latest_pointer(stream)  # its "epoch" is the next one to train, as in the checkpoint
+        done.append(0 if pointer is None else int(pointer["epoch"]))
     return min(done)
 
 
@@ -283,7 +281,10 @@ def stream_scores(scores: dict[str, VideoScores]) -> StreamScores:
     common = sorted(set.intersection(*(set(s.video_ids) for s in scores.values())))
     if not common:
         raise EsspError("the streams share no scored video")
-    rows = {stream: [scores[stream].video_ids.index(v) for v in common] for stream in streams}
+    rows = {}
+    for stream in streams:
+        row_of = {video: i for i, video in enumerate(scores[stream].video_ids)}
+        rows[stream] = [row_of[v] for v in common]
     first = scores[streams[0]]
     return StreamScores(video_ids=common, labels=first.labels[rows[streams[0]]],
                         scores={s: scores[s].scores[rows[s]] for s in streams},
@@ -408,11 +409,3 @@ def run_training(settings: Settings, spec: RunSpec, *, log: Log = print, log_dir
     outcome["timings"] = {k: round(v, 1) for k, v in timings.items()}
     RunStore(settings, spec.run).save_json("outcome.json", json.loads(json.dumps(outcome, default=str)))
     return outcome
-
-
-def dataset_manifest(settings: Settings, ref: str) -> Manifest:
-    return ManifestStore(settings).load(ManifestStore(settings).resolve(ref))
-
-
-__all__ = ["FUSION_STRATEGIES", "RunSpec", "StreamSpec", "parse_spec", "prepare_run", "train_epoch",
-           "score_split", "fuse_and_report", "register_run", "run_training", "train_spec"]
