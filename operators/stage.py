@@ -46,6 +46,11 @@ def _connection_env(include_secrets: bool) -> dict[str, str]:
     return env
 
 
+def stage_settings() -> Settings:
+    """The ESSP settings inside an Airflow task: the environment's, with Airflow's essp_* connections on top."""
+    return Settings().with_env(_connection_env(include_secrets=True))
+
+
 class EsspStageOperator(KubernetesPodOperator):
     """Run the ESSP stage ``stage`` with ``stage_params`` (templated) and push its JSON result.
 

@@ -102,6 +102,9 @@ class Settings(BaseSettings):
 
     # How Airflow runs a stage: a local process of `essp stage ...`, or a Kubernetes pod.
     stage_mode: Literal["local", "kubernetes"] = "local"
+    # Where the "ensure workers" step keeps the resident workers: local processes or Deployments
+    # (k8s/); unset, the same as the stage mode.
+    worker_mode: Literal["local", "kubernetes"] | None = None
     k8s_namespace: str = "essp"
     k8s_secret: str = Field("essp-credentials", description="Secret holding ESSP_* credentials.")
     image_worker_cpu: str = "ghcr.io/essp-project/essp-worker-cpu:0.1.0"
@@ -161,6 +164,16 @@ class Settings(BaseSettings):
                 f"credentials in {self.state_dir / SECRETS_FILE}, or set the variable"
             )
         return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+
+    def with_env(self, env: dict[str, str]) -> Settings:
+        """These settings with the ``ESSP_*`` variables of ``env`` (e.g. from Airflow's connections) on top."""
+        fields = type(self).model_fields
+        updates = {key[len(ENV_PREFIX):].lower(): value for key, value in env.items()
+                   if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX):].lower() in fields}
+        return type(self)(**{**self.as_env_fields(), **updates})
+
+    def as_env_fields(self) -> dict[str, object]:
+        return {name: getattr(self, name) for name in type(self).model_fields if getattr(self, name) is not None}
 
     def as_env(self) -> dict[str, str]:
         """The settings as ESSP_* variables, for a subprocess or a pod to rebuild them."""

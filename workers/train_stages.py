@@ -29,10 +29,45 @@ def _run(params: dict[str, Any]) -> str:
 
 @stage("train-prepare")
 def prepare_stage(settings: Settings, params: dict[str, Any]) -> dict[str, Any]:
-    """Validate the run's params against its manifest and write spec.json (params: a RunSpec)."""
-    facts = prepare_run(settings, parse_spec(params))
-    return {key: facts[key] for key in ("manifest_uri", "dataset", "classes", "train_videos", "test_videos",
-                                        "samples_per_epoch")}
+    """Validate the run's params against its manifest and write spec.json (params: a RunSpec, plus
+    optionally ``airflow``: {dag_id, dag_run_id}, recorded so that the UI finds the run's report)."""
+    params = dict(params)
+    airflow = params.pop("airflow", None)
+    spec = parse_spec(params)
+    facts = prepare_run(settings, spec)
+    if airflow:
+        from essp.runlinks import save_link
+
+        save_link(settings, airflow["dag_id"], airflow["dag_run_id"], spec.run)
+    out = {key: facts[key] for key in ("manifest_uri", "dataset", "classes", "train_videos", "test_videos",
+                                       "samples_per_epoch")}
+    return {"run": spec.run, "streams": list(spec.streams), **out}
+
+
+@stage("workers-ensure")
+def ensure_stage(settings: Settings, params: dict[str, Any]) -> dict[str, Any]:
+    """Scale the shared data workers to ``replicas`` ({kind: n}) and start the run's trainers (params:
+    run, replicas, trainer_procs, gpus)."""
+    from essp.fleet import ensure_workers
+
+    spec, _ = load_run(settings, _run(params))
+    replicas = params.get("replicas") or {}
+    if not isinstance(replicas, dict):
+        raise EsspError(f"workers-ensure: 'replicas' must map worker kinds to counts, got {replicas!r}")
+    return ensure_workers(settings, spec.run, list(spec.streams), replicas, trainer_procs=spec.trainer_procs,
+                          gpus=bool(params.get("gpus", spec.device != "cpu")))
+
+
+@stage("workers-release")
+def release_stage(settings: Settings, params: dict[str, Any]) -> dict[str, Any]:
+    """Stop the run's trainers (their checkpoints are in S3); with ``data_workers`` ({kind: n}) also
+    scale the shared data workers (params: run, streams, data_workers)."""
+    from essp.fleet import release_workers
+
+    streams = params.get("streams")
+    if not streams:
+        streams = list(load_run(settings, _run(params))[0].streams)
+    return release_workers(settings, _run(params), list(streams), data_workers=params.get("data_workers") or None)
 
 
 @stage("train-epoch")
@@ -58,15 +93,17 @@ def fuse_report_stage(settings: Settings, params: dict[str, Any]) -> dict[str, A
     spec, _ = load_run(settings, _run(params))
     outcome = fuse_and_report(settings, spec)
     metrics = {k: outcome["metrics"][k] for k in ("videos", "top1", "top5", "mean_class_accuracy", "mAP")}
-    return {"selected": outcome["selected"], "metrics": metrics, "fusion_state": outcome["fusion_state"],
-            "report": outcome["report"]["report.json"], "summary": outcome["summary"]}
+    return {"run": spec.run, "selected": outcome["selected"], "metrics": metrics,
+            "fusion_state": outcome["fusion_state"], "report": outcome["report"]["report.json"],
+            "summary": outcome["summary"]}
 
 
 @stage("train-register")
 def register_stage(settings: Settings, params: dict[str, Any]) -> dict[str, Any]:
-    """Register the run's model, promoted only if better (params: run, metrics, fusion_state from
-    train-fuse-report)."""
+    """Register the run's model, promoted only if better (params: run, and either ``fused`` (the result
+    of train-fuse-report) or its ``metrics`` and ``fusion_state``)."""
     spec, _ = load_run(settings, _run(params))
-    if not isinstance(params.get("metrics"), dict) or not params.get("fusion_state"):
+    fused = params.get("fused") or params
+    if not isinstance(fused.get("metrics"), dict) or not fused.get("fusion_state"):
         raise EsspError("train-register needs 'metrics' and 'fusion_state' (the result of train-fuse-report)")
-    return register_run(settings, spec, params["metrics"], fusion_state=params["fusion_state"])
+    return {"run": spec.run, **register_run(settings, spec, fused["metrics"], fusion_state=fused["fusion_state"])}

@@ -194,6 +194,14 @@ def trained_epochs(settings: Settings, spec: RunSpec) -> int:
 def train_epoch(settings: Settings, spec: RunSpec, epoch: int, *, log: Log = print,
                 alive: Callable[[], None] | None = None) -> dict[str, Any]:
     """Plan, publish and train one epoch on every stream; returns each stream's figures."""
+    start_epoch(settings, spec, epoch)
+    return wait_epoch_done(settings, spec.run, list(spec.streams), epoch, timeout_s=spec.epoch_timeout_s, log=log,
+                           alive=alive)
+
+
+def start_epoch(settings: Settings, spec: RunSpec, epoch: int) -> int:
+    """Plan and publish one epoch and ask the trainers for it (the DAG then waits on a deferrable
+    trigger, :func:`wait_epoch_done` blocks); returns the number of samples planned."""
     _, facts = load_run(settings, spec.run)
     manifest = ManifestStore(settings).load(facts["manifest_uri"])
     plan = plan_epoch(manifest, run=spec.run, epoch=epoch, features=spec.features(), length=spec.length,
@@ -205,8 +213,29 @@ def train_epoch(settings: Settings, spec: RunSpec, epoch: int, *, log: Log = pri
     SampleStore(settings, spec.run).reset(plan.sample_ids())
     publish_plan(settings, plan)
     request_epoch(settings, spec.run, epoch, len(plan.jobs))
-    return wait_epoch_done(settings, spec.run, list(spec.streams), epoch, timeout_s=spec.epoch_timeout_s, log=log,
-                           alive=alive)
+    return len(plan.jobs)
+
+
+def plan_epoch_once(settings: Settings, spec: RunSpec, epoch: int, token: str) -> bool:
+    """:func:`start_epoch`, by the first caller that gives ``token`` (the DAG run): each stream's task of
+    a DAG run tries it, exactly one plans. A new DAG run (another token) plans an unfinished epoch again,
+    as a restarted :func:`run_training` does. True if this call planned."""
+    import hashlib
+
+    from essp.clients.redis import redis_client
+    from essp.contract import RedisKeys
+
+    digest = hashlib.sha1(token.encode()).hexdigest()[:16]
+    key = f"{RedisKeys(settings.redis_prefix).prefix}:{spec.run}:planned:{epoch}:{digest}"
+    if not redis_client(settings).set(key, token, nx=True, ex=int(spec.epoch_timeout_s * 2) + 3600):
+        return False
+    start_epoch(settings, spec, epoch)
+    return True
+
+
+def epoch_line(epoch: int, stream: str, figures: dict[str, Any]) -> str:
+    return (f"  epoch {epoch} {stream:<5} loss {figures['loss']:.3f}  train acc {figures['accuracy']:.3f}  "
+            f"{figures['samples_per_s']:.1f} samples/s  data wait {100 * figures['data_wait']:.1f}%")
 
 
 def wait_epoch_done(settings: Settings, run: str, streams: list[str], epoch: int, *, timeout_s: float = 1800,
@@ -226,8 +255,7 @@ def wait_epoch_done(settings: Settings, run: str, streams: list[str], epoch: int
                 results[stream] = state.get("stats", {})
                 figures = results[stream]
                 if figures:
-                    log(f"  epoch {epoch} {stream:<5} loss {figures['loss']:.3f}  train acc {figures['accuracy']:.3f}  "
-                        f"{figures['samples_per_s']:.1f} samples/s  data wait {100 * figures['data_wait']:.1f}%")
+                    log(epoch_line(epoch, stream, figures))
         if len(results) == len(streams):
             return results
         if alive is not None:
