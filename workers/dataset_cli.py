@@ -1,4 +1,4 @@
-"""`essp dataset`: synthesise a dataset, ingest a folder, show a manifest."""
+"""`essp dataset`: synthesise a dataset, ingest a folder, refresh it from its bucket, show a manifest."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from essp.infra import prepare_settings
 from essp.manifest import Manifest, ManifestStore, check_name
 from essp.synth import MOTIONS, SynthParamError, synthesize
 
-dataset_app = typer.Typer(help="Datasets: synthesise, ingest, show manifests.", no_args_is_help=True)
+dataset_app = typer.Typer(help="Datasets: synthesise, ingest, refresh, show manifests.", no_args_is_help=True)
 
 out = Console()
 err = Console(stderr=True)
@@ -151,3 +151,41 @@ def show_cmd(
     versions = manifests.versions(manifest.name) if not ref.startswith("s3://") else []
     if versions:
         out.print(f"versions of {manifest.name}: {', '.join(map(str, versions))}")
+
+
+@dataset_app.command("refresh")
+def refresh_cmd(
+    ref: Annotated[str, typer.Argument(help="Dataset name (latest version), NAME@N, or the s3:// URI of a manifest.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list the changes; write nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the changes and the new manifest's URI as JSON.")]
+    = False,
+    workers: Annotated[int | None, typer.Option(min=1, help="Videos compared and probed at once.")] = None,
+) -> None:
+    """Find videos added, changed or removed in the bucket since a manifest and write the next version."""
+    from essp.refresh import find_changes, refresh_manifest
+
+    def say(line: str) -> None:
+        if not as_json:
+            out.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    settings = prepare_settings()
+    uri: str | None = None
+    if dry_run:
+        changes = find_changes(settings, ref)
+        for label, uris in (("added", changes.added), ("changed", changes.changed), ("removed", changes.removed)):
+            for item in uris:
+                test = " (in the TEST split: the test split would shrink)" if item in changes.removed_test else ""
+                say(f"{label:<8} {item}{test}")
+    else:
+        _, uri, changes = refresh_manifest(settings, ref, log=say, workers=workers)
+    counts = (f"{len(changes.added)} added, {len(changes.changed)} changed, {len(changes.removed)} removed, "
+              f"{changes.unchanged} unchanged")
+    if as_json:
+        out.print_json(json.dumps({**changes.as_dict(), "manifest": uri, "dry_run": dry_run}))
+    elif dry_run:
+        say(f"dry run against {changes.base}: {counts}; nothing written")
+    elif uri is None:
+        say(f"no changes since {changes.base} ({counts}); nothing written")
+    else:
+        say(f"{counts}, {len(changes.quarantined)} quarantined")
+        say(f"manifest: {uri}")

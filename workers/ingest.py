@@ -27,7 +27,7 @@ from essp.clients.s3 import ObjectNotFound, ObjectStore, S3Uri
 from essp.errors import EsspError
 from essp.manifest import Manifest, ManifestStore, ManifestVideo, QuarantinedVideo, check_name
 from essp.settings import Settings
-from essp.video import VideoError, probe_video
+from essp.video import VideoError, VideoInfo, probe_video
 
 VIDEO_EXTENSIONS = frozenset({".avi", ".mp4", ".m4v", ".mkv", ".mov", ".webm", ".mpg", ".mpeg", ".flv", ".wmv",
                               ".3gp", ".ogv", ".ts"})
@@ -208,19 +208,35 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _upload(store: ObjectStore, bucket: str, key: str, data: bytes, digest: str) -> bool:
-    """Upload unless the object already holds these bytes (same size and sha256); True if uploaded."""
+def _upload(store: ObjectStore, bucket: str, key: str, data: bytes, digest: str) -> tuple[bool, str]:
+    """Upload unless the object already holds these bytes (same size and sha256): (uploaded, the object's ETag)."""
     uri = f"s3://{bucket}/{key}"
     try:
-        stat = store._call(uri, store.client.stat_object, bucket, key)
+        stat = store.stat(bucket, key)
     except ObjectNotFound:
         stat = None
-    if stat is not None and stat.size == len(data) and (stat.metadata or {}).get("x-amz-meta-sha256") == digest:
-        return False
+    if stat is not None and stat.size == len(data) and stat.metadata.get("sha256") == digest:
+        return False, stat.etag
     content_type = mimetypes.guess_type(key)[0] or "application/octet-stream"
-    store._call(uri, store.client.put_object, bucket, key, io.BytesIO(data), len(data),
-                content_type=content_type, metadata={"sha256": digest})
-    return True
+    written = store._call(uri, store.client.put_object, bucket, key, io.BytesIO(data), len(data),
+                          content_type=content_type, metadata={"sha256": digest})
+    etag = (written.etag or "").strip('"') if written is not None else ""
+    return True, etag or store.stat(bucket, key).etag
+
+
+def video_id(rel: str) -> str:
+    """A video's id in a manifest: its path under the dataset's root or prefix without the extension
+    ("Class/v_Class_g01_c01.avi" -> "Class/v_Class_g01_c01")."""
+    return rel.rsplit(".", 1)[0]
+
+
+def manifest_video(rel: str, uri: str, class_name: str, label: int, info: VideoInfo, digest: str,
+                   etag: str | None) -> ManifestVideo:
+    """The manifest entry of a video that probed fine (`rel`: "Class/file" under the root or prefix)."""
+    return ManifestVideo(id=video_id(rel), uri=uri, class_name=class_name, label=label, frames=info.frames,
+                         fps=info.fps, width=info.width, height=info.height, codec=info.codec,
+                         keyframe_interval=info.keyframe_interval, size_bytes=info.size_bytes, sha256=digest,
+                         etag=etag)
 
 
 def _ingest_file(store: ObjectStore, bucket: str, prefix: str, file: _File, label: int,
@@ -240,12 +256,8 @@ def _ingest_file(store: ObjectStore, bucket: str, prefix: str, file: _File, labe
         return bad(exc.reason)
     digest = _sha256(data)
     key = f"{prefix}/{file.rel}"
-    uploaded = _upload(store, bucket, key, data, digest)
-    video = ManifestVideo(id=file.rel.rsplit(".", 1)[0], uri=str(S3Uri(bucket, key)), class_name=file.class_name,
-                          label=label, frames=info.frames, fps=info.fps, width=info.width, height=info.height,
-                          codec=info.codec, keyframe_interval=info.keyframe_interval, size_bytes=info.size_bytes,
-                          sha256=digest)
-    return video, uploaded
+    uploaded, etag = _upload(store, bucket, key, data, digest)
+    return manifest_video(file.rel, str(S3Uri(bucket, key)), file.class_name, label, info, digest, etag), uploaded
 
 
 def ingest_directory(settings: Settings, root: Path, name: str, *, split: int = 1, prefix: str | None = None,
@@ -322,8 +334,8 @@ def ingest_directory(settings: Settings, root: Path, name: str, *, split: int = 
         videos[video.id] = video
         split_of[video.id] = assigned.get(file.rel)
     splits = {s: sorted(i for i, where in split_of.items() if where == s) for s in ("train", "test")}
-    manifest = Manifest(name=name, source=str(root.resolve()), split_rule=split_rule, classes=classes,
-                        videos=sorted(videos.values(), key=lambda v: v.id),
+    manifest = Manifest(name=name, source=str(root.resolve()), prefix=prefix, split_rule=split_rule,
+                        classes=classes, videos=sorted(videos.values(), key=lambda v: v.id),
                         quarantined=sorted(quarantined, key=lambda q: q.path), splits=splits)
     if counts is not None:
         counts.update(tally, quarantined=len(manifest.quarantined),

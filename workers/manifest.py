@@ -16,7 +16,7 @@ import re
 import time
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, ValidationError, model_serializer
 
 from essp.clients.s3 import ObjectNotFound, ObjectStore, S3Uri
 from essp.errors import EsspError
@@ -40,6 +40,13 @@ class ManifestVideo(BaseModel):
     keyframe_interval: int | None
     size_bytes: int
     sha256: str
+    # The S3 object's ETag when it was probed (what `essp dataset refresh` compares); None in manifests
+    # written before it was recorded.
+    etag: str | None = None
+
+
+# Facts of the S3 object a quarantined entry was made from, where known: written only when set.
+_OBJECT_FACTS = ("etag", "size_bytes", "sha256")
 
 
 class QuarantinedVideo(BaseModel):
@@ -49,6 +56,18 @@ class QuarantinedVideo(BaseModel):
     class_name: str | None = None
     stage: Literal["ingest", "decode"]
     at: float = Field(default_factory=time.time)
+    # The object as it was when set aside (`essp dataset refresh` records them to see it change).
+    etag: str | None = None
+    size_bytes: int | None = None
+    sha256: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unknown_facts(self, handler: SerializerFunctionWrapHandler) -> dict:
+        data = handler(self)
+        for key in _OBJECT_FACTS:
+            if key in data and data[key] is None:
+                del data[key]
+        return data
 
 
 class Manifest(BaseModel):
@@ -57,6 +76,7 @@ class Manifest(BaseModel):
     version: int = Field(0, ge=0)  # 0: not saved yet; ManifestStore.save assigns the next one
     created_at: float = Field(default_factory=time.time)
     source: str  # where the videos came from (the ingested folder)
+    prefix: str | None = None  # key prefix of the videos in the bucket (<prefix>/<Class>/<file>); None: older
     split_rule: str = ""  # how train/test were decided (split files, UCF groups, hash)
     classes: list[str]
     videos: list[ManifestVideo] = []

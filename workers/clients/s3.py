@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import urllib3
@@ -36,6 +37,26 @@ class S3Uri:
 
     def __str__(self) -> str:
         return f"s3://{self.bucket}/{self.key}"
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What S3 says about one object (a listing entry or a HEAD)."""
+
+    key: str
+    size: int
+    etag: str  # without quotes; an MD5 of the bytes for a single-part upload, "<md5>-<parts>" for multipart
+    last_modified: dt.datetime | None
+    metadata: dict[str, str] = field(default_factory=dict)  # user metadata (x-amz-meta-NAME as NAME); stat only
+
+
+def _etag(value: str | None) -> str:
+    return (value or "").strip().strip('"')
+
+
+def _user_metadata(headers) -> dict[str, str]:  # noqa: ANN001 - a dict or urllib3's HTTPHeaderDict
+    prefix = "x-amz-meta-"
+    return {k.lower()[len(prefix):]: v for k, v in (headers or {}).items() if k.lower().startswith(prefix)}
 
 
 class ObjectStore:
@@ -115,6 +136,12 @@ class ObjectStore:
             return False
         return True
 
+    def stat(self, bucket: str, key: str) -> ObjectInfo:
+        """Size, ETag, last modification and user metadata of one object (ObjectNotFound if none)."""
+        obj = self._call(f"s3://{bucket}/{key}", self.client.stat_object, bucket, key)
+        return ObjectInfo(key=key, size=int(obj.size or 0), etag=_etag(obj.etag), last_modified=obj.last_modified,
+                          metadata=_user_metadata(obj.metadata))
+
     def list_keys(self, bucket: str, prefix: str = "") -> Iterator[str]:
         objects = self._call(f"s3://{bucket}/{prefix}", self.client.list_objects, bucket,
                              prefix=prefix, recursive=True)
@@ -125,6 +152,24 @@ class ObjectStore:
             if exc.code == "NoSuchBucket":
                 raise ObjectNotFound(f"s3://{bucket}: NoSuchBucket") from None
             raise
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._unavailable(exc) from None
+
+    def list_objects(self, bucket: str, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object under `prefix` (recursively), with size, ETag and last modification; ObjectNotFound
+        when the bucket does not exist."""
+        objects = self._call(f"s3://{bucket}/{prefix}", self.client.list_objects, bucket,
+                             prefix=prefix, recursive=True)
+        try:
+            for obj in objects:
+                if obj.is_dir:
+                    continue
+                yield ObjectInfo(key=obj.object_name, size=int(obj.size or 0), etag=_etag(obj.etag),
+                                 last_modified=obj.last_modified)
+        except S3Error as exc:
+            if exc.code == "NoSuchBucket":
+                raise ObjectNotFound(f"s3://{bucket}: NoSuchBucket") from None
+            raise EsspError(f"s3://{bucket}/{prefix}: S3 error {exc.code}: {exc.message}") from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise self._unavailable(exc) from None
 
