@@ -77,12 +77,17 @@ class EsspStageOperator(KubernetesPodOperator):
         kwargs.setdefault("cmds", ["essp"])
         kwargs.setdefault("container_resources", k8s.V1ResourceRequirements(
             requests={"cpu": cpu, "memory": memory}, limits=limits))
-        kwargs.setdefault("env_from", [k8s.V1EnvFromSource(
-            secret_ref=k8s.V1SecretEnvSource(name=settings.k8s_secret))])
+        kwargs.setdefault("env_from", [
+            k8s.V1EnvFromSource(config_map_ref=k8s.V1ConfigMapEnvSource(name="essp-settings", optional=True)),
+            k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=settings.k8s_secret))])
+        kwargs.setdefault("service_account_name", settings.k8s_service_account)
         kwargs.setdefault("labels", {"app.kubernetes.io/part-of": "essp", "essp/stage": stage})
         if gpus:
             kwargs.setdefault("tolerations", [k8s.V1Toleration(
                 key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")])
+            kwargs.setdefault("node_selector", {"nvidia.com/gpu.present": "true"})
+        # In Kubernetes mode the wait for the pod happens in the triggerer, not in a worker slot.
+        kwargs.setdefault("deferrable", True)
         kwargs.setdefault("on_finish_action", "delete_pod")
         kwargs.setdefault("do_xcom_push", True)
         kwargs.setdefault("get_logs", True)

@@ -310,8 +310,7 @@ def test_configmap_and_secret_make_settings(monkeypatch: pytest.MonkeyPatch, tmp
     monkeypatch.setenv("ESSP_STATE_DIR", str(tmp_path))
     for key, value in data.items():
         assert isinstance(value, str), f"{key}: ConfigMap values must be strings"
-        # ESSP_WORKER_MODE is read by the ensure step (its setting may not be a Settings field yet).
-        assert key == "ESSP_WORKER_MODE" or key.removeprefix("ESSP_").lower() in Settings.model_fields, key
+        assert key.removeprefix("ESSP_").lower() in Settings.model_fields, key
         monkeypatch.setenv(key, value)
     for line in (K8S / "secret.example.env").read_text().splitlines():
         if line and not line.startswith("#"):

@@ -38,7 +38,11 @@ def test_cpu_stage_renders_a_valid_pod_spec():
     assert main.args == ["stage", "smoke-s3", "--params-json", '{"token": "x"}']
     assert main.resources.requests == {"cpu": "500m", "memory": "1Gi"}
     assert "nvidia.com/gpu" not in main.resources.limits
-    assert main.env_from[0].secret_ref.name == "essp-credentials"
+    # addresses from the ConfigMap of k8s/, credentials from the Secret; the pod runs as essp-airflow
+    assert main.env_from[0].config_map_ref.name == "essp-settings"
+    assert main.env_from[1].secret_ref.name == "essp-credentials"
+    assert pod.spec.service_account_name == "essp-airflow"
+    assert op.deferrable is True
     env = {e.name: e.value for e in main.env}
     assert env["ESSP_RESULT_FILE"] == "/airflow/xcom/return.json"
     assert env["ESSP_STAGE_MODE"] == "kubernetes"

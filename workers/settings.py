@@ -109,6 +109,9 @@ class Settings(BaseSettings):
     k8s_secret: str = Field("essp-credentials", description="Secret holding ESSP_* credentials.")
     image_worker_cpu: str = "ghcr.io/essp-project/essp-worker-cpu:0.1.0"
     image_worker_gpu: str = "ghcr.io/essp-project/essp-worker-gpu:0.1.0"
+    k8s_service_account: str = Field("essp-airflow", description="Service account of the stage pods (k8s/).")
+    k8s_trainer_gpus: bool = Field(True, description="Trainer Deployments request nvidia.com/gpu (off on a "
+                                                     "cluster without GPUs: k8s/overlays/local).")
 
     @classmethod
     def settings_customise_sources(  # noqa: ANN206

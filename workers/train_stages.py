@@ -55,7 +55,7 @@ def ensure_stage(settings: Settings, params: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(replicas, dict):
         raise EsspError(f"workers-ensure: 'replicas' must map worker kinds to counts, got {replicas!r}")
     return ensure_workers(settings, spec.run, list(spec.streams), replicas, trainer_procs=spec.trainer_procs,
-                          gpus=bool(params.get("gpus", spec.device != "cpu")))
+                          gpus=bool(params.get("gpus", settings.k8s_trainer_gpus and spec.device != "cpu")))
 
 
 @stage("workers-release")
