@@ -25,6 +25,7 @@ from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperato
 from kubernetes.client import models as k8s
 
 from essp.connections import CONN_IDS, settings_env_from_connection
+from essp.operators.links import WorkerLogsLink
 from essp.infra import venv_binary
 from essp.settings import Settings
 from essp.stages import KUBERNETES_RESULT_FILE, RESULT_FILE_ENV
@@ -64,6 +65,7 @@ class EsspStageOperator(KubernetesPodOperator):
 
     template_fields: Sequence[str] = (*KubernetesPodOperator.template_fields, "stage_params")
     ui_color = "#d6e9f8"
+    operator_extra_links = (WorkerLogsLink(),)
 
     def __init__(self, *, stage: str, stage_params: dict[str, Any] | None = None, gpus: int = 0,
                  cpu: str = "1", memory: str = "2Gi", mode: str | None = None, **kwargs: Any) -> None:
