@@ -25,8 +25,8 @@ from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperato
 from kubernetes.client import models as k8s
 
 from essp.connections import CONN_IDS, settings_env_from_connection
-from essp.operators.links import WorkerLogsLink
 from essp.infra import venv_binary
+from essp.operators.links import WorkerLogsLink
 from essp.settings import Settings
 from essp.stages import KUBERNETES_RESULT_FILE, RESULT_FILE_ENV
 

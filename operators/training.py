@@ -12,11 +12,12 @@ trainers finished (their checkpoints); a new DAG run re-plans an unfinished epoc
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from airflow.exceptions import AirflowException
 from airflow.sdk import BaseOperator
 
+from essp.operators.links import WorkerLogsLink
 from essp.operators.stage import stage_settings
 from essp.operators.triggers import EpochDoneTrigger
 
@@ -30,6 +31,7 @@ class TrainStreamOperator(BaseOperator):
 
     template_fields: Sequence[str] = ("run", "stream")
     ui_color = "#fde2c8"
+    operator_extra_links = (WorkerLogsLink(),)
 
     def __init__(self, *, run: str, stream: str, poll_s: float = 1.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -104,15 +106,22 @@ class TrainStreamOperator(BaseOperator):
         return self._advance(context, settings, spec, epoch + 1, history)
 
 
-def training_tasks(plan: Any, *, gpus_per_trainer: int = 1) -> tuple[Any, Any]:
+class TrainingTasks(NamedTuple):
+    first: Any  # verify_manifest
+    register: Any
+    summary: Any
+    release: Any  # release_workers, the teardown
+
+
+def training_tasks(plan: Any) -> TrainingTasks:
     """The tasks of a training run after its params are planned (``plan``: the XComArg of a
-    ``multiple_outputs`` task returning :func:`essp.dagparams.plan_run`); returns (first, last).
+    ``multiple_outputs`` task returning :func:`essp.dagparams.plan_run`).
 
     verify_manifest -> ensure_workers -> train (mapped over the streams) -> release_trainers
     -> score_test, score_train -> fuse_and_report -> register -> report_summary; release_workers
     runs at the end whatever happened (stops the run's trainers, optionally the data workers)."""
     from airflow.sdk import task
-    from airflow.utils.trigger_rule import TriggerRule
+    from airflow.task.trigger_rule import TriggerRule
 
     from essp.operators.stage import EsspStageOperator
 
@@ -164,4 +173,4 @@ def training_tasks(plan: Any, *, gpus_per_trainer: int = 1) -> tuple[Any, Any]:
     # release_workers is the teardown of ensure_workers: it runs however the run ended, and does not
     # decide the DAG run's state (a failed training stays a failed run).
     summary >> release.as_teardown(setups=ensure)
-    return verify, release
+    return TrainingTasks(verify, register, summary, release)

@@ -144,3 +144,56 @@ def test_plugin_is_served_and_the_report_renders(airflow_ui):
     assert _non_white(lower) > 0.05, "the plot area is blank"
     assert _colours(lower) > 500, "the plot area has no plot (too few colours)"
     assert _colours(pixels) > 1000
+
+
+REST_CONF = {"dataset": "tiny", "rgb_arch": "tiny", "flow_arch": "tiny", "epochs": 2, "samples_per_epoch": 32,
+             "length": 4, "size": 32, "batch_size": 8, "lr": 0.05, "snippets": 3, "fusion": "product",
+             "replicas": {"decode": 1, "flow": 1, "rgb": 1}, "stop_data_workers": True, "registry": "rest",
+             "run": "rest-run"}
+DAG_RUN_SCREENSHOT = REPO / "docs" / "img" / "ui-dag-run-report.png"
+
+
+def test_essp_train_triggered_through_the_rest_api_with_a_fusion_override(airflow_ui, tmp_path):
+    from urllib.parse import quote
+
+    from essp.ingest import ingest_directory
+    from essp.registry import ModelRegistry
+    from essp.synth import synthesize
+
+    settings = airflow_ui.settings
+    synthesize(tmp_path / "videos", classes=3, videos_per_class=4, frames=24, height=48, width=48, keyint=6, seed=3)
+    ingest_directory(settings, tmp_path / "videos", "tiny")
+    for _ in range(60):  # the dag-processor parses the DAG folder at start
+        if airflow_ui.request("GET", "/api/v2/dags/essp_train")[0] == 200:
+            break
+        import time
+
+        time.sleep(2)
+
+    # a param outside its schema is refused at trigger time, naming it
+    status, _, raw = airflow_ui.request("POST", "/api/v2/dags/essp_train/dagRuns",
+                                        {"logical_date": None, "conf": {**REST_CONF, "fusion": "best"}})
+    assert status == 400 and b"fusion" in raw and b"best" in raw, raw[:1000]
+
+    from essp.airflow_stack import AirflowClient
+
+    client = AirflowClient(settings)
+    run = client.trigger("essp_train", REST_CONF)
+    final = client.wait("essp_train", run["dag_run_id"], timeout_s=900, poll_s=2)
+    tasks = {(t["task_id"], t.get("map_index", -1)): t["state"] for t in client.tasks("essp_train", run["dag_run_id"])}
+    assert final["state"] == "success", tasks
+    assert set(tasks.values()) == {"success"} and ("train", 1) in tasks, tasks
+    production = ModelRegistry(settings, "rest").production()
+    assert production.run == "rest-run" and production.fusion["strategy"] == "product"
+
+    # the DAG run's report tab, as the UI embeds it, and what a user sees there
+    path = f"/essp/dag-runs/essp_train/{quote(run['dag_run_id'], safe='')}"
+    status, _, raw = airflow_ui.request("GET", path, auth=False)
+    page = raw.decode()
+    assert status == 200 and "rest-run" in page and "product" in page
+    status, _, raw = airflow_ui.request("GET", path + "/workers", auth=False)
+    assert status == 200 and "trainer-rest-run-rgb" in raw.decode()
+    screenshot(airflow_ui.url + path, DAG_RUN_SCREENSHOT, width=SHOT_SIZE[0], height=SHOT_SIZE[1])
+    with Image.open(DAG_RUN_SCREENSHOT) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    assert _non_white(pixels[150:800]) > 0.03 and _colours(pixels[800:1700]) > 500

@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from essp.connections import connection_env_vars
 from essp.errors import EsspError
@@ -145,3 +146,64 @@ class AirflowStack:
 
     def down(self) -> list[str]:
         return [p for p in reversed(PROCESSES) if self.table.stop(self._name(p), timeout_s=45)]
+
+
+class AirflowClient:
+    """The REST API of a running api-server (`essp airflow up`): log in, trigger a DAG, follow a run."""
+
+    def __init__(self, settings: Settings, timeout_s: float = 30) -> None:
+        self.settings = settings
+        self.timeout_s = timeout_s
+        self._token: str | None = None
+
+    def call(self, method: str, path: str, body: dict | None = None) -> Any:
+        headers = {"Content-Type": "application/json"}
+        if not path.startswith("/auth/"):
+            headers["Authorization"] = f"Bearer {self.token()}"
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.settings.airflow_url + path, method=method, data=data, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                return json.loads(response.read() or b"{}")
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")
+            try:
+                detail = json.dumps(json.loads(detail).get("detail", detail))
+            except ValueError:
+                pass
+            raise AirflowError(f"{method} {path}: HTTP {exc.code}: {detail}") from None
+        except OSError as exc:
+            raise AirflowError(f"the Airflow API at {self.settings.airflow_url} does not answer ({exc}); start it "
+                               "with `essp airflow up`") from None
+
+    def token(self) -> str:
+        if self._token is None:
+            self._token = self.call("POST", "/auth/token", {"username": self.settings.airflow_user,
+                                                           "password": self.settings.secret("airflow_password")})[
+                "access_token"]
+        return self._token
+
+    def trigger(self, dag_id: str, conf: dict[str, Any]) -> dict[str, Any]:
+        """A new run of ``dag_id`` with ``conf`` (its params); Airflow refuses params outside their schema."""
+        return self.call("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf})
+
+    def run(self, dag_id: str, run_id: str) -> dict[str, Any]:
+        from urllib.parse import quote
+
+        return self.call("GET", f"/api/v2/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}")
+
+    def tasks(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+        from urllib.parse import quote
+
+        return self.call("GET", f"/api/v2/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances")[
+            "task_instances"]
+
+    def wait(self, dag_id: str, run_id: str, timeout_s: float = 3600, poll_s: float = 3) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            run = self.run(dag_id, run_id)
+            if run["state"] in ("success", "failed"):
+                return run
+            if time.monotonic() > deadline:
+                raise AirflowError(f"{dag_id} run {run_id} still {run['state']} after {timeout_s:.0f}s")
+            time.sleep(poll_s)

@@ -79,11 +79,13 @@ def infra_init() -> None:
 
 @infra_app.command("down")
 def infra_down() -> None:
-    """Stop Airflow and the services this state folder started (by PID), and wait for them."""
+    """Stop Airflow, the resident workers and the services this state folder started (by PID)."""
     from essp.airflow_stack import AirflowStack
+    from essp.fleet import LocalFleet
 
     settings = Settings()
     stopped = AirflowStack(settings).down()
+    stopped += LocalFleet(settings).stop_all()  # resident workers and trainers the DAGs started
     stopped += LocalStack(settings).down()
     out.print(f"stopped: {', '.join(stopped) if stopped else 'nothing (no process of ours was running)'}")
 
@@ -150,6 +152,55 @@ def airflow_test(dag_id: str,
     migrate(settings, env)
     done = airflow_cli(settings, "dags", "test", dag_id, "--conf", conf, env=env, timeout=3600)
     sys.stdout.write(done.stdout[-4000:])
+
+
+@airflow_app.command("trigger")
+def airflow_trigger(dag_id: str,
+                    conf: Annotated[str, typer.Option(help="DAG run conf (params) as JSON.")] = "{}",
+                    demo: Annotated[bool, typer.Option("--demo", help="Start from the demo's essp_train params "
+                                                       "(the dataset `make demo` ingested).")] = False,
+                    set_: Annotated[list[str] | None, typer.Option("--set", help="PARAM=VALUE (VALUE as JSON, "
+                                                                   "else a string); repeatable.")] = None,
+                    wait: Annotated[bool, typer.Option("--wait", help="Follow the run to its end.")] = False,
+                    ) -> None:
+    """Trigger a DAG through the REST API of the running api-server (`essp airflow up`), e.g.
+    `essp airflow trigger essp_train --demo --set fusion=max --wait`."""
+    from essp.airflow_stack import AirflowClient, AirflowError
+
+    settings = Settings()
+    values: dict = {}
+    if demo:
+        from essp.demo import DEMO_CONF
+
+        values.update(DEMO_CONF)
+    try:
+        values.update(json.loads(conf))
+    except ValueError as exc:
+        raise typer.BadParameter(f"--conf is not JSON: {exc}") from None
+    for item in set_ or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--set {item!r}: expected PARAM=VALUE")
+        try:
+            values[key] = json.loads(raw)
+        except ValueError:
+            values[key] = raw
+    client = AirflowClient(settings)
+    try:
+        run = client.trigger(dag_id, values)
+        out.print(f"triggered {dag_id} run {run['dag_run_id']}: {settings.airflow_url}/dags/{dag_id}/runs/"
+                  f"{run['dag_run_id']}")
+        if wait:
+            final = client.wait(dag_id, run["dag_run_id"])
+            for ti in client.tasks(dag_id, run["dag_run_id"]):
+                index = f"[{ti['map_index']}]" if ti.get("map_index", -1) >= 0 else ""
+                out.print(f"  {ti['task_id']}{index:<5} {ti['state']}")
+            out.print(f"{dag_id} run {run['dag_run_id']}: {final['state']}")
+            if final["state"] != "success":
+                raise typer.Exit(1)
+    except AirflowError as exc:
+        out.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
 
 
 @app.command("stage")

@@ -24,7 +24,7 @@ StageFn = Callable[[Settings, dict[str, Any]], dict[str, Any]]
 RESULT_FILE_ENV = "ESSP_RESULT_FILE"
 KUBERNETES_RESULT_FILE = "/airflow/xcom/return.json"
 # Modules whose import registers the built-in stages.
-BUILTIN_STAGE_MODULES = ("essp.smoke", "essp.train_stages")
+BUILTIN_STAGE_MODULES = ("essp.smoke", "essp.train_stages", "essp.ops_stages")
 
 _registry: dict[str, StageFn] = {}
 
