@@ -12,6 +12,7 @@ trainers finished (their checkpoints); a new DAG run re-plans an unfinished epoc
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any, NamedTuple
 
 from airflow.exceptions import AirflowException
@@ -34,6 +35,9 @@ class TrainStreamOperator(BaseOperator):
     operator_extra_links = (WorkerLogsLink(),)
 
     def __init__(self, *, run: str, stream: str, poll_s: float = 1.0, **kwargs: Any) -> None:
+        # A retry goes on from the epochs the trainers finished (a lost triggerer or worker costs nothing).
+        kwargs.setdefault("retries", 2)
+        kwargs.setdefault("retry_delay", timedelta(seconds=10))
         super().__init__(**kwargs)
         self.run = run
         self.stream = stream

@@ -22,6 +22,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from essp.contract import RedisKeys
 
 POLL_S = 1.0
+MIN_FIRE_S = 8.0
 
 
 class EpochDoneTrigger(BaseTrigger):
@@ -117,6 +118,13 @@ class EpochDoneTrigger(BaseTrigger):
                                                       f"before finishing epoch {self.epoch}; its log ends:\n{tail}"})
                         return
                 if len(done) == len(self.streams):
+                    # Not sooner than MIN_FIRE_S after the task deferred: Airflow's scheduler fails a task
+                    # whose resumed run is already going when the report of its deferring run arrives
+                    # late (seen here on a busy 2-core machine, ~5 s after a tiny epoch). Real epochs
+                    # take longer than this.
+                    early = MIN_FIRE_S - (time.time() - self.started)
+                    if early > 0:
+                        await asyncio.sleep(early)
                     yield TriggerEvent({**base, "status": "done", "stats": done})
                     return
                 if time.time() - self.started - paused_s > self.timeout_s:
