@@ -70,6 +70,7 @@ class EsspStageOperator(KubernetesPodOperator):
     def __init__(self, *, stage: str, stage_params: dict[str, Any] | None = None, gpus: int = 0,
                  cpu: str = "1", memory: str = "2Gi", mode: str | None = None, **kwargs: Any) -> None:
         settings = Settings()
+        gpus = gpus if settings.k8s_trainer_gpus else 0  # a cluster without GPUs (k8s/overlays/local)
         limits = {"cpu": cpu, "memory": memory}
         if gpus:
             limits["nvidia.com/gpu"] = str(gpus)

@@ -76,6 +76,9 @@ class TrainStreamOperator(BaseOperator):
             self.log.info("Planned and published epoch %d of run %s", epoch, self.run)
         else:
             self.log.info("Epoch %d of run %s is already planned by this DAG run", epoch, self.run)
+        finished = self._finished(settings, spec, epoch)
+        if finished is not None:  # already trained (a lagging stream's task, a retry): no need to wait
+            return self.epoch_done(context, {**finished, "carry": {"history": history[-50:]}})
         redis = {"host": settings.redis_host, "port": settings.redis_port, "db": settings.redis_db,
                  "prefix": settings.redis_prefix,
                  "password": settings.redis_password.get_secret_value() if settings.redis_password else None}
@@ -88,6 +91,18 @@ class TrainStreamOperator(BaseOperator):
                    timeout=None)  # the trigger times out itself, and not while the run is paused
         raise AssertionError("unreachable: defer() raises")  # pragma: no cover
 
+    def _finished(self, settings: Any, spec: Any, epoch: int) -> dict[str, Any] | None:
+        """The trigger's "done" event if every stream has finished ``epoch`` already, else None."""
+        from essp.train_worker import trainer_state
+
+        stats = {}
+        for stream in spec.streams:
+            state = trainer_state(settings, self.run, stream)
+            if int(state.get("epoch_done", -1)) < epoch:
+                return None
+            stats[stream] = state.get("stats", {})
+        return {"run": self.run, "epoch": epoch, "status": "done", "stats": stats}
+
     def epoch_done(self, context: Any, event: dict[str, Any] | None = None, **_: Any) -> dict[str, Any]:
         from essp.training import epoch_line
 
@@ -99,11 +114,15 @@ class TrainStreamOperator(BaseOperator):
             raise AirflowException(f"run {self.run}, epoch {epoch}: {event.get('detail')}")
         settings, spec = self._load()
         stats = event.get("stats", {})
-        for stream in spec.streams:  # this task's stream first, the others for comparison
-            figures = stats.get(stream)
-            if figures:
-                mark = "" if stream == self.stream else "   (other stream)"
-                self.log.info("%s%s", epoch_line(epoch, stream, figures).strip(), mark)
+        # The trainers' state holds their last epoch's figures: a task that finds a stream further on
+        # (it lagged behind the trainers) says so instead of showing another epoch's figures.
+        stats = {s: f for s, f in stats.items() if f and int(f.get("epoch", epoch)) == epoch}
+        for stream in spec.streams:
+            mark = "" if stream == self.stream else "   (other stream)"
+            if stream in stats:
+                self.log.info("%s%s", epoch_line(epoch, stream, stats[stream]).strip(), mark)
+            else:
+                self.log.info("epoch %d %s finished (its figures are in the run's report)%s", epoch, stream, mark)
         own = stats.get(self.stream, {})
         history = [*history, {"epoch": epoch, **{k: own[k] for k in ("loss", "accuracy", "samples_per_s",
                                                                      "data_wait") if k in own}}]
@@ -144,10 +163,11 @@ def training_tasks(plan: Any) -> TrainingTasks:
     release_trainers = EsspStageOperator(task_id="release_trainers", stage="workers-release",
                                          stage_params=plan["release_trainers"], cpu="250m", memory="512Mi",
                                          trigger_rule=TriggerRule.ALL_DONE)
+    # Scoring runs both streams' models over every video: on a GPU in Kubernetes (the run's device).
     score_test = EsspStageOperator(task_id="score_test", stage="train-score", stage_params=plan["score_test"],
-                                   cpu="2", memory="4Gi")
+                                   cpu="4", memory="8Gi", gpus=1)
     score_train = EsspStageOperator(task_id="score_train", stage="train-score", stage_params=plan["score_train"],
-                                    cpu="2", memory="4Gi")
+                                    cpu="4", memory="8Gi", gpus=1)
     fuse = EsspStageOperator(task_id="fuse_and_report", stage="train-fuse-report", stage_params=plan["fuse"],
                              cpu="1", memory="2Gi")
     register = EsspStageOperator(task_id="register", stage="train-register",

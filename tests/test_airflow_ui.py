@@ -1,6 +1,8 @@
-"""The ESSP plugin in a real Airflow: the api-server loads it from the repo's plugins/ folder, lists it
-in the REST API, serves the report pages under /essp, and headless Chromium renders one (the
-screenshot is kept as documentation: docs/img/ui-report.png).
+"""A real Airflow on PostgreSQL (`essp airflow up|down`: the four processes, started once, stopped by
+PID from another process) with the ESSP plugin: the api-server loads it from the repo's plugins/
+folder, lists it in the REST API, serves the report pages under /essp, and headless Chromium renders
+one (the screenshot is kept as documentation: docs/img/ui-report.png); and essp_train triggered
+through the REST API with a param override, run by the scheduler, its report tab screenshotted.
 
 The module-scoped ``airflow_ui`` fixture (the four Airflow processes on a database of their own, with
 isolated buckets and prefixes, and a token helper) is meant to be shared by further tests of this
@@ -9,7 +11,11 @@ module, e.g. an ``essp_train`` run triggered through the REST API."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -25,9 +31,10 @@ from conftest import _cleanup, free_port_block
 from PIL import Image
 from reports import write_seeded_report
 
-from essp.airflow_stack import AirflowStack
+from essp.airflow_stack import PROCESSES, AirflowStack, api_healthy
 from essp.browser import screenshot
 from essp.infra import LocalStack, pg_params
+from essp.procs import pid_alive
 from essp.settings import SECRETS_FILE, Settings
 
 pytestmark = pytest.mark.slow
@@ -88,8 +95,21 @@ def airflow_ui(base_settings, tmp_path_factory) -> Iterator[AirflowUI]:
     LocalStack(settings).up(["postgres"])  # creates the database
     stack = AirflowStack(settings)
     try:
-        stack.up()
+        # `essp airflow up` starts the four processes once; again, it finds them running
+        assert stack.up() == {p: "started" for p in PROCESSES}
+        pids = stack.status()
+        assert stack.up() == {p: "already running" for p in PROCESSES} and stack.status() == pids
         yield AirflowUI(settings)
+        # `essp airflow down` from another process (the processes rename themselves: the PID files
+        # still find them) stops all four
+        done = subprocess.run([str(Path(sys.executable).parent / "essp"), "airflow", "down"],
+                              env={**os.environ, **settings.as_env()}, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr
+        assert all(process in done.stdout for process in PROCESSES)
+        deadline = time.monotonic() + 30
+        while any(pid_alive(pid) for pid in pids.values() if pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(pid_alive(pid) for pid in pids.values() if pid) and not api_healthy(settings)
     finally:
         stack.down()
         conn = psycopg2.connect(**pg_params(settings, "postgres"))
@@ -146,8 +166,8 @@ def test_plugin_is_served_and_the_report_renders(airflow_ui):
     assert _colours(pixels) > 1000
 
 
-REST_CONF = {"dataset": "tiny", "rgb_arch": "tiny", "flow_arch": "tiny", "epochs": 2, "samples_per_epoch": 32,
-             "length": 4, "size": 32, "batch_size": 8, "lr": 0.05, "snippets": 3, "fusion": "product",
+REST_CONF = {"dataset": "tiny", "rgb_arch": "tiny", "flow_arch": "tiny", "epochs": 1, "samples_per_epoch": 24,
+             "length": 4, "size": 32, "batch_size": 8, "lr": 0.05, "snippets": 2, "fusion": "product",
              "replicas": {"decode": 1, "flow": 1, "rgb": 1}, "stop_data_workers": True, "registry": "rest",
              "run": "rest-run"}
 DAG_RUN_SCREENSHOT = REPO / "docs" / "img" / "ui-dag-run-report.png"
@@ -166,8 +186,6 @@ def test_essp_train_triggered_through_the_rest_api_with_a_fusion_override(airflo
     for _ in range(60):  # the dag-processor parses the DAG folder at start
         if airflow_ui.request("GET", "/api/v2/dags/essp_train")[0] == 200:
             break
-        import time
-
         time.sleep(2)
 
     # a param outside its schema is refused at trigger time, naming it

@@ -8,6 +8,7 @@ topics, Redis keys, and a state folder of its own, so its resident workers are i
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -204,12 +205,42 @@ def test_nightly_retrain_skips_when_nothing_changed_then_retrains_on_a_new_video
     assert again["tasks"]["refresh_manifest"] == "skipped", again["tasks"]
 
 
-def test_a_bad_param_is_refused_naming_it(dag_env):
-    # what one param's schema says, Airflow refuses when the run is created (UI, REST API, CLI alike)
-    result = run_dag(dag_env, "essp_train", {**CONF, "fusion": "best", "run": "dagtest-bad"})
-    assert "error" in result and "fusion" in result["error"] and "best" in result["error"], result.get("error")
-    result = run_dag(dag_env, "essp_train", {**CONF, "epochs": 0, "run": "dagtest-bad"})
-    assert "error" in result and "epochs" in result["error"], result.get("error")
+def _train_dag():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "dags" / "essp_train.py"
+    spec = importlib.util.spec_from_file_location("essp_dag_essp_train", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.essp_train()
+
+
+@pytest.mark.parametrize(("override", "words"), [
+    ({"fusion": "best"}, ["fusion", "'best' is not one of"]),
+    ({"epochs": 0}, ["epochs", "less than the minimum of 1"]),
+    ({"streams": ["rgb", "audio"]}, ["streams", "'audio' is not one of"]),
+    ({"replicas": {"decode": -1}}, ["replicas", "less than the minimum of 0"]),
+    ({"run": "no spaces allowed"}, ["run", "does not match"]),
+])
+def test_a_param_outside_its_schema_is_refused_when_the_run_is_created(override, words):
+    # what Airflow checks when a run is created (UI, REST API with HTTP 400, CLI alike): the params
+    # of the DAG with the run's conf on top
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    def checked(conf: dict) -> dict:  # what DAG.create_dagrun does: the params, the conf on top, validate
+        params = copy.deepcopy(_train_dag().params)
+        params.update(conf)
+        return params.validate()
+
+    with pytest.raises(ParamValidationError) as caught:
+        checked({**CONF, **override})
+    for word in words:
+        assert word in str(caught.value), str(caught.value)
+    assert checked(CONF)["fusion"] == "max"  # the good conf passes
+
+
+def test_a_bad_combination_of_params_fails_the_first_task_naming_it(dag_env):
     # what needs two params is refused by the first task, before anything starts
     result = run_dag(dag_env, "essp_train", {**CONF, "fusion": "weighted", "run": "dagtest-bad"})
     assert result["state"] == "failed"

@@ -96,3 +96,62 @@ def test_mode_comes_from_the_setting_and_bad_values_are_refused(monkeypatch):
     assert op.resolved_mode() == "local"
     with pytest.raises(AirflowException, match="ESSP_STAGE_MODE='docker'"):
         EsspStageOperator(task_id="t2", stage="smoke-redis", mode="docker").resolved_mode()
+
+
+# Small resolved params for each stage, standing in for the XComs and templates of a real DAG run.
+SAMPLE_PARAMS = {"run": "r1", "split": "test", "registry": "reg", "manifest": "s3://b/m.json", "prefix": "incoming/",
+                 "command": "pause", "token": "t", "replicas": {"decode": 1}, "streams": ["rgb", "flow"]}
+
+
+def _dag_stage_tasks():
+    import importlib.util
+    from pathlib import Path
+
+    from airflow.sdk import DAG
+
+    dags = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "dags").glob("*.py")):
+        spec = importlib.util.spec_from_file_location(f"essp_dag_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        dags += [v for v in vars(module).values() if isinstance(v, DAG)]
+        # @dag functions are called at import; their DAGs are kept by the module's dag function
+        dags += [fn() for name, fn in vars(module).items() if name == path.stem and callable(fn)]
+    tasks = [(d.dag_id, t) for d in {d.dag_id: d for d in dags}.values() for t in d.tasks
+             if isinstance(t, EsspStageOperator)]
+    return tasks
+
+
+def test_every_stage_of_every_dag_renders_a_valid_pod_in_kubernetes_mode(monkeypatch):
+    from essp.stages import stage_names
+
+    monkeypatch.setenv("ESSP_STAGE_MODE", "kubernetes")
+    tasks = _dag_stage_tasks()
+    dag_ids = {dag_id for dag_id, _ in tasks}
+    assert {"essp_train", "essp_nightly_retrain", "essp_predict", "essp_control", "essp_smoke"} <= dag_ids
+    assert len(tasks) >= 20
+    known = set(stage_names())
+    for dag_id, task in tasks:
+        assert task.resolved_mode() == "kubernetes"
+        task.stage_params = SAMPLE_PARAMS  # what rendering the templates and XComs gives at run time
+        pod, body = _render(task)
+        main = pod.spec.containers[0]
+        where = f"{dag_id}.{task.task_id}"
+        assert main.command == ["essp"] and main.args[:2] == ["stage", task.stage], where
+        assert task.stage in known, where
+        assert json.loads(main.args[3]) == SAMPLE_PARAMS, where
+        assert main.resources.requests["cpu"] and main.resources.limits["memory"], where
+        if task.gpus:
+            assert main.image.startswith("ghcr.io/essp-project/essp-worker-gpu:"), where
+            assert main.resources.limits["nvidia.com/gpu"] == str(task.gpus), where
+            assert pod.spec.node_selector == {"nvidia.com/gpu.present": "true"}, where
+        else:
+            assert main.image.startswith("ghcr.io/essp-project/essp-worker-cpu:"), where
+            assert "nvidia.com/gpu" not in main.resources.limits, where
+        assert [e.secret_ref.name for e in main.env_from if e.secret_ref] == ["essp-credentials"], where
+        assert pod.spec.service_account_name == "essp-airflow", where
+        env = {e.name: e.value for e in main.env}
+        assert not any("SECRET" in name or "PASSWORD" in name for name in env), where
+        assert pod.metadata.labels["essp/stage"] == task.stage, where
+    # the scoring stages ask for a GPU in Kubernetes; none of the others do
+    assert {t.task_id for _, t in tasks if t.gpus} == {"score_test", "score_train"}

@@ -110,8 +110,9 @@ class Settings(BaseSettings):
     image_worker_cpu: str = "ghcr.io/essp-project/essp-worker-cpu:0.1.0"
     image_worker_gpu: str = "ghcr.io/essp-project/essp-worker-gpu:0.1.0"
     k8s_service_account: str = Field("essp-airflow", description="Service account of the stage pods (k8s/).")
-    k8s_trainer_gpus: bool = Field(True, description="Trainer Deployments request nvidia.com/gpu (off on a "
-                                                     "cluster without GPUs: k8s/overlays/local).")
+    k8s_trainer_gpus: bool = Field(True, description="Trainer Deployments and GPU stage pods request "
+                                                     "nvidia.com/gpu (off on a cluster without GPUs: "
+                                                     "k8s/overlays/local).")
 
     @classmethod
     def settings_customise_sources(  # noqa: ANN206

@@ -288,7 +288,9 @@ def score_split(settings: Settings, spec: RunSpec, split: str, *, snippets: int 
     """Score every video of ``split`` per stream and store the scores; returns their URIs."""
     _, facts = load_run(settings, spec.run)
     manifest = ManifestStore(settings).load(facts["manifest_uri"])
-    models = load_stream_models(settings, spec, len(facts["classes"]))
+    from essp.trainer import resolve_device
+
+    models = load_stream_models(settings, spec, len(facts["classes"]), device=str(resolve_device(spec.device)))
     videos = manifest_videos(manifest, split)
     started = time.monotonic()
     scores, plan = score_videos(settings, models, videos, run=spec.run, split=split, features=spec.features(),

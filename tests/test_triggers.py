@@ -1,0 +1,128 @@
+"""EpochDoneTrigger on the real Redis: it fires when every stream finished the epoch, fails on a failed
+trainer, a dead local trainer process and a stopped run, waits through a pause without timing out,
+and survives a serialize/rebuild (what the triggerer does)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from essp.clients.redis import redis_client
+from essp.contract import RedisKeys
+from essp.fleet import trainer_name
+from essp.operators import triggers
+from essp.operators.triggers import EpochDoneTrigger
+from essp.procs import ProcessTable
+
+RUN = "trig-run"
+
+
+@pytest.fixture
+def redis_kwargs(settings):
+    return {"host": settings.redis_host, "port": settings.redis_port, "db": settings.redis_db,
+            "prefix": settings.redis_prefix, "password": None}
+
+
+@pytest.fixture(autouse=True)
+def quick(monkeypatch):
+    monkeypatch.setattr(triggers, "MIN_FIRE_S", 0.0)
+
+
+def _state(settings, stream: str, **state) -> None:
+    redis_client(settings).set(RedisKeys(settings.redis_prefix).trainer(RUN, stream), json.dumps(state))
+
+
+def _first_event(trigger: EpochDoneTrigger, timeout: float = 20):
+    async def first():
+        async for event in trigger.run():
+            return event.payload
+        return None
+
+    return asyncio.run(asyncio.wait_for(first(), timeout))
+
+
+def _rebuilt(trigger: EpochDoneTrigger) -> EpochDoneTrigger:
+    classpath, kwargs = trigger.serialize()
+    assert classpath == "essp.operators.triggers.EpochDoneTrigger"
+    return EpochDoneTrigger(**json.loads(json.dumps(kwargs)))
+
+
+def test_fires_when_every_stream_finished_the_epoch(settings, redis_kwargs):
+    _state(settings, "rgb", status="epoch_done", epoch_done=1, stats={"loss": 0.5})
+    _state(settings, "flow", status="training", epoch_done=0)
+    trigger = _rebuilt(EpochDoneTrigger(run=RUN, streams=["rgb", "flow"], epoch=1, redis=redis_kwargs, timeout_s=30,
+                                        poll_s=0.1, carry={"history": [{"epoch": 0}]}))
+
+    async def finish_flow_later():
+        await asyncio.sleep(0.5)
+        _state(settings, "flow", status="epoch_done", epoch_done=1, stats={"loss": 0.7})
+
+    async def both():
+        task = asyncio.create_task(finish_flow_later())
+        started = time.monotonic()
+        async for event in trigger.run():
+            await task
+            return event.payload, time.monotonic() - started
+
+    payload, waited = asyncio.run(both())
+    assert payload["status"] == "done" and payload["epoch"] == 1 and waited >= 0.4
+    assert payload["stats"] == {"rgb": {"loss": 0.5}, "flow": {"loss": 0.7}}
+    assert payload["carry"] == {"history": [{"epoch": 0}]}
+
+
+def test_a_failed_trainer_fails_the_wait_with_its_detail(settings, redis_kwargs):
+    _state(settings, "rgb", status="failed", epoch_done=-1, detail="CUDA out of memory")
+    payload = _first_event(EpochDoneTrigger(run=RUN, streams=["rgb"], epoch=0, redis=redis_kwargs, timeout_s=30,
+                                            poll_s=0.1))
+    assert payload["status"] == "failed" and "CUDA out of memory" in payload["detail"]
+
+
+def test_a_dead_local_trainer_fails_the_wait_with_its_log(settings, redis_kwargs, tmp_path):
+    table = ProcessTable(tmp_path)
+    name = trainer_name(RUN, "flow")
+    record = table.spawn(name, ["sh", "-c", "echo 'trainer: loading checkpoint'; echo 'Killed' >&2; exit 137"])
+    deadline = time.monotonic() + 10
+    while table.exited_early(record) is None and time.monotonic() < deadline:  # reaps it (no zombie)
+        time.sleep(0.05)
+    assert table.exited_early(record) == 137
+    _state(settings, "flow", status="training", epoch_done=-1)
+    payload = _first_event(EpochDoneTrigger(run=RUN, streams=["flow"], epoch=0, redis=redis_kwargs, timeout_s=30,
+                                            poll_s=0.1, state_dir=str(tmp_path)))
+    assert payload["status"] == "failed" and "exited before finishing epoch 0" in payload["detail"]
+    assert "Killed" in payload["detail"]
+
+
+def test_stop_ends_the_wait_and_pause_holds_the_timeout(settings, redis_kwargs):
+    keys = RedisKeys(settings.redis_prefix)
+    client = redis_client(settings)
+    _state(settings, "rgb", status="training", epoch_done=-1)
+    client.set(keys.run_state(RUN), "stopped")
+    payload = _first_event(EpochDoneTrigger(run=RUN, streams=["rgb"], epoch=0, redis=redis_kwargs, timeout_s=30,
+                                            poll_s=0.1))
+    assert payload["status"] == "stopped" and "essp control stop" in payload["detail"]
+
+    # paused for longer than the timeout: no timeout; resumed and finished: done
+    client.set(keys.run_state(RUN), "paused")
+    trigger = EpochDoneTrigger(run=RUN, streams=["rgb"], epoch=0, redis=redis_kwargs, timeout_s=1.0, poll_s=0.1)
+
+    async def resume_later():
+        await asyncio.sleep(2.0)
+        client.set(keys.run_state(RUN), "running")
+        _state(settings, "rgb", status="epoch_done", epoch_done=0, stats={})
+
+    async def run():
+        task = asyncio.create_task(resume_later())
+        async for event in trigger.run():
+            await task
+            return event.payload
+
+    assert asyncio.run(run())["status"] == "done"
+
+    # not paused: the timeout names the stream that is late
+    _state(settings, "rgb", status="training", epoch_done=0)
+    payload = _first_event(EpochDoneTrigger(run=RUN, streams=["rgb"], epoch=1, redis=redis_kwargs, timeout_s=0.5,
+                                            poll_s=0.1))
+    assert payload["status"] == "timeout" and "not finished by rgb" in payload["detail"]
