@@ -44,7 +44,7 @@ class TrainStreamOperator(BaseOperator):
         self.poll_s = poll_s
 
     def _load(self) -> tuple[Any, Any]:
-        from essp.training import load_run
+        from essp.runstate import load_run
 
         settings = stage_settings()
         spec, _ = load_run(settings, self.run)
@@ -53,7 +53,7 @@ class TrainStreamOperator(BaseOperator):
         return settings, spec
 
     def execute(self, context: Any) -> dict[str, Any]:
-        from essp.training import trained_epochs
+        from essp.runstate import trained_epochs
 
         settings, spec = self._load()
         first = trained_epochs(settings, spec)
@@ -64,7 +64,7 @@ class TrainStreamOperator(BaseOperator):
 
     def _advance(self, context: Any, settings: Any, spec: Any, epoch: int, history: list[dict]) -> dict[str, Any]:
         from essp.fleet import worker_mode
-        from essp.training import plan_epoch_once
+        from essp.runstate import plan_epoch_once
 
         if epoch >= spec.epochs:
             final = history[-1] if history else {}
@@ -93,7 +93,7 @@ class TrainStreamOperator(BaseOperator):
 
     def _finished(self, settings: Any, spec: Any, epoch: int) -> dict[str, Any] | None:
         """The trigger's "done" event if every stream has finished ``epoch`` already, else None."""
-        from essp.train_worker import trainer_state
+        from essp.runstate import trainer_state
 
         stats = {}
         for stream in spec.streams:
@@ -104,7 +104,7 @@ class TrainStreamOperator(BaseOperator):
         return {"run": self.run, "epoch": epoch, "status": "done", "stats": stats}
 
     def epoch_done(self, context: Any, event: dict[str, Any] | None = None, **_: Any) -> dict[str, Any]:
-        from essp.training import epoch_line
+        from essp.runstate import epoch_line
 
         if not event:
             raise AirflowException(f"run {self.run}: the epoch trigger ended without an event")

@@ -128,6 +128,8 @@ def test_trainer_bench_quick_run_measures_compute_and_data_wait(base_settings, t
 
 
 def test_trainer_bench_refuses_bad_options():
+    import essp.bench_trainer  # noqa: F401 - registers `bench trainer` (the CLI imports it the same way)
+
     runner = CliRunner()
     result = runner.invoke(bench_app, ["trainer", "--archs", "tiny,alexnet"])
     assert result.exit_code != 0 and "alexnet" in result.output

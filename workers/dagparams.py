@@ -15,9 +15,8 @@ from typing import Any
 from essp.errors import EsspError
 from essp.extractors import FLOW_METHODS, extractor_kinds
 from essp.fleet import data_kinds
-from essp.models import ARCHITECTURES
 from essp.runlinks import run_id_for
-from essp.training import RunSpec, RunSpecError, parse_spec
+from essp.runspec import ARCHITECTURES, RunSpec, RunSpecError, parse_spec
 
 FUSIONS = ["average", "weighted", "max", "product", "learned", "sequence"]
 METRICS = ["top1", "top5", "mean_class_accuracy", "mAP"]

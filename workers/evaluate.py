@@ -27,12 +27,12 @@ from essp.manifest import Manifest
 from essp.models import StreamModel, normalise_batch
 from essp.payloads import SampleStore
 from essp.plan import EpochPlan, publish_plan
+from essp.runspec import DEFAULT_SNIPPETS  # noqa: F401 - essp.evaluate.DEFAULT_SNIPPETS stays importable
 from essp.runstore import VideoScores
 from essp.settings import Settings
 
 log = logging.getLogger("essp.evaluate")
 
-DEFAULT_SNIPPETS = 25
 
 
 class ScoringError(EsspError):

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from essp.compat import import_torchvision
 from essp.errors import EsspError
+from essp.runspec import ARCHITECTURES  # noqa: F401 - essp.models.ARCHITECTURES stays importable
 
 if TYPE_CHECKING:
     from essp.settings import Settings
@@ -29,7 +30,6 @@ log = logging.getLogger("essp.models")
 
 STREAMS = ("rgb", "flow", "framediff")
 TEMPORAL_STREAMS = ("flow", "framediff")
-ARCHITECTURES = ("tiny", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg16", "vgg19")
 
 # Dropout before the classifier (ResNet, tiny) or on VGG's two hidden FC layers. Two-stream practice:
 # temporal streams see few, highly correlated samples and overfit hardest, so they get the most dropout;

@@ -25,7 +25,6 @@ from essp.clients.s3 import ObjectNotFound, ObjectStore, S3Uri
 from essp.contract import check_run_id
 from essp.errors import EsspError
 from essp.settings import Settings
-from essp.trainer import checkpoint_bytes, checkpoint_from_bytes
 
 
 class RunArtifactMissing(EsspError, FileNotFoundError):
@@ -90,6 +89,8 @@ class RunStore:
             name = f"stop-e{int(state['epoch']):04d}-i{int(state['iteration']):07d}.pt"
         key = f"{self.run}/checkpoints/{stream}/{name}"
         self.store.ensure_bucket(self.bucket)
+        from essp.trainer import checkpoint_bytes  # torch: only where checkpoints are read or written
+
         self.store.put_bytes(self.bucket, key, checkpoint_bytes(state), content_type="application/octet-stream")
         uri = str(S3Uri(self.bucket, key))
         self.store.put_json(self.bucket, f"{self.run}/checkpoints/{stream}/latest.json", {
@@ -149,4 +150,6 @@ def load_checkpoint_uri(settings: Settings, uri: str) -> dict[str, Any]:
                 data = handle.read()
         except OSError as exc:
             raise RunArtifactMissing(f"checkpoint {uri}: {exc.strerror}") from None
+    from essp.trainer import checkpoint_from_bytes
+
     return checkpoint_from_bytes(data, uri)

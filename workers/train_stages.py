@@ -7,17 +7,13 @@ from __future__ import annotations
 from typing import Any
 
 from essp.errors import EsspError
+from essp.runspec import parse_spec
+from essp.runstate import load_run, prepare_run
 from essp.settings import Settings
 from essp.stages import stage
-from essp.training import (
-    fuse_and_report,
-    load_run,
-    parse_spec,
-    prepare_run,
-    register_run,
-    score_split,
-    train_epoch,
-)
+
+# The stages that run models import essp.training (torch) when they run, so that the others (prepare,
+# ensure, release) start in a fraction of a second.
 
 
 def _run(params: dict[str, Any]) -> str:
@@ -76,6 +72,8 @@ def epoch_stage(settings: Settings, params: dict[str, Any]) -> dict[str, Any]:
     spec, _ = load_run(settings, _run(params))
     if not isinstance(params.get("epoch"), int) or params["epoch"] < 0:
         raise EsspError(f"train-epoch needs 'epoch' as an integer >= 0, got {params.get('epoch')!r}")
+    from essp.training import train_epoch
+
     return {"epoch": params["epoch"], "streams": train_epoch(settings, spec, params["epoch"])}
 
 
@@ -83,6 +81,8 @@ def epoch_stage(settings: Settings, params: dict[str, Any]) -> dict[str, Any]:
 def score_stage(settings: Settings, params: dict[str, Any]) -> dict[str, Any]:
     """Score every video of a split per stream (params: run, split = test | train)."""
     spec, _ = load_run(settings, _run(params))
+    from essp.training import score_split
+
     split = params.get("split", "test")
     return {"split": split, "scores": score_split(settings, spec, split)}
 
@@ -91,6 +91,8 @@ def score_stage(settings: Settings, params: dict[str, Any]) -> dict[str, Any]:
 def fuse_report_stage(settings: Settings, params: dict[str, Any]) -> dict[str, Any]:
     """Every fusion side by side, the requested one kept, the report written (params: run)."""
     spec, _ = load_run(settings, _run(params))
+    from essp.training import fuse_and_report
+
     outcome = fuse_and_report(settings, spec)
     metrics = {k: outcome["metrics"][k] for k in ("videos", "top1", "top5", "mean_class_accuracy", "mAP")}
     return {"run": spec.run, "selected": outcome["selected"], "metrics": metrics,
@@ -106,4 +108,6 @@ def register_stage(settings: Settings, params: dict[str, Any]) -> dict[str, Any]
     fused = params.get("fused") or params
     if not isinstance(fused.get("metrics"), dict) or not fused.get("fusion_state"):
         raise EsspError("train-register needs 'metrics' and 'fusion_state' (the result of train-fuse-report)")
+    from essp.training import register_run
+
     return {"run": spec.run, **register_run(settings, spec, fused["metrics"], fusion_state=fused["fusion_state"])}

@@ -36,8 +36,8 @@ from essp.trainer import StreamTrainer, TrainParams
 
 log = logging.getLogger("essp.train")
 
-TRAINER_FAMILY = "trainer"
-STATE_TTL_S = 7 * 24 * 3600
+# The master's side of the protocol lives in essp.runstate (light: no torch); re-exported here.
+from essp.runstate import STATE_TTL_S, TRAINER_FAMILY, request_epoch, trainer_state  # noqa: E402, F401
 
 
 class TrainSpec(BaseModel):
@@ -51,22 +51,6 @@ class TrainSpec(BaseModel):
     length: int = Field(ge=1, description="Stack length L of the run's samples.")
     params: TrainParams = Field(default_factory=TrainParams)
     prefetch: int | None = Field(None, ge=1)
-
-
-def trainer_state(settings: Settings, run: str, stream: str) -> dict[str, Any]:
-    """The trainer's last recorded state: status, epoch_done (-1: none yet), worker, detail, stats."""
-    raw = redis_client(settings).get(RedisKeys(settings.redis_prefix).trainer(run, stream))
-    return json.loads(raw) if raw else {}
-
-
-def request_epoch(settings: Settings, run: str, epoch: int, expected: int) -> None:
-    """Ask the run's trainers for ``epoch`` of ``expected`` samples (Redis, then a control wake-up)."""
-    keys = RedisKeys(settings.redis_prefix)
-    redis_client(settings).set(keys.epoch_request(run), json.dumps({"epoch": epoch, "expected": expected}),
-                               ex=STATE_TTL_S)
-    with MessageProducer(settings) as producer:
-        producer.publish(Topics(settings.topic_prefix).control,
-                         ControlCommand(command="epoch", run=run, epoch=epoch, target=TRAINER_FAMILY))
 
 
 class TrainWorker:

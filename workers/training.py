@@ -20,153 +20,34 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-from essp.contract import check_run_id
 from essp.errors import EsspError
-from essp.evaluate import DEFAULT_SNIPPETS, manifest_videos
+from essp.evaluate import manifest_videos
 from essp.evaluate import score_split as score_videos
-from essp.extractors import create_extractor, extractor_kinds
 from essp.fusion import StreamScores, compare_fusions, make_fuser
 from essp.manifest import ManifestStore
-from essp.models import ARCHITECTURES, build_model
-from essp.plan import decode_quarantine, plan_epoch, publish_plan
+from essp.models import build_model
+from essp.plan import decode_quarantine
+from essp.runspec import RunSpec, RunSpecError, StreamSpec, parse_spec  # noqa: F401 - re-exported
+from essp.runstate import (  # noqa: F401 - re-exported
+    epoch_line,
+    load_run,
+    plan_epoch_once,
+    prepare_run,
+    request_epoch,
+    start_epoch,
+    trained_epochs,
+    trainer_state,
+)
 from essp.runstore import RunStore, VideoScores
 from essp.settings import Settings
-from essp.train_worker import TrainSpec, request_epoch, trainer_state
-from essp.trainer import TrainParams
+from essp.train_worker import TrainSpec
 
 Log = Callable[[str], None]
 
 
-class RunSpecError(EsspError, ValueError):
-    """A training run's parameters are not valid; the message names the parameter."""
-
-
-class StreamSpec(BaseModel):
-    """One stream of a run: its architecture and its extractor's options (e.g. the flow method)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    arch: str = "tiny"
-    options: dict[str, Any] = Field(default_factory=dict)
-    pretrained: str | None = None
-    dropout: float | None = Field(None, ge=0, lt=1)
-
-
-class RunSpec(BaseModel):
-    """Every knob of a training run (the `essp_train` DAG's params)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    run: str
-    manifest: str = Field(description="Dataset manifest: a name (latest version), name@N, or an s3:// URI.")
-    streams: dict[str, StreamSpec] = Field(
-        default_factory=lambda: {"rgb": StreamSpec(), "flow": StreamSpec(options={"method": "dis_fast"})})
-    epochs: int = Field(6, ge=1, le=10_000)
-    samples_per_epoch: int | None = Field(None, ge=1, description="Default: the number of training videos.")
-    length: int = Field(10, ge=1, le=64, description="Stack length L.")
-    size: int = Field(112, ge=16, le=1024, description="Samples are size x size pixels.")
-    batch_size: int = Field(16, ge=2, le=4096)
-    lr: float = Field(0.01, gt=0, le=10)
-    lr_steps: list[int] = Field(default_factory=list)
-    lr_gamma: float = Field(0.1, gt=0, le=1)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    seed: int = Field(0, ge=0)
-    device: str = "auto"
-    snippets: int = Field(DEFAULT_SNIPPETS, ge=1, le=250, description="Snippets scored per test video.")
-    fusion: Literal["average", "weighted", "max", "product", "learned", "sequence"] = "average"
-    fusion_weights: dict[str, float] | None = None
-    registry: str | None = Field(None, description="Model registry name; default: the dataset's name.")
-    promote_metric: Literal["top1", "top5", "mean_class_accuracy", "mAP"] = "top1"
-    trainer_procs: int = Field(1, ge=1, le=64, description="DDP processes per stream trainer (one per GPU).")
-    max_inflight: int = Field(64, ge=1)
-    epoch_timeout_s: float = Field(1800, gt=0, description="How long to wait for one epoch of every stream.")
-
-    @field_validator("run")
-    @classmethod
-    def _run_id(cls, run: str) -> str:
-        return check_run_id(run)
-
-    @model_validator(mode="after")
-    def _checks(self) -> RunSpec:
-        if not self.streams:
-            raise ValueError("streams: name at least one stream (rgb, flow, framediff)")
-        for name, stream in self.streams.items():
-            if name not in extractor_kinds():
-                raise ValueError(f"streams: {name!r} is not a registered extractor ({', '.join(extractor_kinds())})")
-            if stream.arch not in ARCHITECTURES:
-                raise ValueError(f"streams.{name}.arch: {stream.arch!r} is not one of {', '.join(ARCHITECTURES)}")
-            try:
-                create_extractor(name, stream.options)
-            except (ValueError, EsspError) as exc:
-                raise ValueError(f"streams.{name}.options: {exc}") from None
-        if self.fusion == "weighted" and not self.fusion_weights:
-            raise ValueError("fusion_weights: the weighted fusion needs a weight per stream")
-        if self.fusion_weights is not None:
-            unknown = sorted(set(self.fusion_weights) - set(self.streams))
-            missing = sorted(set(self.streams) - set(self.fusion_weights))
-            if unknown or missing:
-                raise ValueError(f"fusion_weights: must name each stream exactly once (unknown: {unknown or 'none'}, "
-                                 f"missing: {missing or 'none'})")
-            if any(w < 0 for w in self.fusion_weights.values()) or sum(self.fusion_weights.values()) <= 0:
-                raise ValueError("fusion_weights: weights must be >= 0 and not all zero")
-        if self.lr_steps != sorted(set(self.lr_steps)) or any(s <= 0 for s in self.lr_steps):
-            raise ValueError(f"lr_steps: must be strictly increasing positive iterations, got {self.lr_steps}")
-        return self
-
-    def train_params(self, stream: str) -> TrainParams:
-        spec = self.streams[stream]
-        return TrainParams(arch=spec.arch, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-                           lr_steps=self.lr_steps, lr_gamma=self.lr_gamma, momentum=self.momentum,
-                           weight_decay=self.weight_decay, dropout=spec.dropout, pretrained=spec.pretrained,
-                           seed=self.seed, device=self.device)
-
-    def features(self) -> dict[str, dict[str, Any]]:
-        return {name: dict(stream.options) for name, stream in self.streams.items()}
-
-
-def parse_spec(values: dict[str, Any]) -> RunSpec:
-    """A RunSpec from user values, with errors that name each bad parameter."""
-    from pydantic import ValidationError
-
-    try:
-        return RunSpec.model_validate(values)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'params'}: {err['msg']}"
-                             for err in exc.errors())
-        raise RunSpecError(f"bad training parameters: {problems}") from None
-
-
 # -- 1. prepare ---------------------------------------------------------------------------------------
-def prepare_run(settings: Settings, spec: RunSpec) -> dict[str, Any]:
-    """Check the spec against the manifest and write ``spec.json``; returns the run's facts."""
-    store = ManifestStore(settings)
-    manifest_uri = store.resolve(spec.manifest)
-    manifest = store.load(manifest_uri)
-    train = manifest.split("train") if "train" in manifest.splits else []
-    test = manifest.split("test") if "test" in manifest.splits else []
-    if not train or not test:
-        raise RunSpecError(f"manifest {manifest_uri}: a training run needs a train and a test split "
-                           f"(train {len(train)}, test {len(test)} videos)")
-    if len(manifest.classes) < 2:
-        raise RunSpecError(f"manifest {manifest_uri}: {len(manifest.classes)} class; at least 2 are needed")
-    facts = {"spec": spec.model_dump(mode="json"), "manifest_uri": manifest_uri, "dataset": manifest.name,
-             "classes": manifest.classes,
-             "train_videos": len(train), "test_videos": len(test),
-             "samples_per_epoch": spec.samples_per_epoch or len(train)}
-    RunStore(settings, spec.run).save_json("spec.json", facts)
-    return facts
-
-
-def load_run(settings: Settings, run: str) -> tuple[RunSpec, dict[str, Any]]:
-    facts = RunStore(settings, run).load_json("spec.json")
-    return RunSpec.model_validate(facts["spec"]), facts
-
-
 def train_spec(settings: Settings, run: str, stream: str) -> TrainSpec:
     """What the resident trainer of ``stream`` needs, read from the run's ``spec.json`` in S3."""
     spec, facts = load_run(settings, run)
@@ -177,65 +58,12 @@ def train_spec(settings: Settings, run: str, stream: str) -> TrainSpec:
 
 
 # -- 2. one epoch -------------------------------------------------------------------------------------
-def trained_epochs(settings: Settings, spec: RunSpec) -> int:
-    """Epochs every stream has finished (from the trainers' state, else their checkpoints)."""
-    done = []
-    runs = RunStore(settings, spec.run)
-    for stream in spec.streams:
-        state = trainer_state(settings, spec.run, stream)
-        if state:
-            done.append(int(state.get("epoch_done", -1)) + 1)
-            continue
-        pointer = runs.latest_pointer(stream)  # its "epoch" is the next one to train, as in the checkpoint
-        done.append(0 if pointer is None else int(pointer["epoch"]))
-    return min(done)
-
-
 def train_epoch(settings: Settings, spec: RunSpec, epoch: int, *, log: Log = print,
                 alive: Callable[[], None] | None = None) -> dict[str, Any]:
     """Plan, publish and train one epoch on every stream; returns each stream's figures."""
     start_epoch(settings, spec, epoch)
     return wait_epoch_done(settings, spec.run, list(spec.streams), epoch, timeout_s=spec.epoch_timeout_s, log=log,
                            alive=alive)
-
-
-def start_epoch(settings: Settings, spec: RunSpec, epoch: int) -> int:
-    """Plan and publish one epoch and ask the trainers for it (the DAG then waits on a deferrable
-    trigger, :func:`wait_epoch_done` blocks); returns the number of samples planned."""
-    _, facts = load_run(settings, spec.run)
-    manifest = ManifestStore(settings).load(facts["manifest_uri"])
-    plan = plan_epoch(manifest, run=spec.run, epoch=epoch, features=spec.features(), length=spec.length,
-                      height=spec.size, width=spec.size, samples=facts["samples_per_epoch"], seed=spec.seed,
-                      max_inflight=spec.max_inflight, exclude=set(decode_quarantine(settings, spec.run)))
-    from essp.payloads import SampleStore
-
-    # A retried epoch (a trainer restarted) must be delivered again: forget its samples' progress.
-    SampleStore(settings, spec.run).reset(plan.sample_ids())
-    publish_plan(settings, plan)
-    request_epoch(settings, spec.run, epoch, len(plan.jobs))
-    return len(plan.jobs)
-
-
-def plan_epoch_once(settings: Settings, spec: RunSpec, epoch: int, token: str) -> bool:
-    """:func:`start_epoch`, by the first caller that gives ``token`` (the DAG run): each stream's task of
-    a DAG run tries it, exactly one plans. A new DAG run (another token) plans an unfinished epoch again,
-    as a restarted :func:`run_training` does. True if this call planned."""
-    import hashlib
-
-    from essp.clients.redis import redis_client
-    from essp.contract import RedisKeys
-
-    digest = hashlib.sha1(token.encode()).hexdigest()[:16]
-    key = f"{RedisKeys(settings.redis_prefix).prefix}:{spec.run}:planned:{epoch}:{digest}"
-    if not redis_client(settings).set(key, token, nx=True, ex=int(spec.epoch_timeout_s * 2) + 3600):
-        return False
-    start_epoch(settings, spec, epoch)
-    return True
-
-
-def epoch_line(epoch: int, stream: str, figures: dict[str, Any]) -> str:
-    return (f"  epoch {epoch} {stream:<5} loss {figures['loss']:.3f}  train acc {figures['accuracy']:.3f}  "
-            f"{figures['samples_per_s']:.1f} samples/s  data wait {100 * figures['data_wait']:.1f}%")
 
 
 def wait_epoch_done(settings: Settings, run: str, streams: list[str], epoch: int, *, timeout_s: float = 1800,
