@@ -72,11 +72,12 @@ DEMO_DATASET = {"classes": 4, "videos_per_class": 16, "frames": 48, "height": 11
 DEMO_NAME = "synth-demo"
 # essp_train's params for the demo (docs/results.md has its figures). Weighted 1:2 for flow: two-stream
 # practice weighs the temporal stream higher, and on this data the RGB stream (trained from scratch on
-# a few dozen clips) is the less reliable one. One worker of each kind: the demo machine has 2 cores.
+# a few dozen clips) is the less reliable one. One worker of each kind: the demo machine has 2 cores;
+# they stop when the run ends (a demo leaves no process behind).
 DEMO_CONF = {"dataset": DEMO_NAME, "rgb_arch": "tiny", "flow_arch": "tiny", "epochs": 10, "samples_per_epoch": 128,
              "length": 10, "size": 112, "batch_size": 16, "lr": 0.02, "snippets": 25, "fusion": "weighted",
              "fusion_weights": {"rgb": 1.0, "flow": 2.0}, "replicas": {"decode": 1, "flow": 1, "rgb": 1},
-             "registry": DEMO_NAME}
+             "stop_data_workers": True, "registry": DEMO_NAME}
 TRAIN_DAG = "essp_train"
 
 

@@ -654,17 +654,23 @@ def create_app(settings_factory: SettingsFactory = Settings) -> FastAPI:
         return StreamingResponse(chunks, media_type=content_type,
                                  headers={"Cache-Control": "no-cache", **SECURITY_HEADERS})
 
-    @app.get("/dag-runs/{dag_id}/{dag_run_id}", response_class=HTMLResponse)
-    def dag_run_report(request: Request, dag_id: str, dag_run_id: str) -> Response:
+    def linked_run(settings: Settings, dag_id: str, dag_run_id: str, root: str, why: str) -> str | Response:
+        """The ESSP run a DAG run drives, or the 404 page saying it has none (yet)."""
         from essp.runlinks import load_link
 
-        settings = settings_factory()
-        root = _root(request)
         link = load_link(settings, dag_id, dag_run_id)
         if link is None:
             return message_page(404, "No ESSP run", f"DAG run {dag_run_id} of {dag_id} has not started an ESSP run "
-                                "(yet): its first task records the run it trains.", root)
-        run = _checked_run(str(link.get("run", "")))
+                                f"(yet){why}", root)
+        return _checked_run(str(link.get("run", "")))
+
+    @app.get("/dag-runs/{dag_id}/{dag_run_id}", response_class=HTMLResponse)
+    def dag_run_report(request: Request, dag_id: str, dag_run_id: str) -> Response:
+        settings = settings_factory()
+        root = _root(request)
+        run = linked_run(settings, dag_id, dag_run_id, root, ": its first task records the run it trains.")
+        if isinstance(run, Response):
+            return run
         context = dag_run_context(dag_id, dag_run_id, run, root)
         try:
             report = read_report(settings, run)
@@ -676,15 +682,11 @@ def create_app(settings_factory: SettingsFactory = Settings) -> FastAPI:
 
     @app.get("/dag-runs/{dag_id}/{dag_run_id}/workers", response_class=HTMLResponse)
     def dag_run_workers(request: Request, dag_id: str, dag_run_id: str) -> Response:
-        from essp.runlinks import load_link
-
         settings = settings_factory()
         root = _root(request)
-        link = load_link(settings, dag_id, dag_run_id)
-        if link is None:
-            return message_page(404, "No ESSP run", f"DAG run {dag_run_id} of {dag_id} has not started an ESSP run "
-                                "(yet), so it has no workers.", root)
-        run = _checked_run(str(link.get("run", "")))
+        run = linked_run(settings, dag_id, dag_run_id, root, ", so it has no workers.")
+        if isinstance(run, Response):
+            return run
         spec = _run_spec(settings, run)
         streams = list(spec.streams) if spec is not None else None
         report = f"{root}dag-runs/{q(dag_id)}/{q(dag_run_id)}"
