@@ -34,3 +34,16 @@ def test_unknown_stage_and_bad_params_are_refused_clearly(base_settings):
     assert "unknown stage 'no-such-stage'" in done.stderr and "smoke-kafka" in done.stderr
     done = _run("stage", "smoke-redis", "--params-json", "{broken")
     assert done.returncode != 0 and "--params-json is not JSON" in done.stderr
+
+
+def test_airflow_trigger_refuses_bad_input_and_names_a_missing_api(base_settings, closed_port):
+    import os
+
+    env = {**os.environ, **base_settings.as_env(), "ESSP_AIRFLOW_PORT": str(closed_port)}
+    done = _run("airflow", "trigger", "essp_train", "--set", "no-equals-sign", env=env)
+    assert done.returncode != 0 and "expected PARAM=VALUE" in done.stdout + done.stderr
+    done = _run("airflow", "trigger", "essp_train", "--conf", "{broken", env=env)
+    assert done.returncode != 0 and "--conf is not JSON" in done.stdout + done.stderr
+    done = _run("airflow", "trigger", "essp_train", "--demo", "--set", "fusion=max", env=env)
+    assert done.returncode == 2
+    assert f"127.0.0.1:{closed_port} does not answer" in done.stdout and "essp airflow up" in done.stdout
