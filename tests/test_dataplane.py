@@ -16,11 +16,11 @@ import pytest
 from conftest import _cleanup
 from workerproc import start_workers
 
-from essp.clients.kafka import MessageConsumer, ensure_topics
+from essp.clients.kafka import MessageConsumer, MessageProducer, ensure_topics
 from essp.clients.redis import redis_client
 from essp.clients.s3 import ObjectStore, S3Uri
 from essp.consumer import SampleStream
-from essp.contract import DeadLetter, RedisKeys, Topics, WorkerEvent
+from essp.contract import DeadLetter, FramesReady, RedisKeys, Topics, WorkerEvent
 from essp.extractors import dequantise_flow
 from essp.ingest import ingest_directory
 from essp.localworkers import isolated_settings
@@ -215,6 +215,31 @@ def test_killing_workers_mid_epoch_loses_no_sample(plane):
     for name, args in (("decode-a", ["decode"]), ("flow-a", ["extract", "--kind", "flow"])):
         workers[name] = WorkerProcess(settings, args, logs, name + "-2")
         workers[name].wait_serving()
+
+
+def test_a_feature_written_but_never_announced_is_announced_when_redelivered(plane):
+    # A flow worker killed after writing a feature to Redis but before its notice was acknowledged:
+    # the frames notice comes back (uncommitted) and the next worker must announce the feature, not
+    # skip it as a duplicate (the sample would be lost: seen once in CI, 29 of 30 samples).
+    settings, manifest, damaged, workers = plane
+    run = "r-announce"
+    plan = plan_epoch(manifest, run=run, epoch=0, features={"flow": FEATURES["flow"]}, length=L, height=SIZE,
+                      width=SIZE, samples=6)
+    job = next(j for j in plan.jobs if j.video not in damaged.values())
+    topics = Topics(settings.topic_prefix)
+    ensure_topics(settings, topics.run_topics(run, ["flow"]))
+    store = SampleStore(settings, run)
+    frames = np.zeros((L + 1, SIZE, SIZE, 3), np.uint8)
+    assert store.put_frames(job.sample_id, frames, ["flow"]) == 1
+    store.put_feature("flow", job.sample_id, np.full((2 * L, SIZE, SIZE), 7, np.uint8))  # the dead worker's write
+    with SampleStream(settings, run, "flow") as stream:
+        time.sleep(1.0)
+        with MessageProducer(settings) as producer:  # the redelivered frames notice
+            producer.publish(topics.frames(run), FramesReady(job=job, key=store.frames_key(job.sample_id),
+                                                             shape=list(frames.shape)), key=job.sample_id)
+        got = list(stream.epoch(0, 1, timeout_s=60))
+    assert [s.sample_id for s in got] == [job.sample_id]
+    assert int(got[0].array.max()) == 7  # the stored feature, not a new extraction
 
 
 def test_pause_holds_a_run_and_resume_finishes_it(plane):

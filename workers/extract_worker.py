@@ -15,7 +15,7 @@ import logging
 from typing import ClassVar
 
 from essp.clients.kafka import Received
-from essp.contract import FeatureReady, FramesReady, Message
+from essp.contract import DecodeJob, FeatureReady, FramesReady, Message
 from essp.extractors import FeatureExtractor, create_extractor, extractor_kinds
 from essp.payloads import CONSUMED, EXTRACTED, SampleStore
 from essp.resident import ResidentWorker
@@ -64,9 +64,17 @@ class ExtractWorker(ResidentWorker):
             return  # the sample does not feed this stream
         store = self.store(job.run)
         state = store.stream_state(job.sample_id, self.kind)
-        if state in (EXTRACTED, CONSUMED):
+        if state == CONSUMED:
             self.count("duplicates")
             return
+        if state == EXTRACTED:
+            # The feature is in Redis, but the worker that wrote it may have died before its notice was
+            # acknowledged: announce it again (the trainer's take counts a second notice as a duplicate).
+            meta = store.feature_meta(self.kind, job.sample_id)
+            if meta is not None:
+                self._announce(job, store, *meta)
+                self.count("reannounced")
+                return
         try:
             extractor = self.extractor(job.features[self.kind])
         except ValueError as exc:
@@ -85,12 +93,14 @@ class ExtractWorker(ResidentWorker):
                                         f"frames {job.offset}..{job.offset + job.length}: {exc}")
             return
         store.put_feature(self.kind, job.sample_id, feature)
+        self._announce(job, store, list(feature.shape), str(feature.dtype))
+        self.count("jobs_done")
+
+    def _announce(self, job: DecodeJob, store: SampleStore, shape: list[int], dtype: str) -> None:
         self.publish(self.topics.ready(job.run, self.kind),
                      FeatureReady(job=job, extractor=self.kind, stream=self.kind,
-                                  key=store.feature_key(self.kind, job.sample_id), shape=list(feature.shape),
-                                  dtype=str(feature.dtype)),
+                                  key=store.feature_key(self.kind, job.sample_id), shape=shape, dtype=dtype),
                      key=job.sample_id)
-        self.count("jobs_done")
 
     def _fail(self, received: Received, store: SampleStore, reason: str) -> None:
         job = received.message.job  # type: ignore[attr-defined]

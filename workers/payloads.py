@@ -226,6 +226,14 @@ class SampleStore:
         return None if value is None else int(value)
 
     # -- features ---------------------------------------------------------------------------------
+    def feature_meta(self, stream: str, sample_id: str) -> tuple[list[int], str] | None:
+        """Shape and dtype of a stored feature (not its bytes), or None when it is not in Redis."""
+        shape, dtype = self._call(self.redis.hmget, self.feature_key(stream, sample_id), ["shape", "dtype"])
+        if shape is None or dtype is None:
+            return None
+        shape_s = shape.decode() if isinstance(shape, bytes) else shape
+        return [int(d) for d in shape_s.split(",") if d], dtype.decode() if isinstance(dtype, bytes) else dtype
+
     def put_feature(self, stream: str, sample_id: str, feature: np.ndarray) -> int | None:
         """Store one stream's feature; returns the stream's previous state (None if unknown)."""
         data, shape, dtype = _encode_array(feature)
