@@ -113,10 +113,14 @@ def run_demo_training(settings: Settings, out: Console, *, env: dict[str, str], 
     log = settings.state_dir / "logs" / f"demo-{TRAIN_DAG}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(output)
-    for line in output.splitlines():  # each stream's epochs, as the train tasks logged them
+    shown: set[str] = set()
+    for line in output.splitlines():  # each stream's epochs with figures, once, as the train tasks logged them
         if "] epoch " in line or line.lstrip().startswith("epoch "):
             text = line.split("] ", 1)[-1] if "] epoch " in line else line
-            out.print("  " + text.split(" [airflow.task")[0].strip())
+            text = text.split(" [airflow.task")[0].replace("(other stream)", "").strip()
+            if " loss " in text and text not in shown:
+                shown.add(text)
+                out.print("  " + text, soft_wrap=True)
     try:
         report = read_report(settings, run)
     except EsspError:
