@@ -183,8 +183,21 @@ class AirflowClient:
                 "access_token"]
         return self._token
 
+    def wait_for_dag(self, dag_id: str, timeout_s: float = 90) -> None:
+        """Until the dag-processor has parsed ``dag_id`` (right after `essp airflow up` it may not have)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.call("GET", f"/api/v2/dags/{dag_id}")
+                return
+            except AirflowError as exc:
+                if "HTTP 404" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(2)
+
     def trigger(self, dag_id: str, conf: dict[str, Any]) -> dict[str, Any]:
         """A new run of ``dag_id`` with ``conf`` (its params); Airflow refuses params outside their schema."""
+        self.wait_for_dag(dag_id)
         return self.call("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf})
 
     def run(self, dag_id: str, run_id: str) -> dict[str, Any]:

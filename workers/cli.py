@@ -194,8 +194,12 @@ def airflow_trigger(dag_id: str,
             final = client.wait(dag_id, run["dag_run_id"])
             for ti in client.tasks(dag_id, run["dag_run_id"]):
                 index = f"[{ti['map_index']}]" if ti.get("map_index", -1) >= 0 else ""
-                out.print(f"  {ti['task_id']}{index:<5} {ti['state']}")
+                out.print(f"  {ti['task_id'] + index:<22} {ti['state']}")
             out.print(f"{dag_id} run {run['dag_run_id']}: {final['state']}")
+            from urllib.parse import quote
+
+            out.print(f"its report: {settings.airflow_url}/essp/dag-runs/{dag_id}/{quote(run['dag_run_id'], safe='')} "
+                      "(the run's \"ESSP report\" tab in the UI)", soft_wrap=True)
             if final["state"] != "success":
                 raise typer.Exit(1)
     except AirflowError as exc:
