@@ -71,14 +71,14 @@ class TrainStreamOperator(BaseOperator):
             self.log.info("Stream %s of run %s: %d epochs trained", self.stream, self.run, spec.epochs)
             return {"run": self.run, "stream": self.stream, "epochs": spec.epochs, "final": final,
                     "history": history[-50:]}
+        finished = self._finished(settings, spec, epoch)
+        if finished is not None:  # already trained (a lagging stream's task): neither plan nor wait
+            return self.epoch_done(context, {**finished, "carry": {"history": history[-50:]}})
         token = f"{context['dag_run'].dag_id}/{context['dag_run'].run_id}"
         if plan_epoch_once(settings, spec, epoch, token):
             self.log.info("Planned and published epoch %d of run %s", epoch, self.run)
         else:
             self.log.info("Epoch %d of run %s is already planned by this DAG run", epoch, self.run)
-        finished = self._finished(settings, spec, epoch)
-        if finished is not None:  # already trained (a lagging stream's task, a retry): no need to wait
-            return self.epoch_done(context, {**finished, "carry": {"history": history[-50:]}})
         redis = {"host": settings.redis_host, "port": settings.redis_port, "db": settings.redis_db,
                  "prefix": settings.redis_prefix,
                  "password": settings.redis_password.get_secret_value() if settings.redis_password else None}

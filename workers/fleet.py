@@ -113,20 +113,25 @@ class LocalFleet:
             if pending:
                 time.sleep(0.2)
 
+    def _live(self, kind: str) -> set[int]:
+        """Indexes of this kind's workers that run (stale PID files are dropped on the way)."""
+        prefix = worker_name(kind, 0)[:-1]
+        found = set()
+        for pidfile in self.table.run_dir.glob(f"{prefix}*.pid") if self.table.run_dir.exists() else []:
+            index = pidfile.stem[len(prefix):]
+            if index.isdigit() and self.table.record(pidfile.stem) is not None:
+                found.add(int(index))
+        return found
+
     def running(self, kind: str) -> list[str]:
-        names = []
-        for index in range(256):
-            name = worker_name(kind, index)
-            if self.table.record(name) is not None:
-                names.append(name)
-        return names
+        return [worker_name(kind, i) for i in sorted(self._live(kind))]
 
     def scale(self, replicas: dict[str, int]) -> dict[str, dict[str, Any]]:
         """Start or stop shared data workers until each kind has its count; returns what was done."""
         result: dict[str, dict[str, Any]] = {}
         started: list[_Started] = []
         for kind, wanted in check_replicas(replicas).items():
-            live = {index for index in range(256) if self.table.record(worker_name(kind, index)) is not None}
+            live = self._live(kind)
             new, stopped = [], []
             index = 0
             while len(live) + len(new) < wanted:
