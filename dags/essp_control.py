@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pendulum
 from airflow.sdk import Param, dag
-
 from essp.operators.stage import EsspStageOperator
 
 

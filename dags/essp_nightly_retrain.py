@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import pendulum
 from airflow.sdk import Param, dag, task
-
-from essp.dagparams import DEFAULT_REPLICAS
 from essp.operators.stage import EsspStageOperator
 from essp.operators.training import training_tasks
+
+from essp.orchestration.params import DEFAULT_REPLICAS
 
 MANIFEST = "{{ ti.xcom_pull('refresh_manifest')['manifest'] }}"
 

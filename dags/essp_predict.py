@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pendulum
 from airflow.sdk import Param, dag
-
-from essp.dagparams import FUSIONS
 from essp.operators.stage import EsspStageOperator
+
+from essp.orchestration.params import FUSIONS
 
 
 @dag(

@@ -10,7 +10,6 @@ import json
 
 import pendulum
 from airflow.sdk import dag, task
-
 from essp.operators.stage import EsspStageOperator
 
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
-
-from essp.dagparams import TRAIN_PARAMS
 from essp.operators.training import training_tasks
+
+from essp.orchestration.params import TRAIN_PARAMS
 
 
 def _param(meta: dict) -> Param:
@@ -42,7 +42,7 @@ def _param(meta: dict) -> Param:
 def essp_train():
     @task(multiple_outputs=True)
     def validate_params() -> dict:
-        from essp.dagparams import validate_params as validate
+        from essp.orchestration.params import validate_params as validate
 
         context = get_current_context()
         run = context["dag_run"]

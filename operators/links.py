@@ -7,7 +7,7 @@ from urllib.parse import quote
 
 from airflow.sdk import BaseOperatorLink
 
-PLUGIN_PREFIX = "essp"  # where plugins/essp_plugin.py mounts the ESSP pages (essp.webui)
+PLUGIN_PREFIX = "essp"  # where plugins/essp_plugin.py mounts the ESSP pages (essp.orchestration.webui)
 
 
 def _api_base_url() -> str:

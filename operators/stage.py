@@ -22,13 +22,13 @@ from airflow.providers.cncf.kubernetes.backcompat.backwards_compat_converters im
     convert_env_vars_or_raise_error,
 )
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from essp.operators.links import WorkerLogsLink
 from kubernetes.client import models as k8s
 
 from essp.connections import CONN_IDS, settings_env_from_connection
-from essp.infra import venv_binary
-from essp.operators.links import WorkerLogsLink
+from essp.orchestration.stages import KUBERNETES_RESULT_FILE, RESULT_FILE_ENV
 from essp.settings import Settings
-from essp.stages import KUBERNETES_RESULT_FILE, RESULT_FILE_ENV
+from essp.stack.services import venv_binary
 
 OUTPUT_TAIL_LINES = 40
 

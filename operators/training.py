@@ -17,7 +17,6 @@ from typing import Any, NamedTuple
 
 from airflow.exceptions import AirflowException
 from airflow.sdk import BaseOperator
-
 from essp.operators.links import WorkerLogsLink
 from essp.operators.stage import stage_settings
 from essp.operators.triggers import EpochDoneTrigger
@@ -44,7 +43,7 @@ class TrainStreamOperator(BaseOperator):
         self.poll_s = poll_s
 
     def _load(self) -> tuple[Any, Any]:
-        from essp.runstate import load_run
+        from essp.training.epochs import load_run
 
         settings = stage_settings()
         spec, _ = load_run(settings, self.run)
@@ -53,7 +52,7 @@ class TrainStreamOperator(BaseOperator):
         return settings, spec
 
     def execute(self, context: Any) -> dict[str, Any]:
-        from essp.runstate import trained_epochs
+        from essp.training.epochs import trained_epochs
 
         settings, spec = self._load()
         first = trained_epochs(settings, spec)
@@ -63,8 +62,8 @@ class TrainStreamOperator(BaseOperator):
         return self._advance(context, settings, spec, first, [])
 
     def _advance(self, context: Any, settings: Any, spec: Any, epoch: int, history: list[dict]) -> dict[str, Any]:
-        from essp.fleet import worker_mode
-        from essp.runstate import plan_epoch_once
+        from essp.deploy.fleet import worker_mode
+        from essp.training.epochs import plan_epoch_once
 
         if epoch >= spec.epochs:
             final = history[-1] if history else {}
@@ -93,7 +92,7 @@ class TrainStreamOperator(BaseOperator):
 
     def _finished(self, settings: Any, spec: Any, epoch: int) -> dict[str, Any] | None:
         """The trigger's "done" event if every stream has finished ``epoch`` already, else None."""
-        from essp.runstate import trainer_state
+        from essp.training.epochs import trainer_state
 
         stats = {}
         for stream in spec.streams:
@@ -104,7 +103,7 @@ class TrainStreamOperator(BaseOperator):
         return {"run": self.run, "epoch": epoch, "status": "done", "stats": stats}
 
     def epoch_done(self, context: Any, event: dict[str, Any] | None = None, **_: Any) -> dict[str, Any]:
-        from essp.runstate import epoch_line
+        from essp.training.epochs import epoch_line
 
         if not event:
             raise AirflowException(f"run {self.run}: the epoch trigger ended without an event")
@@ -138,14 +137,13 @@ class TrainingTasks(NamedTuple):
 
 def training_tasks(plan: Any) -> TrainingTasks:
     """The tasks of a training run after its params are planned (``plan``: the XComArg of a
-    ``multiple_outputs`` task returning :func:`essp.dagparams.plan_run`).
+    ``multiple_outputs`` task returning :func:`essp.orchestration.params.plan_run`).
 
     verify_manifest -> ensure_workers -> train (mapped over the streams) -> release_trainers
     -> score_test, score_train -> fuse_and_report -> register -> report_summary; release_workers
     runs at the end whatever happened (stops the run's trainers, optionally the data workers)."""
     from airflow.sdk import task
     from airflow.task.trigger_rule import TriggerRule
-
     from essp.operators.stage import EsspStageOperator
 
     verify = EsspStageOperator(task_id="verify_manifest", stage="train-prepare", stage_params=plan["spec"],
@@ -175,7 +173,7 @@ def training_tasks(plan: Any) -> TrainingTasks:
 
     @task(task_id="report_summary")
     def report_summary(fused: dict, registered: dict) -> dict:
-        from essp.report import read_report, summary_lines
+        from essp.evaluation.report import read_report, summary_lines
 
         report = read_report(stage_settings(), fused["run"])
         print(f"ESSP report of run {fused['run']}: {fused['report']}")

@@ -1,7 +1,7 @@
 """Deferrable waits of the ESSP DAGs: the triggerer watches the trainers' state in Redis, so no
 Airflow worker slot sleeps while an epoch trains.
 
-A trainer records its state under ``<prefix>:<run>:trainer:<stream>`` (``essp.train_worker``):
+A trainer records its state under ``<prefix>:<run>:trainer:<stream>`` (``essp.training.resident``):
 status (ready / training / epoch_done / stopped / failed), the last finished epoch and its figures.
 The trigger fires when every watched stream has finished the epoch, when one has failed, when a
 local trainer process has died (the embedded default; in Kubernetes the Deployment restarts it and
@@ -63,8 +63,8 @@ class EpochDoneTrigger(BaseTrigger):
             return None
         from pathlib import Path
 
-        from essp.fleet import trainer_name
-        from essp.procs import ProcessTable
+        from essp.deploy.fleet import trainer_name
+        from essp.stack.procs import ProcessTable
 
         table = ProcessTable(Path(self.state_dir))
         name = trainer_name(self.essp_run, stream)

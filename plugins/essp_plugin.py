@@ -1,11 +1,11 @@
-"""The ESSP plugin: run reports and worker logs inside the Airflow UI (the pages are essp.webui)."""
+"""The ESSP plugin: run reports and worker logs inside the Airflow UI (the pages are essp.orchestration.webui)."""
 
 from __future__ import annotations
 
 from airflow.plugins_manager import AirflowPlugin
-
 from essp.operators.links import WorkerLogsLink
-from essp.webui import create_app
+
+from essp.orchestration.webui import create_app
 
 URL_PREFIX = "/essp"
 

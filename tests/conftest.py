@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from essp.infra import LocalStack, prepare_settings
-from essp.localworkers import isolated_settings, remove_isolated
+from essp.deploy.local import isolated_settings, remove_isolated
 from essp.settings import Settings
+from essp.stack.services import LocalStack, prepare_settings
 
 
 @pytest.fixture(scope="session")

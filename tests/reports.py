@@ -1,5 +1,5 @@
 """A real run report for UI tests: seeded per-stream scores of a few videos, scored and fused with the
-project's own functions the way ``essp.training.fuse_and_report`` does, then built and written to S3."""
+project's own functions the way ``essp.lifecycle.pipeline.fuse_and_report`` does, then built and written to S3."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from essp.fusion import StreamScores, compare_fusions, make_fuser
-from essp.metrics import video_metrics
-from essp.report import build_report, write_report
+from essp.evaluation.fusion import StreamScores, compare_fusions, make_fuser
+from essp.evaluation.metrics import video_metrics
+from essp.evaluation.report import build_report, write_report
 from essp.settings import Settings
 
 CLASSES = ["ApplyEyeMakeup", "Basketball", "Diving", "Fencing", "JumpRope"]

@@ -31,11 +31,11 @@ from conftest import _cleanup, free_port_block
 from PIL import Image
 from reports import write_seeded_report
 
-from essp.airflow_stack import PROCESSES, AirflowStack, api_healthy
-from essp.browser import screenshot
-from essp.infra import LocalStack, pg_params
-from essp.procs import pid_alive
 from essp.settings import SECRETS_FILE, Settings
+from essp.stack.airflow import PROCESSES, AirflowStack, api_healthy
+from essp.stack.browser import screenshot
+from essp.stack.procs import pid_alive
+from essp.stack.services import LocalStack, pg_params
 
 pytestmark = pytest.mark.slow
 
@@ -176,9 +176,9 @@ DAG_RUN_SCREENSHOT = REPO / "docs" / "img" / "ui-dag-run-report.png"
 def test_essp_train_triggered_through_the_rest_api_with_a_fusion_override(airflow_ui, tmp_path):
     from urllib.parse import quote
 
-    from essp.ingest import ingest_directory
-    from essp.registry import ModelRegistry
-    from essp.synth import synthesize
+    from essp.datasets.ingest import ingest_directory
+    from essp.datasets.synth import synthesize
+    from essp.lifecycle.model_registry import ModelRegistry
 
     settings = airflow_ui.settings
     synthesize(tmp_path / "videos", classes=3, videos_per_class=4, frames=24, height=48, width=48, keyint=6, seed=3)
@@ -193,7 +193,7 @@ def test_essp_train_triggered_through_the_rest_api_with_a_fusion_override(airflo
                                         {"logical_date": None, "conf": {**REST_CONF, "fusion": "best"}})
     assert status == 400 and b"fusion" in raw and b"best" in raw, raw[:1000]
 
-    from essp.airflow_stack import AirflowClient
+    from essp.stack.airflow import AirflowClient
 
     client = AirflowClient(settings)
     run = client.trigger("essp_train", REST_CONF)

@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from essp.bench_dataplane import (
+from essp.bench.dataplane import (
     DOCS_END,
     DOCS_START,
     FLOW_METHODS,
@@ -108,7 +108,7 @@ def test_bad_options_are_refused_before_anything_runs():
 
 @pytest.mark.slow
 def test_trainer_bench_quick_run_measures_compute_and_data_wait(base_settings, tmp_path):
-    from essp.bench_trainer import TrainerBenchOptions, bench_trainer
+    from essp.bench.trainer import TrainerBenchOptions, bench_trainer
 
     docs = tmp_path / "benchmarks.md"
     docs.write_text(f"# Benchmarks\n\n## Data plane\n\n{DOCS_START}\nkept\n{DOCS_END}\n")
@@ -128,7 +128,7 @@ def test_trainer_bench_quick_run_measures_compute_and_data_wait(base_settings, t
 
 
 def test_trainer_bench_refuses_bad_options():
-    import essp.bench_trainer  # noqa: F401 - registers `bench trainer` (the CLI imports it the same way)
+    import essp.bench.trainer  # noqa: F401 - registers `bench trainer` (the CLI imports it the same way)
 
     runner = CliRunner()
     result = runner.invoke(bench_app, ["trainer", "--archs", "tiny,alexnet"])

@@ -20,18 +20,18 @@ import uuid
 import pytest
 from conftest import _cleanup
 
-from essp.airflow_stack import airflow_env
 from essp.clients.s3 import ObjectStore, S3Uri
-from essp.dagparams import DagParamError, validate_params
-from essp.ingest import ingest_directory
-from essp.localworkers import isolated_settings
-from essp.manifest import ManifestStore
-from essp.procs import ProcessTable
-from essp.registry import ModelRegistry
-from essp.report import read_report
-from essp.runlinks import load_link
+from essp.datasets.ingest import ingest_directory
+from essp.datasets.manifest import ManifestStore
+from essp.datasets.synth import synthesize
+from essp.deploy.local import isolated_settings
+from essp.evaluation.report import read_report
+from essp.lifecycle.model_registry import ModelRegistry
+from essp.orchestration.links import load_link
+from essp.orchestration.params import DagParamError, validate_params
 from essp.settings import SECRETS_FILE
-from essp.synth import synthesize
+from essp.stack.airflow import airflow_env
+from essp.stack.procs import ProcessTable
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +83,7 @@ def dag_env(base_settings, tmp_path_factory):
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     yield settings, env, root
-    from essp.fleet import LocalFleet
+    from essp.deploy.fleet import LocalFleet
 
     LocalFleet(settings).stop_all()
     _cleanup(settings)

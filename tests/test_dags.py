@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from essp.airflow_stack import airflow_env
+from essp.stack.airflow import airflow_env
 
 pytestmark = pytest.mark.slow
 

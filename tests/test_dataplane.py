@@ -19,16 +19,16 @@ from workerproc import start_workers
 from essp.clients.kafka import MessageConsumer, MessageProducer, ensure_topics
 from essp.clients.redis import redis_client
 from essp.clients.s3 import ObjectStore, S3Uri
-from essp.consumer import SampleStream
 from essp.contract import DeadLetter, FramesReady, RedisKeys, Topics, WorkerEvent
-from essp.extractors import dequantise_flow
-from essp.ingest import ingest_directory
-from essp.localworkers import isolated_settings
-from essp.manifest import ManifestStore
-from essp.payloads import SampleStore
-from essp.plan import plan_epoch, publish_plan, record_decode_quarantine
-from essp.resident import publish_control
-from essp.synth import synthesize
+from essp.dataplane.consumer import SampleStream
+from essp.dataplane.extractors import dequantise_flow
+from essp.dataplane.payloads import SampleStore
+from essp.dataplane.plan import plan_epoch, publish_plan, record_decode_quarantine
+from essp.dataplane.resident import publish_control
+from essp.datasets.ingest import ingest_directory
+from essp.datasets.manifest import ManifestStore
+from essp.datasets.synth import synthesize
+from essp.deploy.local import isolated_settings
 
 pytestmark = pytest.mark.slow
 

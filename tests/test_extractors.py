@@ -12,8 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
-from essp import extractors as ex
-from essp.extractors import (
+from essp.dataplane import extractors as ex
+from essp.dataplane.extractors import (
     EXTRACTOR_TABLE,
     ExtractorDeployment,
     ExtractorOptionError,
@@ -350,7 +350,7 @@ def test_duplicate_and_invalid_registrations_are_rejected(clean_registry: None) 
     class OtherFlow(_Brightness):
         kind = "flow"
 
-    with pytest.raises(ValueError, match="'flow' is already registered by essp.extractors.FlowExtractor"):
+    with pytest.raises(ValueError, match="'flow' is already registered by essp.dataplane.extractors.FlowExtractor"):
         register_extractor(OtherFlow)
     assert extractor_class("flow") is ex.FlowExtractor
 
@@ -385,7 +385,7 @@ def test_duplicate_and_invalid_registrations_are_rejected(clean_registry: None) 
 
 PLUGIN = '''
 import numpy as np
-from essp.extractors import FeatureExtractor, GPU_IMAGE, register_extractor
+from essp.dataplane.extractors import FeatureExtractor, GPU_IMAGE, register_extractor
 
 
 @register_extractor

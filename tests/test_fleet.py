@@ -1,4 +1,4 @@
-"""The resident workers the ensure step keeps (essp.fleet, local mode): real worker processes scaled up,
+"""The resident workers the ensure step keeps (essp.deploy.fleet, local mode): real worker processes scaled up,
 left alone, scaled down; a trainer that cannot start is reported with its log; bad counts refused."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from essp.fleet import FleetError, LocalFleet, ensure_workers, release_workers, worker_name
+from essp.deploy.fleet import FleetError, LocalFleet, ensure_workers, release_workers, worker_name
 from essp.settings import SECRETS_FILE
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from essp.errors import EsspError
-from essp.fusion import (
+from essp.evaluation.fusion import (
     FUSION_STRATEGIES,
     Fuser,
     FusionError,
@@ -17,7 +17,7 @@ from essp.fusion import (
     fuse,
     make_fuser,
 )
-from essp.metrics import video_metrics
+from essp.evaluation.metrics import video_metrics
 
 # Video 0: rgb says class 0 strongly, flow says class 1 weakly.
 # Video 1: rgb undecided, flow sure of class 1 (and gives class 0 exactly zero).

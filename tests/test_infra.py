@@ -18,9 +18,9 @@ from conftest import free_port, free_port_block
 from essp.clients.kafka import MessageConsumer, MessageProducer, ensure_topics, kafka_admin
 from essp.clients.s3 import ObjectStore
 from essp.contract import SmokePing
-from essp.infra import InfraError, LocalStack
-from essp.procs import ProcessTable, pid_alive
 from essp.settings import Settings, ensure_local_secrets
+from essp.stack.procs import ProcessTable, pid_alive
+from essp.stack.services import InfraError, LocalStack
 
 pytestmark = pytest.mark.slow
 SERVICES = ["redis", "s3", "kafka"]

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from essp.cli.dataset import dataset_app
 from essp.clients.s3 import ObjectStore, S3Uri
-from essp.dataset_cli import dataset_app
+from essp.datasets.ingest import ingest_directory
+from essp.datasets.manifest import Manifest, ManifestStore
+from essp.datasets.synth import synthesize
+from essp.datasets.video import decode_segment
 from essp.errors import EsspError
-from essp.ingest import ingest_directory
-from essp.manifest import Manifest, ManifestStore
-from essp.synth import synthesize
-from essp.video import decode_segment
 
 SMALL = dict(classes=3, videos_per_class=4, frames=16, height=64, width=64, keyint=8, seed=1)
 

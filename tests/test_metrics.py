@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from essp.errors import EsspError
-from essp.metrics import MetricsError, average_precision, top_k, video_metrics
+from essp.evaluation.metrics import MetricsError, average_precision, top_k, video_metrics
 
 # Six classes, four videos, labels 0, 1, 5, 1. No ties within any column, so AP equals sklearn's.
 #   v0 (label 0): predicted 0 -> right;  true class at rank 1

@@ -8,7 +8,7 @@ from torch import nn
 
 from essp.compat import import_torchvision
 from essp.errors import EsspError
-from essp.models import (
+from essp.training.models import (
     ARCHITECTURES,
     DEFAULT_DROPOUT,
     ModelError,

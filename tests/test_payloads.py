@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from essp.payloads import CONSUMED, EXTRACTED, TO_EXTRACT, SampleStore
+from essp.dataplane.payloads import CONSUMED, EXTRACTED, TO_EXTRACT, SampleStore
 
 STREAMS = ["rgb", "flow"]
 

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from essp.manifest import Manifest, ManifestVideo
-from essp.plan import PlanError, parse_features, plan_epoch
+from essp.dataplane.plan import PlanError, parse_features, plan_epoch
+from essp.datasets.manifest import Manifest, ManifestVideo
 
 FEATURES = {"flow": {"method": "dis_fast"}}
 

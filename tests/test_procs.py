@@ -7,10 +7,10 @@ import subprocess
 import sys
 import time
 
-from essp.procs import ProcessTable, pid_alive
+from essp.stack.procs import ProcessTable, pid_alive
 
 STOP_FROM_ANOTHER_PROCESS = (
-    "import sys; from pathlib import Path; from essp.procs import ProcessTable; "
+    "import sys; from pathlib import Path; from essp.stack.procs import ProcessTable; "
     "t = ProcessTable(Path(sys.argv[1])); print(t.record('sleeper') is not None, t.stop('sleeper'))"
 )
 

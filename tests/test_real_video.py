@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from essp.extractors import create_extractor, dequantise_flow
-from essp.video import decode_segment, probe_video
+from essp.dataplane.extractors import create_extractor, dequantise_flow
+from essp.datasets.video import decode_segment, probe_video
 
 
 def bikes() -> Path:

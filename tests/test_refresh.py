@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from essp.cli.dataset import dataset_app
 from essp.clients.s3 import ObjectStore, S3Uri
-from essp.dataset_cli import dataset_app
+from essp.datasets.ingest import ingest_directory
+from essp.datasets.manifest import Manifest, ManifestStore
+from essp.datasets.refresh import Changes, RefreshError, find_changes, refresh_manifest
+from essp.datasets.synth import synthesize
 from essp.errors import EsspError, ServiceUnavailable
-from essp.ingest import ingest_directory
-from essp.manifest import Manifest, ManifestStore
-from essp.refresh import Changes, RefreshError, find_changes, refresh_manifest
-from essp.synth import synthesize
 
 # 3 classes of 4 videos (2 groups of 2 clips): per class 2 train, 2 test.
 SMALL = dict(classes=3, videos_per_class=4, frames=16, height=32, width=32, keyint=8, seed=1)

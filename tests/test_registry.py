@@ -7,7 +7,7 @@ import pytest
 
 from essp.clients.s3 import ObjectNotFound, ObjectStore
 from essp.errors import EsspError
-from essp.registry import ModelNotFound, ModelRegistry, ModelVersion
+from essp.lifecycle.model_registry import ModelNotFound, ModelRegistry, ModelVersion
 
 
 def register(registry, top1, run="run-1", params=None):

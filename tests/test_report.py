@@ -11,7 +11,7 @@ from PIL import Image
 
 from essp.clients.s3 import ObjectNotFound, ObjectStore, S3Uri
 from essp.errors import EsspError
-from essp.report import (
+from essp.evaluation.report import (
     PLOTS,
     PNG_SIGNATURE,
     ReportNotFound,

@@ -6,11 +6,11 @@ import json
 
 import pytest
 from airflow.exceptions import AirflowException
+from essp.operators.stage import EsspStageOperator
 from kubernetes.client import ApiClient
 from kubernetes.client import models as k8s
 
 from essp.connections import REDIS_CONN_ID, connection_env_vars
-from essp.operators.stage import EsspStageOperator
 
 
 def _render(op: EsspStageOperator) -> k8s.V1Pod:
@@ -123,7 +123,7 @@ def _dag_stage_tasks():
 
 
 def test_every_stage_of_every_dag_renders_a_valid_pod_in_kubernetes_mode(monkeypatch):
-    from essp.stages import stage_names
+    from essp.orchestration.stages import stage_names
 
     monkeypatch.setenv("ESSP_STAGE_MODE", "kubernetes")
     tasks = _dag_stage_tasks()

@@ -10,8 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-from essp.synth import MOTIONS, SynthParamError, synthesize
-from essp.video import decode_segment, probe_video
+from essp.datasets.synth import MOTIONS, SynthParamError, synthesize
+from essp.datasets.video import decode_segment, probe_video
 
 PARAMS = dict(classes=8, videos_per_class=4, frames=16, height=64, width=64, fps=25, keyint=8, seed=3)
 

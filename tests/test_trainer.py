@@ -16,8 +16,15 @@ import torch.multiprocessing as mp
 from conftest import free_port_block
 from pydantic import ValidationError
 
-from essp.runstore import RunStore
-from essp.trainer import StreamTrainer, TrainingError, TrainParams, checkpoint_bytes, checkpoint_from_bytes, lr_at
+from essp.training.artifacts import RunStore
+from essp.training.trainer import (
+    StreamTrainer,
+    TrainingError,
+    TrainParams,
+    checkpoint_bytes,
+    checkpoint_from_bytes,
+    lr_at,
+)
 
 L, SIZE, CLASSES = 2, 16, 3
 PARAMS = TrainParams(arch="tiny", batch_size=4, lr=0.05, lr_steps=[5, 9], lr_gamma=0.5, seed=7, dropout=0.3)

@@ -13,14 +13,14 @@ import pytest
 from conftest import _cleanup
 
 from essp.clients.s3 import ObjectStore, S3Uri
-from essp.ingest import ingest_directory
-from essp.localworkers import isolated_settings
-from essp.predict import PredictionError, predict_videos
-from essp.registry import ModelRegistry
-from essp.report import read_report
-from essp.runstore import RunStore
-from essp.synth import synthesize
-from essp.training import RunSpecError, parse_spec, run_training
+from essp.datasets.ingest import ingest_directory
+from essp.datasets.synth import synthesize
+from essp.deploy.local import isolated_settings
+from essp.evaluation.report import read_report
+from essp.lifecycle.model_registry import ModelRegistry
+from essp.lifecycle.pipeline import RunSpecError, parse_spec, run_training
+from essp.lifecycle.predict import PredictionError, predict_videos
+from essp.training.artifacts import RunStore
 
 pytestmark = pytest.mark.slow
 
@@ -146,8 +146,8 @@ def test_bad_params_are_refused_with_their_name(values, named):
 
 
 def test_a_model_of_other_classes_is_registered_but_never_promoted_automatically(settings):
-    from essp.registry import ModelRegistry
-    from essp.training import register_run
+    from essp.lifecycle.model_registry import ModelRegistry
+    from essp.lifecycle.pipeline import register_run
 
     metrics = {"top1": 0.9, "top5": 1.0, "mean_class_accuracy": 0.9, "mAP": 0.95, "videos": 10}
     registry = ModelRegistry(settings, "classes-test")
@@ -188,7 +188,7 @@ def test_a_trainer_that_dies_mid_run_fails_the_run_with_its_log_and_stops_the_re
     import time
 
     from essp.errors import EsspError
-    from essp.train_worker import trainer_state
+    from essp.training.resident import trainer_state
 
     synthesize(tmp_path / "data", classes=2, videos_per_class=4, frames=16, height=32, width=32, keyint=4, seed=1)
     ingest_directory(settings, tmp_path / "data", "killme")
@@ -217,7 +217,7 @@ def test_a_trainer_that_dies_mid_run_fails_the_run_with_its_log_and_stops_the_re
 
 
 def test_the_steps_run_as_stages_with_small_json(trained):
-    from essp.stages import run_stage, stage_names
+    from essp.orchestration.stages import run_stage, stage_names
 
     settings, _, spec, _, outcome, _, _ = trained
     assert {"train-prepare", "train-epoch", "train-score", "train-fuse-report", "train-register"} <= set(

@@ -9,13 +9,13 @@ import json
 import time
 
 import pytest
+from essp.operators import triggers
+from essp.operators.triggers import EpochDoneTrigger
 
 from essp.clients.redis import redis_client
 from essp.contract import RedisKeys
-from essp.fleet import trainer_name
-from essp.operators import triggers
-from essp.operators.triggers import EpochDoneTrigger
-from essp.procs import ProcessTable
+from essp.deploy.fleet import trainer_name
+from essp.stack.procs import ProcessTable
 
 RUN = "trig-run"
 

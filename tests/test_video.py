@@ -11,7 +11,7 @@ import av
 import numpy as np
 import pytest
 
-from essp.video import VideoError, decode_segment, probe_video
+from essp.datasets.video import VideoError, decode_segment, probe_video
 
 W, H, BITS = 64, 48, 6
 FRAMES, GOP = 40, 8

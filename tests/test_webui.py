@@ -1,4 +1,4 @@
-"""The ESSP pages (essp.webui) on a real report in the real S3: the index, the report page with its
+"""The ESSP pages (essp.orchestration.webui) on a real report in the real S3: the index, the report page with its
 metrics, plots and escaping, the files and JSON routes, DAG-run links, the status page of a run that
 is still training, the workers page over a real process table, and the plugin module itself."""
 
@@ -24,12 +24,12 @@ from reports import HOSTILE, STREAMS, write_seeded_report
 
 from essp.clients.redis import redis_client
 from essp.contract import RedisKeys
-from essp.localworkers import isolated_settings
-from essp.procs import ProcessTable
-from essp.report import PLOTS, PNG_SIGNATURE, read_report, summary_markdown
-from essp.runlinks import save_link
-from essp.runstore import RunStore
-from essp.webui import create_app
+from essp.deploy.local import isolated_settings
+from essp.stack.procs import ProcessTable
+from essp.evaluation.report import PLOTS, PNG_SIGNATURE, read_report, summary_markdown
+from essp.orchestration.links import save_link
+from essp.training.artifacts import RunStore
+from essp.orchestration.webui import create_app
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = "ui-report-1"
@@ -206,7 +206,7 @@ def test_links_resolve_under_the_plugin_prefix(ui_settings, report):
 @pytest.fixture
 def pending_run(ui_settings):
     """A DAG run whose ESSP run is training: spec written, the rgb trainer's state in Redis, no report."""
-    from essp.training import RunSpec
+    from essp.lifecycle.pipeline import RunSpec
 
     spec = RunSpec(run=PENDING, manifest="synth", epochs=5)
     RunStore(ui_settings, PENDING).save_json("spec.json", {"spec": spec.model_dump(mode="json")})

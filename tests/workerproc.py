@@ -1,6 +1,6 @@
 """Worker processes for tests: the library's local workers (kept as a module for older imports)."""
 
-from essp.localworkers import LocalWorker as WorkerProcess
-from essp.localworkers import start_workers
+from essp.deploy.local import LocalWorker as WorkerProcess
+from essp.deploy.local import start_workers
 
 __all__ = ["WorkerProcess", "start_workers"]

@@ -1,1 +1,0 @@
-"""Thin, typed clients shared by the workers, the CLI and the operators."""

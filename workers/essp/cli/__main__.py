@@ -1,0 +1,5 @@
+"""`python -m essp.cli ...`: the `essp` command."""
+
+from essp.cli.main import main
+
+main()

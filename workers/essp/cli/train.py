@@ -1,0 +1,143 @@
+"""`essp worker train`, `essp train` and `essp predict`."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from essp.cli.dataplane import Verbose, WorkerId, _logging, supervise, worker_app
+from essp.settings import Settings
+
+out = Console()
+err = Console(stderr=True)
+
+
+@worker_app.command("train")
+def train_worker_cmd(run: Annotated[str, typer.Option(help="The run (its spec.json in S3 says the rest).")],
+                     stream: Annotated[str, typer.Option(help="The stream this trainer trains: rgb, flow, ...")],
+                     worker_id: WorkerId = None, verbose: Verbose = False,
+                     threads: Annotated[int, typer.Option(min=1, help="torch CPU threads.")] = 1,
+                     nproc: Annotated[int, typer.Option(min=1, help="DDP processes (one per GPU).")] = 1,
+                     backend: Annotated[str, typer.Option(help="DDP backend: auto (nccl with CUDA, else gloo), "
+                                                               "nccl, gloo.")] = "auto") -> None:
+    """Resident trainer of one stream of one run: trains each epoch the master asks for, checkpoints
+    to S3, resumes from the latest checkpoint when restarted. With --nproc N (or under torchrun) it
+    trains with DistributedDataParallel, one process per GPU."""
+    import torch
+
+    if backend not in ("auto", "nccl", "gloo"):
+        raise typer.BadParameter(f"--backend {backend!r}: use auto, nccl or gloo")
+    if nproc > 1:
+        _spawn_ranks(["worker", "train", "--run", run, "--stream", stream, "--threads", str(threads),
+                      "--backend", backend, *(["--verbose"] if verbose else [])], nproc, worker_id or f"train-{stream}")
+        return
+    from essp.dataplane.resident import limit_threads
+    from essp.lifecycle.pipeline import train_spec
+    from essp.training.resident import TrainWorker
+
+    limit_threads()
+    torch.set_num_threads(threads)
+    _logging(verbose)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        import torch.distributed as dist
+
+        chosen = backend if backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(chosen, init_method="env://")
+    try:
+        settings = Settings()
+        state = TrainWorker(settings, train_spec(settings, run, stream), worker_id=worker_id).serve()
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
+    err.print(f"trainer {stream} of {run} stopped: {json.dumps(state)}")
+
+
+def _spawn_ranks(argv: list[str], nproc: int, name: str) -> None:
+    """torchrun's job for one machine: N rank processes with RANK/WORLD_SIZE/MASTER_* set;
+    SIGTERM/SIGINT reach them all."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    supervise([([*argv, "--worker-id", name], {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank),
+                                                  "WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
+                                                  "MASTER_PORT": str(port)})
+               for rank in range(nproc)])
+
+
+def train_cmd(
+    manifest: Annotated[str, typer.Option(help="Dataset: name (latest version), name@N or s3:// URI.")],
+    run: Annotated[str | None, typer.Option(help="Run id (default: train-<time>). An existing run resumes.")] = None,
+    params: Annotated[str, typer.Option(help="More run parameters as JSON (see docs/training.md).")] = "{}",
+    epochs: Annotated[int | None, typer.Option(min=1)] = None,
+    fusion: Annotated[str | None, typer.Option(help="average, weighted, max, product, learned, sequence.")] = None,
+) -> None:
+    """Train both streams through the data plane on the local stack, score, fuse, report, register."""
+    from essp.lifecycle.pipeline import parse_spec, run_training
+
+    try:
+        values = json.loads(params)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"--params is not JSON: {exc}") from None
+    if not isinstance(values, dict):
+        raise typer.BadParameter("--params must be a JSON object")
+    values = {**values, "manifest": manifest, "run": run or values.get("run") or f"train-{int(time.time())}"}
+    if epochs is not None:
+        values["epochs"] = epochs
+    if fusion is not None:
+        values["fusion"] = fusion
+    spec = parse_spec(values)
+    outcome = run_training(Settings(), spec, log=out.print)
+    out.print_json(json.dumps({k: outcome[k] for k in ("selected", "metrics", "registry", "timings", "report")},
+                              default=str))
+
+
+def predict_cmd(
+    videos: Annotated[list[str], typer.Argument(help="Video files or s3:// URIs.")],
+    registry: Annotated[str | None, typer.Option(help="Model registry (default: the only one with a production "
+                                                       "model; a run registers under its dataset's name).")] = None,
+    version: Annotated[int | None, typer.Option(help="Model version (default: production).")] = None,
+    fusion: Annotated[str | None, typer.Option(help="Override the registered fusion (fixed strategies).")] = None,
+    top: Annotated[int, typer.Option(min=1, help="Classes printed per video.")] = 3,
+    snippets: Annotated[int | None, typer.Option(min=1, help="Snippets per video (default: the run's).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Score videos with the production models and fusion; print the top classes with scores."""
+    from essp.lifecycle.predict import predict_videos
+
+    sources: list[tuple[str, bytes]] = []
+    settings = Settings()
+    for name in videos:
+        if name.startswith("s3://"):
+            from essp.clients.s3 import ObjectStore, S3Uri
+
+            uri = S3Uri.parse(name)
+            sources.append((name, ObjectStore(settings).get_bytes(uri.bucket, uri.key)))
+        else:
+            path = Path(name)
+            if not path.is_file():
+                raise typer.BadParameter(f"video {name}: no such file", param_hint="VIDEOS")
+            sources.append((name, path.read_bytes()))
+    result = predict_videos(settings, sources, registry=registry, version=version, fusion=fusion, top=top,
+                            snippets=snippets)
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    out.print(f"model {result['registry']} v{result['version']} (run {result['run']}), fusion {result['fusion']}")
+    for item in result["videos"]:
+        if "error" in item:
+            out.print(f"[red]{item['video']}: {item['error']}[/red]")
+            continue
+        ranked = ", ".join(f"{c['class']} {c['score']:.3f}" for c in item["top"])
+        out.print(f"{item['video']}: {ranked}")
+    if any("error" in item for item in result["videos"]):
+        sys.exit(2)

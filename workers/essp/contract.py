@@ -1,0 +1,308 @@
+"""The wire contract of ESSP: every Kafka topic name, Redis key pattern and message schema.
+
+Nothing else in the project spells a topic or a key: workers, operators, DAGs and tests all go
+through :class:`Topics`, :class:`RedisKeys` and the message classes here. Messages are JSON objects
+with a ``kind`` and a schema version ``v``; :func:`decode` validates what it reads and raises
+:class:`~essp.errors.MalformedMessage` with a reason, which consumers turn into a dead letter.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from essp.errors import MalformedMessage
+
+SCHEMA_VERSION = 1
+# Run ids become part of topic names and Redis keys: keep them to a safe alphabet.
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+STREAM_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+def check_run_id(run: str) -> str:
+    if not RUN_ID_PATTERN.match(run):
+        raise ValueError(
+            f"run id {run!r} is not valid: use 1-64 letters, digits, '_' or '-', starting with a "
+            "letter or digit (it becomes part of Kafka topic names and Redis keys)"
+        )
+    return run
+
+
+def _check_stream(stream: str) -> str:
+    if not STREAM_PATTERN.match(stream):
+        raise ValueError(f"stream name {stream!r} is not valid: lower-case letters, digits and '_'")
+    return stream
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Kafka topic names. Per-run topics carry the run id; control and events are shared."""
+
+    prefix: str = "essp"
+
+    @property
+    def control(self) -> str:
+        """start / pause / resume / stop / epoch commands to every worker."""
+        return f"{self.prefix}.control"
+
+    @property
+    def events(self) -> str:
+        """Heartbeats, counters, epoch_done and error events from every worker."""
+        return f"{self.prefix}.events"
+
+    @property
+    def dead(self) -> str:
+        """Dead letters that belong to no run (a message too broken to tell its run)."""
+        return f"{self.prefix}.dead"
+
+    @property
+    def smoke(self) -> str:
+        """Round-trip checks of the `essp_smoke` DAG."""
+        return f"{self.prefix}.smoke"
+
+    def decode(self, run: str) -> str:
+        return f"{self.prefix}.{check_run_id(run)}.decode"
+
+    def frames(self, run: str) -> str:
+        return f"{self.prefix}.{check_run_id(run)}.frames"
+
+    def ready(self, run: str, stream: str) -> str:
+        return f"{self.prefix}.{check_run_id(run)}.ready.{_check_stream(stream)}"
+
+    def run_dead(self, run: str) -> str:
+        return f"{self.prefix}.{check_run_id(run)}.dead"
+
+    def decode_pattern(self, run: str | None = None) -> str:
+        """Regex of the decode topics of one run, or of every run (resident workers serve all runs)."""
+        return self._pattern("decode", run)
+
+    def frames_pattern(self, run: str | None = None) -> str:
+        return self._pattern("frames", run)
+
+    def _pattern(self, leaf: str, run: str | None) -> str:
+        middle = re.escape(check_run_id(run)) if run else r"[A-Za-z0-9][A-Za-z0-9_-]*"
+        return rf"^{re.escape(self.prefix)}\.{middle}\.{leaf}$"
+
+    def run_of(self, topic: str) -> str:
+        """The run id inside a per-run topic name."""
+        head = self.prefix + "."
+        if not topic.startswith(head) or topic.count(".") < self.prefix.count(".") + 2:
+            raise ValueError(f"topic {topic!r} is not a per-run topic under prefix {self.prefix!r}")
+        return check_run_id(topic[len(head):].split(".", 1)[0])
+
+    def run_topics(self, run: str, streams: list[str]) -> list[str]:
+        """Every topic one run uses: decode jobs, frames notices, one ready topic per stream, dead letters."""
+        return [self.decode(run), self.frames(run), *(self.ready(run, s) for s in streams), self.run_dead(run)]
+
+    def shared(self) -> list[str]:
+        """Topics that exist independently of any run (created by `essp infra init`)."""
+        return [self.control, self.events, self.dead, self.smoke]
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    """Redis key patterns. Payload keys are idempotent per sample id: a redo overwrites."""
+
+    prefix: str = "essp"
+
+    def frames(self, run: str, sample_id: str) -> str:
+        return f"{self.prefix}:{check_run_id(run)}:frames:{sample_id}"
+
+    def feature(self, run: str, extractor: str, sample_id: str) -> str:
+        return f"{self.prefix}:{check_run_id(run)}:feat:{extractor}:{sample_id}"
+
+    def sample_state(self, run: str, sample_id: str) -> str:
+        """Per-stream progress of one sample (to extract / extracted / consumed); see essp.dataplane.payloads."""
+        return f"{self.prefix}:{check_run_id(run)}:state:{sample_id}"
+
+    def inflight(self, run: str) -> str:
+        """Samples of the run between decode and consumption: the back-pressure set (sorted by time)."""
+        return f"{self.prefix}:{check_run_id(run)}:inflight"
+
+    def trainer(self, run: str, stream: str) -> str:
+        """The state of a run's trainer for one stream (ready / training / epoch_done / stopped / failed),
+        with its last finished epoch: what the master waits on."""
+        return f"{self.prefix}:{check_run_id(run)}:trainer:{_check_stream(stream)}"
+
+    def epoch_request(self, run: str) -> str:
+        """The epoch the master asked the run's trainers to train, with its sample count."""
+        return f"{self.prefix}:{check_run_id(run)}:epochreq"
+
+    def run_state(self, run: str) -> str:
+        """running / paused / stopped, set by control commands and read by every worker."""
+        return f"{self.prefix}:{check_run_id(run)}:runstate"
+
+    def quarantine(self, run: str) -> str:
+        """Hash video URI -> reason, for videos that failed to decode in this run."""
+        return f"{self.prefix}:{check_run_id(run)}:quarantine"
+
+    def worker_state(self, run: str, worker_id: str) -> str:
+        return f"{self.prefix}:{check_run_id(run)}:worker:{worker_id}"
+
+    def worker(self, worker_id: str) -> str:
+        """The last event of a live worker (expires when its heartbeats stop)."""
+        return f"{self.prefix}:worker:{worker_id}"
+
+    def workers(self) -> str:
+        """Pattern of every live worker's key."""
+        return f"{self.prefix}:worker:*"
+
+    def smoke(self, token: str) -> str:
+        return f"{self.prefix}:smoke:{token}"
+
+
+class Message(BaseModel):
+    """Base of every message on a Kafka topic."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    v: Literal[1] = SCHEMA_VERSION
+    sent_at: float = Field(default_factory=time.time)
+
+
+class DecodeJob(Message):
+    """Decode `length + 1` frames of `video` from `offset` for one planned sample.
+
+    ``features`` names the extractors (= streams) the sample feeds, with their options, e.g.
+    ``{"rgb": {}, "flow": {"method": "dis_fast"}}``: extractor workers pick what names their kind,
+    and the sample counts as in flight until every one of those streams has been consumed.
+    """
+
+    kind: Literal["decode_job"] = "decode_job"
+    run: str
+    epoch: int = Field(ge=0)
+    sample_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")
+    video: str = Field(min_length=1, description="s3://bucket/key of the video")
+    label: int = Field(ge=0)
+    offset: int = Field(ge=0, description="index of the first frame")
+    length: int = Field(ge=1, description="stack length L; L+1 frames are decoded")
+    height: int = Field(gt=0)
+    width: int = Field(gt=0)
+    video_frames: int | None = Field(None, gt=0, description="frame count of the video (from the manifest)")
+    features: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    max_inflight: int = Field(64, ge=1, description="bound on samples of this run in flight")
+
+    @model_validator(mode="after")
+    def _checks(self) -> DecodeJob:
+        check_run_id(self.run)
+        for name in self.features:
+            _check_stream(name)
+        if self.video_frames is not None and self.offset + self.length + 1 > self.video_frames:
+            raise ValueError(f"offset {self.offset} + {self.length + 1} frames runs past the video's "
+                             f"{self.video_frames} frames")
+        return self
+
+
+class FramesReady(Message):
+    """The decoded frames of ``job`` are in Redis under ``key`` (uint8, ``shape`` = (L+1, H, W, 3))."""
+
+    kind: Literal["frames_ready"] = "frames_ready"
+    job: DecodeJob
+    key: str
+    shape: list[int]
+
+
+class FeatureReady(Message):
+    """The feature of ``job`` computed by ``extractor`` is in Redis under ``key``, for ``stream``."""
+
+    kind: Literal["feature_ready"] = "feature_ready"
+    job: DecodeJob
+    extractor: str
+    stream: str
+    key: str
+    shape: list[int]
+    dtype: str
+
+class ControlCommand(Message):
+    kind: Literal["control"] = "control"
+    command: Literal["start", "pause", "resume", "stop", "epoch"]
+    run: str | None = None
+    epoch: int | None = Field(None, ge=0)
+    target: str = Field("*", description="worker kind, worker id, or '*' for every worker")
+
+
+class WorkerEvent(Message):
+    kind: Literal["worker_event"] = "worker_event"
+    event: Literal["started", "heartbeat", "epoch_done", "error", "stopped"]
+    worker_id: str
+    worker_kind: str
+    run: str | None = None
+    epoch: int | None = None
+    counters: dict[str, float] = Field(default_factory=dict)
+    detail: str | None = None
+
+
+class DeadLetter(Message):
+    """A message or a job that could not be processed, with the reason and the original bytes."""
+
+    kind: Literal["dead_letter"] = "dead_letter"
+    reason: str
+    source_topic: str
+    source_partition: int | None = None
+    source_offset: int | None = None
+    run: str | None = None
+    epoch: int | None = None
+    sample_id: str | None = None
+    video: str | None = None
+    stream: str | None = Field(None, description="the one stream that lost the sample; None: every stream")
+    payload_b64: str | None = None
+
+    def payload(self) -> bytes | None:
+        return base64.b64decode(self.payload_b64) if self.payload_b64 is not None else None
+
+
+class SmokePing(Message):
+    kind: Literal["smoke_ping"] = "smoke_ping"
+    token: str
+
+
+AnyMessage = Annotated[
+    DecodeJob | FramesReady | FeatureReady | ControlCommand | WorkerEvent | DeadLetter | SmokePing,
+    Field(discriminator="kind"),
+]
+_ANY = TypeAdapter(AnyMessage)
+KINDS: dict[str, type[Message]] = {
+    cls.model_fields["kind"].default: cls
+    for cls in (DecodeJob, FramesReady, FeatureReady, ControlCommand, WorkerEvent, DeadLetter, SmokePing)
+}
+
+
+def encode(message: Message) -> bytes:
+    return message.model_dump_json().encode()
+
+
+def decode(raw: bytes | None, topic: str, expected: tuple[type[Message], ...] = ()) -> Message:
+    """Parse and validate one message read from ``topic``.
+
+    ``expected`` limits the kinds accepted on that topic; a message of another kind is malformed
+    there even if it is a valid message elsewhere.
+    """
+    if raw is None:
+        raise MalformedMessage(topic, "empty message (no value)")
+    try:
+        data: Any = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MalformedMessage(topic, f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise MalformedMessage(topic, f"expected a JSON object, got {type(data).__name__}")
+    kind, version = data.get("kind"), data.get("v")
+    if kind not in KINDS:
+        raise MalformedMessage(topic, f"unknown message kind {kind!r}")
+    if version != SCHEMA_VERSION:
+        raise MalformedMessage(topic, f"{kind} schema version {version!r} is not supported "
+                                      f"(this worker reads v{SCHEMA_VERSION})")
+    if expected and KINDS[kind] not in expected:
+        names = ", ".join(cls.model_fields["kind"].default for cls in expected)
+        raise MalformedMessage(topic, f"a {kind} message does not belong here (expected {names})")
+    try:
+        return _ANY.validate_python(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'][1:]) or '<root>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise MalformedMessage(topic, f"invalid {kind}: {problems}") from None

@@ -1,0 +1,218 @@
+"""The trainer's side of the data plane: ready samples of one stream, prefetched in the background.
+
+:class:`SampleStream` is one member of the consumer group of (run, stream): a background thread reads
+the stream's ready notices and the run's dead letters, takes each payload out of Redis (which frees
+the sample's in-flight slot once every stream has it) and queues it, up to ``prefetch`` samples
+ahead. :meth:`SampleStream.epoch` yields the samples of one epoch exactly once each (duplicates from
+at-least-once delivery are dropped), ends when every planned sample has arrived or is known dead,
+and counts the time the trainer spent waiting for data. Several members of one group split the
+samples between them (under DDP one rank reads and hands sub-batches to the others, see
+essp.training.trainer).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from essp.clients.kafka import MessageConsumer, MessageProducer, RebalancedDuringWork
+from essp.contract import DeadLetter, DecodeJob, FeatureReady, Topics
+from essp.dataplane.payloads import SampleStore
+from essp.errors import EsspError, ServiceUnavailable
+from essp.settings import Settings
+
+log = logging.getLogger("essp.dataplane.consumer")
+
+
+class EpochStalled(EsspError):
+    """No sample arrived for too long: the workers are missing, paused or failing."""
+
+
+class StreamClosed(EsspError):
+    """The stream was interrupted (the trainer is stopping) while the epoch waited for samples."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    sample_id: str
+    epoch: int
+    label: int
+    array: np.ndarray
+    job: DecodeJob
+
+
+@dataclass(frozen=True)
+class _Dead:
+    sample_id: str
+    epoch: int
+    reason: str
+
+
+@dataclass
+class StreamStats:
+    delivered: int = 0
+    dead: int = 0
+    duplicates: int = 0
+    redone: int = 0
+    waited_s: float = 0.0
+    dead_reasons: list[str] = field(default_factory=list)
+
+
+class SampleStream:
+    """Yields ready samples of one stream of one run; see the module's doc."""
+
+    def __init__(self, settings: Settings, run: str, stream: str, *, prefetch: int | None = None,
+                 group_id: str | None = None, poll_s: float = 0.5) -> None:
+        self.settings = settings
+        self.run = run
+        self.stream = stream
+        self.topics = Topics(settings.topic_prefix)
+        self.store = SampleStore(settings, run)
+        self.prefetch = prefetch or settings.prefetch_depth
+        self.group_id = group_id or f"{settings.topic_prefix}.consume.{run}.{stream}"
+        self.poll_s = poll_s
+        self.stats = StreamStats()
+        self._queue: queue.Queue[Sample | _Dead] = queue.Queue(maxsize=self.prefetch)
+        self._carry: list[Sample | _Dead] = []
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._consumer = MessageConsumer(
+            settings, self.group_id, [self.topics.ready(run, stream), self.topics.run_dead(run)],
+            dead_letter_topic=self.topics.dead, expected=(FeatureReady, DeadLetter))
+        self._producer = MessageProducer(settings)
+        self._thread = threading.Thread(target=self._fill, name=f"essp-prefetch-{stream}", daemon=True)
+        self._thread.start()
+
+    # -- background ---------------------------------------------------------------------------------
+    def _fill(self) -> None:
+        try:
+            while not self._stop.is_set():
+                batch = self._consumer.poll(self.poll_s, max_records=self.prefetch)
+                for received in batch:
+                    item = self._receive(received.message)
+                    if item is not None and not self._put(item):
+                        return
+                if batch:
+                    try:
+                        self._consumer.commit()
+                    except RebalancedDuringWork as exc:
+                        log.info("commit refused after a rebalance: %s", exc)
+        except BaseException as exc:  # noqa: BLE001 - handed to the iterating thread
+            self._error = exc
+
+    def _put(self, item: Sample | _Dead) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                self._consumer.keep_alive()
+        return False
+
+    def _receive(self, message: FeatureReady | DeadLetter) -> Sample | _Dead | None:
+        if isinstance(message, DeadLetter):
+            if message.run != self.run or message.sample_id is None or message.epoch is None:
+                return None
+            if message.stream not in (None, self.stream):
+                return None  # another stream lost it; this one still gets it
+            return _Dead(message.sample_id, message.epoch, message.reason)
+        job = message.job
+        delay = 0.5
+        while True:
+            try:
+                taken = self.store.take(self.stream, job.sample_id)
+                break
+            except ServiceUnavailable as exc:  # Redis restarting: stall, then go on
+                log.warning("%s; retrying", exc)
+                if self._stop.wait(delay):
+                    return None
+                delay = min(2 * delay, 10.0)
+        if taken.status == "taken":
+            return Sample(job.sample_id, job.epoch, job.label, taken.array, job)
+        if taken.status == "duplicate":
+            self.stats.duplicates += 1
+            return None
+        # Announced but gone (TTL or a Redis restart) and never consumed: have it made again.
+        self._producer.publish(self.topics.decode(self.run), job, key=job.sample_id)
+        self.stats.redone += 1
+        return None
+
+    # -- foreground -------------------------------------------------------------------------------
+    def epoch(self, epoch: int, expected: int, *, timeout_s: float = 120.0,
+              keep_waiting: Callable[[], bool] | None = None) -> Iterator[Sample]:
+        """Yield each of the ``expected`` samples of ``epoch`` once; samples that died (dead letters)
+        count as accounted for. Raises :class:`EpochStalled` after ``timeout_s`` without progress.
+
+        ``keep_waiting``: asked when ``timeout_s`` passes without a sample; true (the run is paused)
+        waits on instead of raising."""
+        seen: set[str] = set()
+        pending, self._carry = self._carry, []
+        while len(seen) < expected:
+            if pending:
+                item = pending.pop(0)
+            else:
+                item = self._next(timeout_s, epoch, len(seen), expected, keep_waiting=keep_waiting)
+            if item.epoch > epoch:
+                self._carry.append(item)  # the next epoch started early: keep it for then
+                continue
+            if item.epoch < epoch or item.sample_id in seen:
+                self.stats.duplicates += 1
+                continue
+            seen.add(item.sample_id)
+            if isinstance(item, _Dead):
+                self.stats.dead += 1
+                self.stats.dead_reasons.append(f"{item.sample_id}: {item.reason}")
+                continue
+            self.stats.delivered += 1
+            yield item
+        self._carry.extend(pending)
+
+    def _next(self, timeout_s: float, epoch: int, have: int, expected: int,
+              keep_waiting: Callable[[], bool] | None = None) -> Sample | _Dead:
+        started = time.monotonic()
+        progress = started
+        while True:
+            if self._stop.is_set():
+                self.stats.waited_s += time.monotonic() - started
+                raise StreamClosed(f"stream {self.stream} of run {self.run}: interrupted in epoch {epoch} "
+                                   f"({have} of {expected} accounted for)")
+            if self._error is not None:
+                raise EsspError(f"stream {self.stream} of run {self.run}: the prefetch thread failed: "
+                                f"{self._error}") from self._error
+            try:
+                item = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                if time.monotonic() - progress > timeout_s and keep_waiting is not None and keep_waiting():
+                    progress = time.monotonic()
+                if time.monotonic() - progress > timeout_s:
+                    self.stats.waited_s += time.monotonic() - started
+                    raise EpochStalled(
+                        f"stream {self.stream} of run {self.run}, epoch {epoch}: no sample for {timeout_s:.0f}s "
+                        f"({have} of {expected} accounted for); are the decode and {self.stream} workers "
+                        "running and the run not paused?") from None
+                continue
+            self.stats.waited_s += time.monotonic() - started
+            return item
+
+    def interrupt(self) -> None:
+        """Make a waiting :meth:`epoch` raise :class:`StreamClosed` (from another thread or a signal)."""
+        self._stop.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self._consumer.close()
+        self._producer.close()
+
+    def __enter__(self) -> SampleStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+

@@ -1,0 +1,254 @@
+"""Video-level scoring: N evenly spaced snippets of each video, per stream, averaged per video.
+
+Two-stream evaluation practice: a video's class scores are the mean of the softmax of N snippets
+(25 by default) taken at evenly spaced offsets. The snippets go through the same resident decode and
+extractor workers as training (:func:`score_split`: a scoring run of its own, so a trainer never
+sees them), or through the same decode and extractor code in this process (:func:`score_local`,
+for `essp predict` on a machine without workers). Besides the scores, each snippet's penultimate
+features are kept in time order: the sequence fusion (the paper's §3.5) learns from them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from essp.clients.kafka import delete_topics
+from essp.contract import DecodeJob, Topics, check_run_id
+from essp.dataplane.consumer import SampleStream
+from essp.dataplane.payloads import SampleStore
+from essp.dataplane.plan import EpochPlan, publish_plan
+from essp.datasets.manifest import Manifest
+from essp.errors import EsspError
+from essp.settings import Settings
+from essp.training.artifacts import VideoScores
+from essp.training.models import StreamModel, normalise_batch
+from essp.training.params import DEFAULT_SNIPPETS  # noqa: F401 - essp.evaluation.scoring.DEFAULT_SNIPPETS stays importable
+
+log = logging.getLogger("essp.evaluation.scoring")
+
+
+
+class ScoringError(EsspError):
+    """Videos could not be scored (no usable video, every snippet dead, workers missing)."""
+
+
+@dataclass(frozen=True)
+class ScoredVideo:
+    """A video to score: its id, where it is, its label (0 when unknown) and its frame count."""
+
+    id: str
+    uri: str
+    label: int
+    frames: int
+
+
+@dataclass
+class SnippetPlan:
+    run: str
+    videos: list[ScoredVideo]
+    snippets: int
+    jobs: list[DecodeJob]
+    skipped: dict[str, str]  # video id -> why it was not scored
+
+    def position(self, sample_id: str) -> tuple[int, int]:
+        """(video index, snippet index) of a snippet's sample id."""
+        video, snippet = sample_id.split("-", 1)
+        return int(video[1:]), int(snippet[1:])
+
+
+def snippet_offsets(frames: int, length: int, snippets: int) -> list[int]:
+    """``snippets`` first-frame offsets spread evenly over the video, each leaving room for L+1 frames."""
+    last = frames - (length + 1)
+    if last < 0:
+        raise ScoringError(f"a video of {frames} frames is shorter than a stack of L={length} (+1) frames")
+    return [int(round(x)) for x in np.linspace(0, last, snippets)]
+
+
+def scoring_run_id(run: str, split: str) -> str:
+    """The data-plane run that carries a run's scoring snippets (its own topics and keys)."""
+    safe_split = "".join(c if c.isalnum() else "_" for c in split)[:10]
+    return check_run_id(f"{run[:48]}-sc-{safe_split}")
+
+
+def manifest_videos(manifest: Manifest, split: str, limit: int | None = None) -> list[ScoredVideo]:
+    if split not in manifest.splits:
+        raise ScoringError(f"manifest {manifest.name} v{manifest.version} has no split {split!r}")
+    videos = [ScoredVideo(v.id, v.uri, v.label, v.frames) for v in sorted(manifest.split(split), key=lambda v: v.id)]
+    return videos[:limit] if limit else videos
+
+
+def plan_snippets(videos: list[ScoredVideo], *, run: str, features: dict[str, dict[str, Any]], length: int,
+                  height: int, width: int, snippets: int = DEFAULT_SNIPPETS, epoch: int = 0,
+                  max_inflight: int = 64, exclude: Iterable[str] = ()) -> SnippetPlan:
+    """One decode job per (video, snippet); sample ids ``v<video>-s<snippet>`` keep the time order."""
+    if snippets < 1:
+        raise ScoringError(f"snippets must be >= 1, got {snippets}")
+    excluded = set(exclude)
+    usable: list[ScoredVideo] = []
+    skipped: dict[str, str] = {}
+    for video in videos:
+        if video.uri in excluded:
+            skipped[video.id] = "quarantined"
+        elif video.frames < length + 1:
+            skipped[video.id] = f"{video.frames} frames, fewer than the {length + 1} of one stack"
+        else:
+            usable.append(video)
+    if not usable:
+        raise ScoringError(f"no video to score ({len(videos)} given; skipped: {skipped or 'none'})")
+    jobs = []
+    for vi, video in enumerate(usable):
+        for si, offset in enumerate(snippet_offsets(video.frames, length, snippets)):
+            jobs.append(DecodeJob(run=run, epoch=epoch, sample_id=f"v{vi:05d}-s{si:03d}", video=video.uri,
+                                  label=video.label, offset=offset, length=length, height=height, width=width,
+                                  video_frames=video.frames, features=features, max_inflight=max_inflight))
+    return SnippetPlan(run=run, videos=usable, snippets=snippets, jobs=jobs, skipped=skipped)
+
+
+class ScoreAccumulator:
+    """Per-snippet softmax and features of one stream, then per-video means."""
+
+    def __init__(self, plan: SnippetPlan, stream: str) -> None:
+        self.plan = plan
+        self.stream = stream
+        self.probs: np.ndarray | None = None
+        self.features: np.ndarray | None = None
+        self.mask = np.zeros((len(plan.videos), plan.snippets), dtype=bool)
+
+    def add(self, sample_ids: list[str], probs: np.ndarray, features: np.ndarray) -> None:
+        if self.probs is None:
+            shape = (len(self.plan.videos), self.plan.snippets)
+            self.probs = np.zeros((*shape, probs.shape[1]), dtype=np.float32)
+            self.features = np.zeros((*shape, features.shape[1]), dtype=np.float32)
+        assert self.features is not None
+        for row, sample_id in enumerate(sample_ids):
+            vi, si = self.plan.position(sample_id)
+            self.probs[vi, si] = probs[row]
+            self.features[vi, si] = features[row]
+            self.mask[vi, si] = True
+
+    def result(self) -> VideoScores:
+        if self.probs is None or self.features is None:
+            raise ScoringError(f"stream {self.stream}: no snippet arrived; every one was dead-lettered "
+                               f"(see the dead-letter topic of run {self.plan.run})")
+        have = self.mask.any(axis=1)
+        if not have.all():
+            lost = [self.plan.videos[i].id for i in np.flatnonzero(~have)]
+            log.warning("stream %s: no snippet of %d video(s) arrived: %s", self.stream, len(lost), lost[:5])
+        counts = np.maximum(self.mask.sum(axis=1, keepdims=True), 1)
+        scores = (self.probs * self.mask[..., None]).sum(axis=1) / counts
+        # A dead snippet's features stay zero: the sequence model sees the gap at its time step.
+        return VideoScores(stream=self.stream, video_ids=[v.id for v in self.plan.videos],
+                           labels=np.array([v.label for v in self.plan.videos], dtype=np.int64),
+                           scores=scores.astype(np.float32), features=self.features, snippet_mask=self.mask)
+
+
+@torch.no_grad()
+def forward_snippets(model: StreamModel, arrays: list[np.ndarray],
+                     device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax and penultimate features of a batch of uint8 snippets."""
+    batch = torch.from_numpy(np.stack(arrays)).to(device)
+    logits, features = model.forward_with_features(normalise_batch(model.stream, batch))
+    return torch.softmax(logits.float(), dim=1).cpu().numpy(), features.float().cpu().numpy()
+
+
+def score_split(settings: Settings, models: dict[str, StreamModel], videos: list[ScoredVideo], *, run: str,
+                split: str, features: dict[str, dict[str, Any]], length: int, height: int, width: int,
+                snippets: int = DEFAULT_SNIPPETS, batch_size: int = 32, timeout_s: float = 300.0,
+                max_inflight: int = 64, exclude: Iterable[str] = ()) -> tuple[dict[str, VideoScores], SnippetPlan]:
+    """Score ``videos`` with each stream's model through the resident workers of the data plane.
+
+    The snippets travel as a scoring run of their own (:func:`scoring_run_id`); its topics and keys are
+    removed at the end. Each stream is consumed on its own thread so that the in-flight bound, which
+    waits for every stream, keeps moving."""
+    score_run = scoring_run_id(run, split)
+    wanted = {stream: features[stream] for stream in models}
+    plan = plan_snippets(videos, run=score_run, features=wanted, length=length, height=height, width=width,
+                         snippets=snippets, max_inflight=max_inflight, exclude=exclude)
+    store = SampleStore(settings, score_run)
+    store.clear()  # leftovers of an earlier, interrupted scoring of this run
+    accumulators = {stream: ScoreAccumulator(plan, stream) for stream in models}
+    errors: list[BaseException] = []
+    streams_ready = threading.Barrier(len(models) + 1)
+
+    def consume(stream: str) -> None:
+        model = models[stream]
+        device = next(model.parameters()).device
+        model.eval()
+        try:
+            with SampleStream(settings, score_run, stream) as source:
+                streams_ready.wait()
+                arrays: list[np.ndarray] = []
+                ids: list[str] = []
+                for sample in source.epoch(0, len(plan.jobs), timeout_s=timeout_s):
+                    arrays.append(sample.array)
+                    ids.append(sample.sample_id)
+                    if len(arrays) == batch_size:
+                        accumulators[stream].add(ids, *forward_snippets(model, arrays, device))
+                        arrays, ids = [], []
+                if arrays:
+                    accumulators[stream].add(ids, *forward_snippets(model, arrays, device))
+                if source.stats.dead:
+                    log.warning("stream %s: %d snippet(s) dead: %s", stream, source.stats.dead,
+                                source.stats.dead_reasons[:3])
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the calling thread
+            errors.append(exc)
+            streams_ready.abort()
+
+    threads = [threading.Thread(target=consume, args=(s,), name=f"essp-score-{s}") for s in models]
+    for thread in threads:
+        thread.start()
+    try:
+        streams_ready.wait(timeout=60)
+        publish_plan(settings, EpochPlan(run=score_run, epoch=0, seed=0, jobs=plan.jobs))
+    except threading.BrokenBarrierError:
+        pass
+    finally:
+        for thread in threads:
+            thread.join()
+        store.clear()
+        delete_topics(settings, Topics(settings.topic_prefix).run_topics(score_run, list(models)))
+    if errors:
+        raise errors[0]
+    return {stream: acc.result() for stream, acc in accumulators.items()}, plan
+
+
+def score_local(models: dict[str, StreamModel], videos: list[tuple[ScoredVideo, bytes]], *,
+                features: dict[str, dict[str, Any]], length: int, height: int, width: int,
+                snippets: int = DEFAULT_SNIPPETS, batch_size: int = 32) -> tuple[dict[str, VideoScores], SnippetPlan]:
+    """Score videos held in memory with the decode and extractor code of the workers, in this process
+    (`essp predict` without workers). Frames and features stay in memory."""
+    from essp.dataplane.extractors import create_extractor
+    from essp.datasets.video import decode_segment
+
+    plan = plan_snippets([v for v, _ in videos], run="local", features=features, length=length,
+                         height=height, width=width, snippets=snippets)
+    data = {video.uri: blob for video, blob in videos}
+    extractors = {stream: create_extractor(stream, features.get(stream) or {}) for stream in models}
+    accumulators = {stream: ScoreAccumulator(plan, stream) for stream in models}
+    pending: dict[str, tuple[list[np.ndarray], list[str]]] = {stream: ([], []) for stream in models}
+
+    def flush(stream: str) -> None:
+        arrays, ids = pending[stream]
+        if arrays:
+            model = models[stream]
+            model.eval()
+            accumulators[stream].add(ids, *forward_snippets(model, arrays, next(model.parameters()).device))
+        pending[stream] = ([], [])
+
+    for job in plan.jobs:
+        frames = decode_segment(data[job.video], job.video, job.offset, job.length + 1, (job.height, job.width))
+        for stream, extractor in extractors.items():
+            pending[stream][0].append(extractor.extract(frames))
+            pending[stream][1].append(job.sample_id)
+            if len(pending[stream][0]) == batch_size:
+                flush(stream)
+    for stream in models:
+        flush(stream)
+    return {stream: acc.result() for stream, acc in accumulators.items()}, plan

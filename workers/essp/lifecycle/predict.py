@@ -1,0 +1,126 @@
+"""Prediction with a registered model: per-stream snippet scores, then the model's fusion.
+
+:func:`predict_videos` is what `essp predict` runs: videos given as bytes are probed, decoded and
+turned into features in this process with the workers' own code (nothing on disk), scored by each
+stream's checkpoint and fused with the registered strategy (or a fixed one given instead). A video
+that cannot be read gets an error naming it and the cause; the others are still scored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import torch
+
+from essp.clients.s3 import ObjectStore, S3Uri
+from essp.datasets.video import VideoError, probe_video
+from essp.errors import EsspError
+from essp.evaluation.fusion import Fuser, make_fuser
+from essp.evaluation.scoring import ScoredVideo, score_local
+from essp.lifecycle.model_registry import ModelRegistry, ModelVersion, registry_names
+from essp.lifecycle.pipeline import RunSpec, stream_scores
+from essp.settings import Settings
+from essp.training.artifacts import load_checkpoint_uri
+from essp.training.models import build_model
+
+
+class PredictionError(EsspError):
+    """No model to predict with, or a fusion that cannot be used."""
+
+
+def resolve_registry(settings: Settings, registry: str | None) -> str:
+    """The registry named, or the only one that has a production model."""
+    if registry:
+        return registry
+    names = registry_names(settings)
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        raise PredictionError("no model registry has a production model yet: train one (`essp train` / the "
+                              "essp_train DAG)")
+    raise PredictionError(f"several registries have a production model ({', '.join(names)}): name one with "
+                          "--registry")
+
+
+def resolve_model(settings: Settings, registry: str, version: int | None) -> ModelVersion:
+    models = ModelRegistry(settings, registry)
+    if version is not None:
+        return models.get(version)
+    production = models.production()
+    if production is None:
+        raise PredictionError(f"model registry {registry!r} has no production model yet: train one "
+                              "(`essp train` / the essp_train DAG) or name a --version")
+    return production
+
+
+def load_models(settings: Settings, model: ModelVersion, spec: RunSpec) -> dict[str, torch.nn.Module]:
+    loaded = {}
+    for stream, uri in model.streams.items():
+        state = load_checkpoint_uri(settings, uri)
+        net = build_model(state["arch"], stream, num_classes=int(state["num_classes"]), length=int(state["length"]),
+                          dropout=spec.streams[stream].dropout if stream in spec.streams else None)
+        net.load_state_dict(state["model"])
+        loaded[stream] = net.eval()
+    return loaded
+
+
+def load_fuser(settings: Settings, model: ModelVersion, strategy: str | None) -> tuple[str, Fuser]:
+    """The registered fuser (fitted state from S3), or a fixed strategy asked for instead."""
+    registered = model.fusion.get("strategy", "average")
+    if strategy is None or strategy == registered:
+        state_uri = model.fusion.get("state")
+        if state_uri:
+            location = S3Uri.parse(state_uri)
+            saved = ObjectStore(settings).get_json(location.bucket, location.key)
+            return registered, Fuser.from_state(saved["state"])
+        strategy = registered
+    if strategy in ("learned", "sequence"):
+        raise PredictionError(f"fusion {strategy!r} must be fitted on the training videos; model v{model.version} "
+                              f"was registered with {registered!r}: use that, or a fixed strategy "
+                              "(average, weighted, max, product)")
+    weights = model.fusion.get("weights") if strategy == "weighted" else None
+    if strategy == "weighted" and not weights:
+        weights = {stream: 1.0 for stream in model.streams}
+    return strategy, make_fuser(strategy, weights=weights, num_classes=len(model.class_names))
+
+
+def predict_videos(settings: Settings, sources: list[tuple[str, bytes]], *, registry: str | None = None,
+                   version: int | None = None, fusion: str | None = None, top: int = 3,
+                   snippets: int | None = None) -> dict[str, Any]:
+    """Top classes of each video (name, bytes) with the registered model; see the module's doc."""
+    registry = resolve_registry(settings, registry)
+    model = resolve_model(settings, registry, version)
+    spec = RunSpec.model_validate(model.params)
+    strategy, fuser = load_fuser(settings, model, fusion)
+    nets = load_models(settings, model, spec)
+    results: list[dict[str, Any]] = [{"video": name} for name, _ in sources]
+    usable: list[tuple[ScoredVideo, bytes]] = []
+    index: dict[str, int] = {}
+    for i, (name, data) in enumerate(sources):
+        try:
+            info = probe_video(data, name)
+            if info.frames < spec.length + 1:
+                raise VideoError(name, f"{info.frames} frames, fewer than the {spec.length + 1} of one stack")
+        except VideoError as exc:
+            results[i]["error"] = str(exc)
+            continue
+        uri = f"mem://{hashlib.sha256(data).hexdigest()[:16]}/{i}"
+        usable.append((ScoredVideo(id=f"{i:05d}", uri=uri, label=0, frames=info.frames), data))
+        index[f"{i:05d}"] = i
+    if usable:
+        with torch.no_grad():
+            scores, _ = score_local(nets, usable, features={s: dict(spec.streams[s].options) for s in nets},
+                                    length=spec.length, height=spec.size, width=spec.size,
+                                    snippets=snippets or spec.snippets)
+        view = stream_scores(scores)
+        fused = fuser.predict(view)
+        for row, video_id in enumerate(view.video_ids):
+            order = np.argsort(-fused[row])[:top]
+            results[index[video_id]]["top"] = [{"class": model.class_names[int(c)], "score": float(fused[row, c])}
+                                               for c in order]
+            results[index[video_id]]["streams"] = {
+                s: model.class_names[int(np.argmax(view.scores[s][row]))] for s in view.scores}
+    return {"registry": registry, "version": model.version, "run": model.run, "fusion": strategy,
+            "videos": results}

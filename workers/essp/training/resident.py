@@ -1,0 +1,266 @@
+"""The resident trainer: one stream of one run, its model kept across epochs.
+
+The master (Airflow, or :mod:`essp.lifecycle.pipeline`) asks for an epoch by writing ``{epoch, expected}`` under
+the run's epoch-request key in Redis and publishing an ``epoch`` command on the control topic (which
+only wakes the trainer sooner: a trainer started later still finds the request in Redis). The
+trainer trains that epoch from its ``SampleStream``, writes a checkpoint to S3, records
+``epoch_done`` in its Redis state and publishes an ``epoch_done`` event with the epoch's figures
+(loss, accuracy, samples/s, data-wait fraction). The master waits on that state. On start it resumes
+from the run's latest checkpoint of its stream; on SIGTERM or a ``stop`` command it checkpoints
+where it is (mid-epoch checkpoints list the samples already trained on, which the resumed epoch
+skips) and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from essp.clients.kafka import MessageProducer, ensure_topics
+from essp.clients.redis import redis_client
+from essp.contract import ControlCommand, RedisKeys, Topics, WorkerEvent, check_run_id, encode
+from essp.dataplane.consumer import EpochStalled, SampleStream, StreamClosed
+from essp.dataplane.resident import ControlListener, RunControl
+from essp.errors import EsspError, ServiceUnavailable
+from essp.settings import Settings
+from essp.training.artifacts import RunStore
+from essp.training.trainer import StreamTrainer, TrainParams
+
+log = logging.getLogger("essp.train")
+
+# The master's side of the protocol lives in essp.training.epochs (light: no torch); re-exported here.
+from essp.training.epochs import STATE_TTL_S, TRAINER_FAMILY, request_epoch, trainer_state  # noqa: E402, F401
+
+
+class TrainSpec(BaseModel):
+    """What a trainer needs to know about its run and stream."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run: str
+    stream: str
+    num_classes: int = Field(ge=2)
+    length: int = Field(ge=1, description="Stack length L of the run's samples.")
+    params: TrainParams = Field(default_factory=TrainParams)
+    prefetch: int | None = Field(None, ge=1)
+
+
+class TrainWorker:
+    """See the module's doc."""
+
+    def __init__(self, settings: Settings, spec: TrainSpec, *, worker_id: str | None = None) -> None:
+        check_run_id(spec.run)
+        self.settings = settings
+        self.spec = spec
+        self.worker_id = worker_id or f"train-{spec.stream}-{socket.gethostname()}-{os.getpid()}"
+        self.keys = RedisKeys(settings.redis_prefix)
+        self.topics = Topics(settings.topic_prefix)
+        self.runs = RunStore(settings, spec.run)
+        self.stopping = threading.Event()
+        self.wake = threading.Event()
+        self.control = RunControl(settings)
+        self.trainer: StreamTrainer | None = None
+        self.source: SampleStream | None = None
+        self.producer: MessageProducer | None = None
+        self._state: dict[str, Any] = {}
+        self._started = time.monotonic()
+
+    # -- state and events ---------------------------------------------------------------------------
+    def _set_state(self, status: str, **extra: Any) -> None:
+        assert self.trainer is not None
+        if not self.leader:
+            return
+        self._state = {"status": status, "epoch_done": self.trainer.epoch - 1, "iteration": self.trainer.iteration,
+                       "worker": self.worker_id, "updated_at": time.time(), **extra}
+        redis_client(self.settings).set(self.keys.trainer(self.spec.run, self.spec.stream), json.dumps(self._state),
+                                        ex=STATE_TTL_S)
+
+    def _event(self, event: str, *, epoch: int | None = None, counters: dict[str, float] | None = None,
+               detail: str | None = None) -> None:
+        message = WorkerEvent(event=event, worker_id=self.worker_id, worker_kind=f"{TRAINER_FAMILY}-{self.spec.stream}",
+                              run=self.spec.run, epoch=epoch, detail=detail,
+                              counters={**(counters or {}), "uptime_s": round(time.monotonic() - self._started, 3)})
+        try:
+            if self.producer is not None:
+                self.producer.publish(self.topics.events, message, key=self.worker_id, wait=False)
+            redis_client(self.settings).set(self.keys.worker(self.worker_id), encode(message),
+                                            ex=max(10, int(self.settings.heartbeat_s * 3)))
+        except Exception as exc:  # noqa: BLE001 - an event never kills the trainer
+            log.warning("could not send %s event: %s", event, exc)
+
+    def _heartbeats(self) -> None:
+        while not self.stopping.wait(self.settings.heartbeat_s):
+            trainer = self.trainer
+            counters = {"epoch_done": float(self._state.get("epoch_done", -1)),
+                        "iteration": float(trainer.iteration if trainer else 0)}
+            self._event("heartbeat", counters=counters, detail=self._state.get("status"))
+
+    # -- control -------------------------------------------------------------------------------------
+    def on_command(self, command: ControlCommand) -> None:
+        if command.target not in ("*", TRAINER_FAMILY, f"{TRAINER_FAMILY}-{self.spec.stream}", self.worker_id):
+            return
+        if command.run not in (None, self.spec.run):
+            return
+        if command.command == "stop":
+            self.stop()
+        elif command.command == "epoch":
+            self.wake.set()
+        elif command.run:
+            self.control.forget(command.run)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.wake.set()
+        # Under DDP every rank must run the same collectives: a rank never leaves an epoch alone;
+        # the ranks agree to stop between epochs (see _agree).
+        if self.source is not None and not self.distributed:
+            self.source.interrupt()
+
+    # -- DDP -----------------------------------------------------------------------------------------
+    @property
+    def distributed(self) -> bool:
+        return self.trainer is not None and self.trainer.distributed
+
+    @property
+    def leader(self) -> bool:
+        """The rank that records state, publishes events and writes checkpoints (rank 0)."""
+        return self.trainer is None or self.trainer.rank == 0
+
+    def _agree(self, request: tuple[int, int] | None) -> tuple[tuple[int, int] | None, bool]:
+        """Every rank takes rank 0's epoch request, and stops when any rank is stopping."""
+        import torch
+        import torch.distributed as dist
+
+        values = torch.tensor([request[0] if request else -1, request[1] if request else 0,
+                               1 if self.stopping.is_set() else 0], dtype=torch.long)
+        stop = values[2:].clone()
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=self._control_group)
+        dist.broadcast(values, src=0, group=self._control_group)
+        agreed = None if int(values[0]) < 0 else (int(values[0]), int(values[1]))
+        return agreed, bool(stop[0])
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def _requested(self) -> tuple[int, int] | None:
+        raw = redis_client(self.settings).get(self.keys.epoch_request(self.spec.run))
+        if not raw:
+            return None
+        request = json.loads(raw)
+        return int(request["epoch"]), int(request["expected"])
+
+    def serve(self, *, install_signals: bool = True) -> dict[str, Any]:
+        """Train requested epochs until stopped. Returns the last state."""
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stop())
+        spec = self.spec
+        self.trainer = StreamTrainer(spec.stream, num_classes=spec.num_classes, length=spec.length,
+                                     params=spec.params, settings=self.settings)
+        self._control_group = None
+        if self.distributed:
+            import torch.distributed as dist
+
+            self.worker_id = f"{self.worker_id}-rank{self.trainer.rank}"
+            self._control_group = dist.new_group(backend="gloo")  # small CPU tensors, whatever the backend
+        resumed = self.runs.latest_checkpoint_uri(spec.stream)
+        if resumed:
+            self.trainer.load_checkpoint(self.runs.load_checkpoint(resumed), source=resumed)
+            log.info("resumed %s at epoch %d, iteration %d from %s", spec.stream, self.trainer.epoch,
+                     self.trainer.iteration, resumed)
+        ensure_topics(self.settings, [self.topics.control, self.topics.events,
+                                      *self.topics.run_topics(spec.run, [spec.stream])])
+        self.producer = MessageProducer(self.settings)
+        listener = ControlListener(self.settings, self.on_command, self.stopping)
+        listener.start()
+        listener.ready.wait(15)
+        beats = threading.Thread(target=self._heartbeats, name="essp-heartbeat", daemon=True)
+        beats.start()
+        if self.leader:  # under DDP rank 0 reads the stream and hands each rank its slice
+            self.source = SampleStream(self.settings, spec.run, spec.stream, prefetch=spec.prefetch)
+        self._set_state("ready", resumed_from=resumed)
+        self._event("started", detail=f"device {self.trainer.device}, resumed from {resumed or 'nothing'}")
+        log.info("%s serving run %s stream %s on %s", self.worker_id, spec.run, spec.stream, self.trainer.device)
+        try:
+            while True:
+                request = self._requested() if self.leader else None
+                if self.distributed:
+                    request, stop = self._agree(request)
+                    if stop:
+                        break
+                elif self.stopping.is_set():
+                    break
+                if request is None or request[0] < self.trainer.epoch:
+                    self.wake.wait(0.5)
+                    self.wake.clear()
+                    continue
+                epoch, expected = request
+                if epoch > self.trainer.epoch:
+                    raise EsspError(f"run {spec.run}: epoch {epoch} requested, but stream {spec.stream} has trained "
+                                    f"only up to epoch {self.trainer.epoch - 1}; request epoch {self.trainer.epoch}")
+                self._train(epoch, expected)
+        except Exception as exc:
+            log.exception("trainer failed")
+            self._set_state("failed", detail=f"{type(exc).__name__}: {exc}")
+            self._event("error", detail=f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            self.stopping.set()
+            if self.source is not None:
+                self.source.close()
+            if self._state.get("status") != "failed":
+                self._set_state("stopped")
+            self._event("stopped")
+            self.producer.close()
+            listener.join(5)
+        return self._state
+
+    def _train(self, epoch: int, expected: int) -> None:
+        assert self.trainer is not None
+        trainer, source, spec = self.trainer, self.source, self.spec
+        self._set_state("training", epoch=epoch)
+        skip = set(trainer.consumed)  # trained on before a mid-epoch stop: drained, not trained again
+        samples = None
+        if source is not None:
+            delivered = source.epoch(epoch, expected, timeout_s=120.0,
+                                     keep_waiting=lambda: self.control.get(spec.run) == "paused")
+            samples = (s for s in delivered if s.sample_id not in skip)
+        try:
+            stats = trainer.train_epoch(samples, epoch=epoch,
+                                        wait_s=(lambda: source.stats.waited_s) if source is not None else None,
+                                        stop=None if self.distributed else self.stopping.is_set)
+        except StreamClosed:
+            stats = None
+        except EpochStalled as exc:
+            raise EsspError(str(exc)) from None
+        finished = trainer.epoch == epoch + 1
+        if not self.leader:
+            return
+        uri = self._checkpoint(finished)
+        if not finished:
+            self._set_state("stopped", epoch=epoch, checkpoint=uri, detail="stopped mid-epoch")
+            return
+        assert stats is not None and source is not None
+        stats.dead = source.stats.dead
+        figures = stats.as_dict()
+        log.info("%s epoch %d: loss %.4f accuracy %.3f %.1f samples/s data wait %.1f%%", spec.stream, epoch,
+                 stats.loss, stats.accuracy, stats.samples_per_s, 100 * stats.data_wait)
+        self._set_state("epoch_done", checkpoint=uri, stats=figures)
+        self._event("epoch_done", epoch=epoch, counters={k: float(v) for k, v in figures.items()}, detail=uri)
+
+    def _checkpoint(self, finished: bool) -> str:
+        assert self.trainer is not None
+        delay = 0.5
+        while True:
+            try:
+                return self.runs.save_checkpoint(self.spec.stream, self.trainer.checkpoint(), finished_epoch=finished)
+            except ServiceUnavailable as exc:  # S3 restarting: the checkpoint must not be lost
+                log.warning("%s; retrying the checkpoint in %.1fs", exc, delay)
+                time.sleep(delay)
+                delay = min(2 * delay, 10.0)
