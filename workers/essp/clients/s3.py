@@ -105,11 +105,18 @@ class ObjectStore:
                 if "BucketAlreadyOwnedByYou" not in str(exc) and "BucketAlreadyExists" not in str(exc):
                     raise
 
-    def put_bytes(self, bucket: str, key: str, data: bytes,
-                  content_type: str = "application/octet-stream") -> S3Uri:
-        self._call(f"s3://{bucket}/{key}", self.client.put_object, bucket, key, io.BytesIO(data),
-                   len(data), content_type=content_type)
+    def put_bytes(self, bucket: str, key: str, data: bytes, content_type: str = "application/octet-stream",
+                  metadata: dict[str, str] | None = None) -> S3Uri:
+        """Write one object; ``metadata`` becomes its user metadata (x-amz-meta-NAME, read back by :meth:`stat`)."""
+        self.put_object(bucket, key, data, content_type=content_type, metadata=metadata)
         return S3Uri(bucket, key)
+
+    def put_object(self, bucket: str, key: str, data: bytes, content_type: str = "application/octet-stream",
+                   metadata: dict[str, str] | None = None) -> str:
+        """:meth:`put_bytes`, returning the written object's ETag (without quotes)."""
+        written = self._call(f"s3://{bucket}/{key}", self.client.put_object, bucket, key, io.BytesIO(data),
+                             len(data), content_type=content_type, metadata=metadata)
+        return _etag(getattr(written, "etag", None))
 
     def get_bytes(self, bucket: str, key: str) -> bytes:
         def read() -> bytes:
@@ -121,6 +128,22 @@ class ObjectStore:
                 response.release_conn()
 
         return self._call(f"s3://{bucket}/{key}", read)
+
+    def stream(self, bucket: str, key: str, chunk_size: int = 64 * 1024) -> Iterator[bytes]:
+        """The object's bytes in chunks, read as they are consumed (ObjectNotFound before the first
+        chunk when there is no such object). Closing the iterator releases the connection."""
+        response = self._call(f"s3://{bucket}/{key}", self.client.get_object, bucket, key)
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                yield from response.stream(chunk_size)
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                raise self._unavailable(exc) from None
+            finally:
+                response.close()
+                response.release_conn()
+
+        return chunks()
 
     def put_json(self, bucket: str, key: str, value: Any) -> S3Uri:
         return self.put_bytes(bucket, key, json.dumps(value, indent=2, sort_keys=True).encode(),
@@ -154,6 +177,13 @@ class ObjectStore:
             raise
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise self._unavailable(exc) from None
+
+    def list_prefixes(self, bucket: str, prefix: str = "") -> list[str]:
+        """The "folders" right under ``prefix`` (names ending in '/', without the prefix), sorted;
+        ObjectNotFound when the bucket does not exist."""
+        found = self._call(f"s3://{bucket}/{prefix}",
+                           lambda: list(self.client.list_objects(bucket, prefix=prefix or None, recursive=False)))
+        return sorted((o.object_name or "")[len(prefix):] for o in found if o.is_dir)
 
     def list_objects(self, bucket: str, prefix: str = "") -> Iterator[ObjectInfo]:
         """Every object under `prefix` (recursively), with size, ETag and last modification; ObjectNotFound

@@ -14,7 +14,6 @@ one bad file never stops an ingest.
 from __future__ import annotations
 
 import hashlib
-import io
 import mimetypes
 import os
 import re
@@ -24,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from essp.clients.s3 import ObjectNotFound, ObjectStore, S3Uri
-from essp.errors import EsspError
 from essp.datasets.manifest import Manifest, ManifestStore, ManifestVideo, QuarantinedVideo, check_name
-from essp.settings import Settings
 from essp.datasets.video import VideoError, VideoInfo, probe_video
+from essp.errors import EsspError
+from essp.settings import Settings
 
 VIDEO_EXTENSIONS = frozenset({".avi", ".mp4", ".m4v", ".mkv", ".mov", ".webm", ".mpg", ".mpeg", ".flv", ".wmv",
                               ".3gp", ".ogv", ".ts"})
@@ -210,7 +209,6 @@ def _sha256(data: bytes) -> str:
 
 def _upload(store: ObjectStore, bucket: str, key: str, data: bytes, digest: str) -> tuple[bool, str]:
     """Upload unless the object already holds these bytes (same size and sha256): (uploaded, the object's ETag)."""
-    uri = f"s3://{bucket}/{key}"
     try:
         stat = store.stat(bucket, key)
     except ObjectNotFound:
@@ -218,9 +216,7 @@ def _upload(store: ObjectStore, bucket: str, key: str, data: bytes, digest: str)
     if stat is not None and stat.size == len(data) and stat.metadata.get("sha256") == digest:
         return False, stat.etag
     content_type = mimetypes.guess_type(key)[0] or "application/octet-stream"
-    written = store._call(uri, store.client.put_object, bucket, key, io.BytesIO(data), len(data),
-                          content_type=content_type, metadata={"sha256": digest})
-    etag = (written.etag or "").strip('"') if written is not None else ""
+    etag = store.put_object(bucket, key, data, content_type=content_type, metadata={"sha256": digest})
     return True, etag or store.stat(bucket, key).etag
 
 
