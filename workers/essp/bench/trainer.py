@@ -31,7 +31,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from essp.bench.dataplane import DEFAULT_DOCS, bench_app, machine_info, update_docs
+from essp.bench.dataplane import bench_app
+from essp.bench.docs import DEFAULT_DOCS, update_docs
+from essp.bench.processes import machine_info
 from essp.settings import Settings
 
 # torch and the trainer are imported inside the functions: `essp --help` must not pay for them.

