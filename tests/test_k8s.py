@@ -21,21 +21,20 @@ from typing import Any
 
 import pytest
 import yaml
+from k8s_lint import is_namespaced, validate_object
 from kubernetes.client import ApiClient, V1Scale, V1ScaleSpec
 from kubernetes.client.exceptions import ApiException
 
-from essp.errors import EsspError
 from essp.dataplane.extractors import EXTRACTOR_TABLE, extractor_kinds
 from essp.deploy.kube import (
     TRAINER_TEMPLATE,
     WORKER_DEPLOYMENTS,
     KubeWorkers,
     deployment_name,
-    is_namespaced,
     trainer_deployment,
     trainer_name,
-    validate_object,
 )
+from essp.errors import EsspError
 from essp.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
