@@ -25,11 +25,11 @@ from reports import HOSTILE, STREAMS, write_seeded_report
 from essp.clients.redis import redis_client
 from essp.contract import RedisKeys
 from essp.deploy.local import isolated_settings
-from essp.stack.procs import ProcessTable
 from essp.evaluation.report import PLOTS, PNG_SIGNATURE, read_report, summary_markdown
 from essp.orchestration.links import save_link
+from essp.orchestration.webui import create_app, dag_run_context, render_report
+from essp.stack.procs import ProcessTable
 from essp.training.artifacts import RunStore
-from essp.orchestration.webui import create_app
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = "ui-report-1"
@@ -137,6 +137,32 @@ def test_report_page_metrics_plots_and_escaping(client, report):
         png = client.get(urlsplit(urljoin(page_url, source)).path)
         assert png.status_code == 200 and png.content.startswith(PNG_SIGNATURE), source
 
+
+def test_every_report_value_is_escaped_on_the_report_page(client, report):
+    """The templates autoescape what a report and a DAG run carry, wherever a page shows it (text and attributes)."""
+    hostile = json.loads(json.dumps(report))
+    hostile["created_at"] = HOSTILE
+    hostile["summary"].update(selected=HOSTILE, best_stream=HOSTILE)
+    hostile["fusion_table"][0]["name"] = HOSTILE
+    hostile["evaluation"]["fusion"][HOSTILE] = {"note": HOSTILE}
+    hostile["history"][HOSTILE] = hostile["history"].pop("rgb")
+    hostile["streams"][HOSTILE] = hostile["streams"].pop("rgb")
+    hostile["params"][HOSTILE] = HOSTILE
+    context = dag_run_context(HOSTILE, HOSTILE, RUN, "./")
+    body = render_report(hostile, "./", context=context).body.decode()
+    assert "<script" not in body and "alert('essp')" not in body
+    escaped = "&lt;script&gt;alert(&#x27;essp&#x27;)&lt;/script&gt;"
+    assert f'data-name="{escaped}"' in body and f'data-stream="{escaped}"' in body
+    assert f"<h3>{escaped}</h3>" in body and f"<th>{escaped}</th>" in body
+    assert f'<div class="note">{escaped}</div>' in body
+    assert f"<strong>{escaped}</strong>" in body and f"report written {escaped}" in body
+    assert f"DAG run <code>{escaped}</code> of <code>{escaped}</code>" in body
+    assert f'href="./dag-runs/{quote(HOSTILE, safe="")}/{quote(HOSTILE, safe="")}/workers"' in body
+
+    # Error pages escape what the URL carries.
+    unknown = client.get(f"/dag-runs/{quote(HOSTILE[:-9], safe='')}/nope")
+    assert unknown.status_code == 404 and "<script" not in unknown.text
+    assert "&lt;script&gt;alert(&#x27;essp&#x27;)" in unknown.text
 
 def test_files_route(client, ui_settings, report):
     response = client.get(f"/runs/{RUN}/files/confusion.png")

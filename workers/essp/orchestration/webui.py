@@ -14,11 +14,13 @@ the workers page, the local process table. Routes, relative to the mount:
 ``GET /dag-runs/{dag_id}/{dag_run_id}/workers``        that run's workers and the tail of their logs
 =====================================================  ==============================================
 
-Every link and image path in the pages is relative, so the app works under any prefix (the plugin's
-``/essp``, a reverse proxy's path). Every value from a report, a link or a log is HTML-escaped.
-Settings are built per request with ``settings_factory`` (the api-server's environment carries the
-``ESSP_*`` settings). The endpoints are plain ``def``: FastAPI runs their S3 and Redis calls in its
-threadpool.
+The HTML is in the Jinja templates of ``essp/orchestration/templates/`` (``base.html``, the frame of every
+page, and one template per page); this module gathers the values they show and passes them as plain data.
+Templates are autoescaped: every value from a report, a link or a log is HTML-escaped. Every link and
+image path in the pages is relative, so the app works under any prefix (the plugin's ``/essp``, a
+reverse proxy's path). Settings are built per request with ``settings_factory`` (the api-server's
+environment carries the ``ESSP_*`` settings). The endpoints are plain ``def``: FastAPI runs their S3 and
+Redis calls in its threadpool.
 """
 
 from __future__ import annotations
@@ -30,19 +32,30 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+from markupsafe import Markup
 
 from essp.clients.s3 import ObjectNotFound, ObjectStore
 from essp.contract import check_run_id
 from essp.errors import EsspError, ServiceUnavailable
-from essp.stack.procs import ProcessTable, pid_alive
-from essp.evaluation.report import PLOTS, REPORT_FILE, REPORT_PREFIX, SUMMARY_FILE, ReportNotFound, read_report, summary_lines
+from essp.evaluation.report import (
+    PLOTS,
+    REPORT_FILE,
+    REPORT_PREFIX,
+    SUMMARY_FILE,
+    ReportNotFound,
+    read_report,
+    summary_lines,
+)
 from essp.settings import Settings
+from essp.stack.procs import ProcessTable, pid_alive
 
 SettingsFactory = Callable[[], Settings]
 
@@ -50,6 +63,7 @@ FILE_TYPES = {**{name: "image/png" for name in PLOTS}, SUMMARY_FILE: "text/markd
 PLOT_TITLES = {"loss.png": "training loss", "accuracy.png": "training accuracy",
                "confusion.png": "confusion matrix (selected)", "per_class.png": "per-class accuracy",
                "fusion.png": "top-1 per strategy"}
+METRIC_KEYS = ("top1", "top5", "mean_class_accuracy", "mAP")  # the metrics table's figures, in its columns
 INDEX_DETAILS = 25  # the newest runs whose report the index reads for its figures
 LOG_TAIL_LINES = 200
 LOG_TAIL_BYTES = 256 * 1024  # a log's tail is read from at most its last this many bytes
@@ -67,11 +81,6 @@ SECURITY_HEADERS = {
 
 class BadRequest(EsspError):
     """A malformed run id or file name in the URL."""
-
-
-def esc(value: Any) -> str:
-    """``value`` as HTML text (attributes included)."""
-    return html.escape("" if value is None else str(value), quote=True)
 
 
 def q(segment: str) -> str:
@@ -92,6 +101,27 @@ def _number(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def _when(value: Any) -> str:
+    if isinstance(value, dt.datetime):
+        return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return _text(value)
+
+
+def _age(ts: Any) -> str:
+    if not isinstance(ts, int | float):
+        return ""
+    seconds = max(0.0, time.time() - ts)
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"
+
+
 def _checked_run(run: str) -> str:
     try:
         return check_run_id(run)
@@ -100,85 +130,37 @@ def _checked_run(run: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# page frame
-
-CSS = """
-:root { --fg: #1f2933; --muted: #616e7c; --line: #d3d9e0; --head: #eef2f6; --accent: #0b6bcb;
-        --good: #1e7e34; --goodbg: #e6f4ea; --warn: #8a5300; --warnbg: #fff4e0; --bad: #a61b1b; --badbg: #fdecea; }
-* { box-sizing: border-box; }
-body { margin: 0; font: 14px/1.45 "DejaVu Sans", "Helvetica Neue", Arial, sans-serif; color: var(--fg);
-       background: #f7f9fb; }
-header { background: #17324d; color: #fff; padding: 14px 24px; }
-header h1 { margin: 0; font-size: 20px; font-weight: 600; }
-header h1 code { font-size: 20px; background: none; color: #fff; padding: 0; }
-header .sub code { background: rgba(255, 255, 255, 0.14); color: #fff; }
-header .sub { color: #c5d3e0; margin-top: 4px; font-size: 13px; }
-header a { color: #9fd0ff; }
-nav.crumbs { margin-top: 6px; font-size: 13px; }
-main { padding: 16px 24px 32px; max-width: 1500px; }
-section { background: #fff; border: 1px solid var(--line); border-radius: 6px; padding: 12px 16px; margin: 0 0 16px; }
-h2 { font-size: 16px; margin: 0 0 10px; }
-h3 { font-size: 14px; margin: 12px 0 6px; }
-a { color: var(--accent); text-decoration: none; }
-a:hover { text-decoration: underline; }
-code, pre { font-family: "DejaVu Sans Mono", Menlo, Consolas, monospace; font-size: 12.5px; }
-code { background: #f0f3f6; padding: 1px 4px; border-radius: 3px; }
-pre { background: #f6f8fa; border: 1px solid var(--line); border-radius: 4px; padding: 8px 10px; overflow-x: auto;
-      margin: 0; white-space: pre-wrap; word-break: break-word; }
-pre.log { max-height: 420px; overflow-y: auto; white-space: pre; word-break: normal; }
-table { border-collapse: collapse; margin: 4px 0; }
-th, td { border: 1px solid var(--line); padding: 4px 10px; text-align: left; vertical-align: top; }
-th { background: var(--head); font-weight: 600; }
-td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
-tr.selected td { background: #fff7d6; font-weight: 600; }
-tr.stream td:first-child { color: var(--muted); }
-tr.skipped td { color: var(--muted); font-style: italic; }
-.badge { display: inline-block; padding: 1px 7px; border-radius: 10px; font-size: 12px; font-weight: 600; }
-.badge.sel { background: #f5c400; color: #3a2f00; }
-.badge.ok { background: var(--goodbg); color: var(--good); }
-.badge.no { background: var(--warnbg); color: var(--warn); }
-.badge.dead { background: var(--badbg); color: var(--bad); }
-.verdict { display: flex; flex-wrap: wrap; gap: 12px; margin-bottom: 6px; }
-.card { border: 1px solid var(--line); border-radius: 6px; padding: 8px 14px; min-width: 170px; background: #fbfcfd; }
-.card .k { color: var(--muted); font-size: 12px; }
-.card .v { font-size: 20px; font-weight: 600; }
-.card.good { border-color: #9fd3ad; background: var(--goodbg); }
-.card.warn { border-color: #f0c36d; background: var(--warnbg); }
-.note { color: var(--muted); font-size: 12.5px; }
-.msg { border-left: 4px solid var(--warn); background: var(--warnbg); padding: 10px 14px; border-radius: 4px; }
-.msg.error { border-color: var(--bad); background: var(--badbg); }
-.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(420px, 1fr)); gap: 14px; }
-.two { display: grid; grid-template-columns: repeat(auto-fit, minmax(380px, 1fr)); gap: 16px; }
-figure { margin: 0; border: 1px solid var(--line); border-radius: 6px; padding: 8px; background: #fff; }
-figure img { width: 100%; height: auto; display: block; }
-figcaption { color: var(--muted); font-size: 12.5px; margin-top: 4px; }
-"""
+# rendering
 
 
-def page(title: str, heading: str, body: str, *, sub: str = "", crumbs: str = "", status_code: int = 200,
-         refresh_s: int | None = None) -> HTMLResponse:
-    """A complete page. ``title`` is plain text; ``heading``, ``sub``, ``crumbs`` and ``body`` are HTML."""
-    refresh = f'<meta http-equiv="refresh" content="{int(refresh_s)}">' if refresh_s else ""
-    document = (
-        f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
-        f'<meta name="viewport" content="width=device-width, initial-scale=1">{refresh}'
-        f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
-        f"<header><h1>{heading}</h1>"
-        + (f'<div class="sub">{sub}</div>' if sub else "")
-        + (f'<nav class="crumbs">{crumbs}</nav>' if crumbs else "")
-        + f"</header><main>{body}</main></body></html>"
-    )
+def _output(value: Any) -> Any:
+    """What ``{{ value }}`` writes: markup (a macro's output) as it is, None as nothing, anything else as
+    escaped text, with :func:`html.escape`'s entities (``&quot;``, ``&#x27;``) rather than markupsafe's."""
+    if hasattr(value, "__html__"):
+        return value
+    return Markup(html.escape(_text(value), quote=True))
+
+
+@cache
+def templates() -> Environment:
+    """The pages' templates (the package's ``templates/`` folder), autoescaped."""
+    env = Environment(loader=PackageLoader("essp.orchestration", "templates"), autoescape=select_autoescape(["html"]),
+                      undefined=StrictUndefined, finalize=_output, trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(pct=pct, number=_number, when=_when)
+    return env
+
+
+def render(template: str, *, status_code: int = 200, refresh_s: int | None = None, **values: Any) -> HTMLResponse:
+    """The page ``template`` (a child of ``base.html``) with ``values``; ``refresh_s``: reload it that often."""
+    document = templates().get_template(template).render(refresh_s=refresh_s, **values)
     return HTMLResponse(document, status_code=status_code, headers=SECURITY_HEADERS)
 
 
 def message_page(status_code: int, title: str, message: str, root: str, *, detail: str = "") -> HTMLResponse:
     """An error or notice page: ``message`` and ``detail`` are plain text."""
     kind = "msg error" if status_code >= 500 else "msg"
-    body = f'<section><div class="{kind}"><strong>{esc(message)}</strong>'
-    if detail:
-        body += f"<pre>{esc(detail)}</pre>"
-    body += "</div></section>"
-    return page(title, esc(title), body, crumbs=f'<a href="{root}">all ESSP runs</a>', status_code=status_code)
+    return render("message.html", status_code=status_code, title=title, message=message, detail=detail, kind=kind,
+                  root=root)
 
 
 def _root(request: Request) -> str:
@@ -200,14 +182,14 @@ def list_reports(settings: Settings) -> list[dict[str, Any]]:
     :data:`INDEX_DETAILS` also carry their report's ``summary`` and ``created_at``."""
     store = ObjectStore(settings)
     bucket = settings.bucket_runs
-    try:  # ObjectStore._call: the store's own mapping of S3 errors (ObjectNotFound, ServiceUnavailable)
-        top = store._call(f"s3://{bucket}", lambda: list(store.client.list_objects(bucket, recursive=False)))
+    try:
+        top = store.list_prefixes(bucket)
     except ObjectNotFound:
         return []  # no bucket: no run yet
     runs = []
-    for obj in top:
-        name = (obj.object_name or "").rstrip("/")
-        if obj.is_dir and not name.startswith("_"):
+    for folder in top:
+        name = folder.rstrip("/")
+        if not name.startswith("_"):
             try:
                 runs.append(check_run_id(name))
             except ValueError:
@@ -216,7 +198,7 @@ def list_reports(settings: Settings) -> list[dict[str, Any]]:
     def stat(run: str) -> dict[str, Any] | None:
         key = f"{run}/{REPORT_PREFIX}/{REPORT_FILE}"
         try:
-            info = store._call(f"s3://{bucket}/{key}", store.client.stat_object, bucket, key)
+            info = store.stat(bucket, key)
         except ObjectNotFound:
             return None
         return {"run": run, "written": info.last_modified}
@@ -236,58 +218,19 @@ def list_reports(settings: Settings) -> list[dict[str, Any]]:
     return detailed + found[INDEX_DETAILS:]
 
 
-def _when(value: Any) -> str:
-    if isinstance(value, dt.datetime):
-        return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    return "" if value is None else str(value)
-
-
 def render_index(settings: Settings, root: str) -> HTMLResponse:
-    entries = list_reports(settings)
-    if not entries:
-        body = (f'<section><div class="msg">No run in <code>s3://{esc(settings.bucket_runs)}</code> has a report '
-                "yet. A run writes its report when its fuse-and-report step finishes.</div></section>")
-    else:
-        rows = []
-        for e in entries:
-            link = f'<a href="{root}runs/{q(e["run"])}"><code>{esc(e["run"])}</code></a>'
-            s = e.get("summary")
-            if s is None:
-                extra = (f'<td colspan="5" class="note">{esc(e["error"])}</td>' if "error" in e
-                         else '<td colspan="5" class="note">open the report for its figures</td>')
-            else:
-                verdict = s.get("fused_ge_best_stream")
-                badge = ("" if verdict is None else '<span class="badge ok">yes</span>' if verdict
-                         else '<span class="badge no">no</span>')
-                extra = (f'<td class="num">{esc(s.get("num_classes"))}</td><td>{esc(s.get("selected"))}</td>'
-                         f'<td class="num">{esc(pct(s.get("selected_top1")))}</td>'
-                         f'<td>{esc(s.get("best_stream"))} {esc(pct(s.get("best_stream_top1")))}</td>'
-                         f"<td>{badge}</td>")
-            rows.append(f"<tr><td>{link}</td><td>{esc(_when(e['written']))}</td>{extra}</tr>")
-        body = ('<section><h2>Runs with a report</h2><table><thead><tr><th>run</th><th>report written</th>'
-                '<th class="num">classes</th><th>selected</th><th class="num">selected top-1</th>'
-                "<th>best stream top-1</th><th>fused &ge; best stream</th></tr></thead><tbody>"
-                + "".join(rows) + "</tbody></table>"
-                f'<p class="note">{len(entries)} run(s) in <code>s3://{esc(settings.bucket_runs)}</code>, newest '
-                "first.</p></section>")
-    return page("ESSP reports", "ESSP reports", body,
-                sub=f"training runs of <code>s3://{esc(settings.bucket_runs)}</code>")
+    entries = [{"href": f"{root}runs/{q(e['run'])}", "summary": None, "error": None, **e}
+               for e in list_reports(settings)]
+    return render("index.html", entries=entries, bucket=settings.bucket_runs)
 
 
 # ---------------------------------------------------------------------------------------------
 # the report
 
 
-def _metric_cells(row: dict[str, Any]) -> str:
-    if row.get("skipped") is not None:
-        return f'<td colspan="5">skipped: {esc(row["skipped"])}</td>'
-    return "".join(f'<td class="num">{esc(pct(row.get(key)))}</td>'
-                   for key in ("top1", "top5", "mean_class_accuracy", "mAP")) + \
-        f'<td class="num">{esc(row.get("videos") or "")}</td>'
-
-
-def metrics_table(report: dict[str, Any]) -> str:
-    """Each stream and each fusion strategy: top-1, top-5, mean class accuracy, mAP, videos."""
+def metric_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of the metrics table, each stream and each fusion strategy as the report orders them:
+    name, label, kind, CSS classes, note, selected, skipped, figures (:data:`METRIC_KEYS`), videos."""
     fusion = (report.get("evaluation") or {}).get("fusion") or {}
     rows = []
     for row in report.get("fusion_table") or []:
@@ -295,97 +238,35 @@ def metrics_table(report: dict[str, Any]) -> str:
         is_stream = row.get("kind") == "stream"
         classes = [c for c, on in (("stream", is_stream), ("fusion", not is_stream), ("selected", row.get("selected")),
                                    ("skipped", row.get("skipped") is not None)) if on]
-        label = f"stream {name.split(':', 1)[1]}" if is_stream and ":" in name else name
-        note = (fusion.get(name) or {}).get("note") if isinstance(fusion.get(name), dict) else None
-        badge = ' <span class="badge sel">selected</span>' if row.get("selected") else ""
-        rows.append(f'<tr class="{" ".join(classes)}" data-name="{esc(name)}"><td>{esc(label)}{badge}'
-                    + (f'<div class="note">{esc(note)}</div>' if note else "")
-                    + f"</td><td>{'stream' if is_stream else 'fusion'}</td>{_metric_cells(row)}</tr>")
-    return ('<table class="metrics"><thead><tr><th>strategy / stream</th><th>kind</th><th class="num">top-1</th>'
-            '<th class="num">top-5</th><th class="num">mean class acc.</th><th class="num">mAP</th>'
-            '<th class="num">videos</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>")
+        entry = fusion.get(name)
+        rows.append({"name": name, "label": f"stream {name.split(':', 1)[1]}" if is_stream and ":" in name else name,
+                     "kind": "stream" if is_stream else "fusion", "classes": " ".join(classes),
+                     "note": entry.get("note") if isinstance(entry, dict) else None,
+                     "selected": bool(row.get("selected")), "skipped": row.get("skipped"),
+                     "figures": [row.get(key) for key in METRIC_KEYS], "videos": row.get("videos") or ""})
+    return rows
 
 
-def verdict_cards(report: dict[str, Any]) -> str:
+def verdict_cards(report: dict[str, Any]) -> list[dict[str, str]]:
+    """The result's cards: key, value (text) and CSS class (``good`` / ``warn`` for the verdict)."""
     s = report.get("summary") or {}
-    cards = [("selected fusion", esc(s.get("selected")), ""),
-             ("selected top-1", esc(pct(s.get("selected_top1"))), ""),
-             ("best stream", f'{esc(s.get("best_stream"))} {esc(pct(s.get("best_stream_top1")))}', ""),
-             ("chance", esc(pct(s.get("chance"))), "")]
+    cards = [("selected fusion", s.get("selected"), ""), ("selected top-1", pct(s.get("selected_top1")), ""),
+             ("best stream", f'{_text(s.get("best_stream"))} {pct(s.get("best_stream_top1"))}', ""),
+             ("chance", pct(s.get("chance")), "")]
     verdict = s.get("fused_ge_best_stream")
     if verdict is not None:
         gain = s.get("fused_gain")
         gain_text = "" if gain is None else f" ({'+' if gain >= 0 else ''}{100 * gain:.1f} pts)"
-        cards.append(("fused ≥ best stream", ("yes" if verdict else "no") + esc(gain_text),
-                      "good" if verdict else "warn"))
+        cards.append(("fused ≥ best stream", ("yes" if verdict else "no") + gain_text, "good" if verdict else "warn"))
     selected = report.get("selected_metrics") or {}
-    cards += [("selected top-5", esc(pct(selected.get("top5"))), ""),
-              ("selected mAP", esc(pct(selected.get("mAP"))), "")]
-    return '<div class="verdict">' + "".join(
-        f'<div class="card {cls}"><div class="k">{esc(k)}</div><div class="v">{v}</div></div>'
-        for k, v, cls in cards) + "</div>"
+    cards += [("selected top-5", pct(selected.get("top5")), ""), ("selected mAP", pct(selected.get("mAP")), "")]
+    return [{"key": k, "value": v, "cls": cls} for k, v, cls in cards]
 
 
-def history_tables(report: dict[str, Any]) -> str:
-    """Per stream: the final training figures and the per-epoch loss / accuracy."""
-    streams = report.get("streams") or {}
-    history = report.get("history") or {}
-    if not streams and not history:
-        return '<p class="note">no training history recorded</p>'
-    final = ['<table><thead><tr><th>stream</th><th class="num">epochs</th><th class="num">final loss</th>'
-             '<th class="num">final train acc.</th><th class="num">samples/s</th><th class="num">data wait</th>'
-             '<th class="num">samples</th></tr></thead><tbody>']
-    for stream, f in streams.items():
-        final.append(f"<tr><td>{esc(stream)}</td><td class=\"num\">{esc(f.get('epochs'))}</td>"
-                     f"<td class=\"num\">{esc(_number(f.get('final_loss')))}</td>"
-                     f"<td class=\"num\">{esc(pct(f.get('final_accuracy')))}</td>"
-                     f"<td class=\"num\">{esc(_number(f.get('final_samples_per_s'), 1))}</td>"
-                     f"<td class=\"num\">{esc(pct(f.get('final_data_wait')))}</td>"
-                     f"<td class=\"num\">{esc(f.get('total_samples') or '')}</td></tr>")
-    final.append("</tbody></table>")
-    per_stream = []
-    for stream, epochs in history.items():
-        rows = "".join(
-            f"<tr><td class=\"num\">{esc(e.get('epoch'))}</td><td class=\"num\">{esc(_number(e.get('loss')))}</td>"
-            f"<td class=\"num\">{esc(pct(e.get('accuracy')))}</td>"
-            f"<td class=\"num\">{esc(_number(e.get('samples_per_s'), 1))}</td>"
-            f"<td class=\"num\">{esc(pct(e.get('data_wait')))}</td>"
-            f"<td class=\"num\">{esc(_number(e.get('lr'), 4))}</td></tr>" for e in epochs)
-        per_stream.append(f'<div><h3>{esc(stream)}</h3><table class="history" data-stream="{esc(stream)}"><thead><tr>'
-                          '<th class="num">epoch</th><th class="num">loss</th><th class="num">train acc.</th>'
-                          '<th class="num">samples/s</th><th class="num">data wait</th><th class="num">lr</th></tr>'
-                          f"</thead><tbody>{rows}</tbody></table></div>")
-    return "".join(final) + '<div class="two">' + "".join(per_stream) + "</div>"
-
-
-def params_table(params: dict[str, Any]) -> str:
-    if not params:
-        return '<p class="note">no parameters recorded</p>'
-    rows = []
-    for key, value in params.items():
-        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-        rows.append(f"<tr><th>{esc(key)}</th><td><code>{esc(text)}</code></td></tr>")
-    return '<table class="params"><tbody>' + "".join(rows) + "</tbody></table>"
-
-
-def report_body(report: dict[str, Any], root: str) -> str:
-    """The sections of a report page; links relative to the app's root ``root``."""
-    run = str(report["run"])
-    files = f"{root}runs/{q(run)}/files/"
-    plots = "".join(
-        f'<figure><a href="{files}{name}"><img src="{files}{name}" alt="{esc(PLOT_TITLES[name])} of run {esc(run)}" '
-        f'loading="eager"></a><figcaption>{esc(PLOT_TITLES[name])}</figcaption></figure>' for name in PLOTS)
-    lines = "\n".join(summary_lines(report))
-    return (
-        f"<section><h2>Result</h2>{verdict_cards(report)}</section>"
-        f"<section><h2>Streams and fusion strategies</h2>{metrics_table(report)}"
-        '<p class="note">Sorted by top-1; the highlighted row is the strategy this run registers '
-        "(the <code>fusion</code> parameter). Learned fusions are fitted on the training videos only.</p></section>"
-        f'<section><h2>Plots</h2><div class="grid">{plots}</div></section>'
-        f"<section><h2>Training</h2>{history_tables(report)}</section>"
-        f"<section><h2>Summary</h2><pre class=\"summary\">{esc(lines)}</pre></section>"
-        f"<section><h2>Parameters</h2>{params_table(report.get('params') or {})}</section>"
-    )
+def param_rows(params: dict[str, Any]) -> list[tuple[str, str]]:
+    """The run's params as (key, text): a string as it is, anything else as JSON."""
+    return [(key, value if isinstance(value, str) else json.dumps(value, sort_keys=True))
+            for key, value in params.items()]
 
 
 def no_report_message(run: str, exc: ReportNotFound) -> str:
@@ -395,21 +276,17 @@ def no_report_message(run: str, exc: ReportNotFound) -> str:
     return f"run {run} has no report yet: {cause[len(prefix):] if cause.startswith(prefix) else cause}"
 
 
-def report_links(run: str, root: str) -> str:
-    base = f"{root}runs/{q(run)}"
-    return (f'<a href="{root}">all runs</a> · <a href="{base}">report</a> · '
-            f'<a href="{base}/report.json">report.json</a> · <a href="{base}/files/{SUMMARY_FILE}">{SUMMARY_FILE}</a>')
-
-
-def render_report(report: dict[str, Any], root: str, *, context: str = "") -> HTMLResponse:
+def render_report(report: dict[str, Any], root: str, *, context: dict[str, Any] | None = None) -> HTMLResponse:
+    """The report page; ``context``: the DAG run it is shown for (:func:`dag_run_context`)."""
     run = str(report["run"])
-    s = report.get("summary") or {}
-    sub = (f"report written {esc(report.get('created_at'))} · {esc(s.get('num_classes'))} classes · selected "
-           f"<strong>{esc(s.get('selected'))}</strong> {esc(pct(s.get('selected_top1')))} top-1")
-    if context:
-        sub = f"{context}<br>{sub}"
-    return page(f"ESSP run {run}", f"ESSP run <code>{esc(run)}</code>", report_body(report, root), sub=sub,
-                crumbs=report_links(run, root))
+    href = f"{root}runs/{q(run)}"
+    files = f"{href}/files/"
+    return render("report.html", run=run, root=root, href=href, context=context, summary_file=SUMMARY_FILE,
+                  created_at=report.get("created_at"), summary=report.get("summary") or {},
+                  cards=verdict_cards(report), metrics=metric_rows(report),
+                  plots=[{"href": f"{files}{name}", "title": PLOT_TITLES[name]} for name in PLOTS],
+                  streams=report.get("streams") or {}, history=report.get("history") or {},
+                  summary_text="\n".join(summary_lines(report)), params=param_rows(report.get("params") or {}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,8 +295,8 @@ def render_report(report: dict[str, Any], root: str, *, context: str = "") -> HT
 
 def _run_spec(settings: Settings, run: str) -> Any:
     """The run's RunSpec, or None while ``spec.json`` is not written."""
-    from essp.training.artifacts import RunArtifactMissing
     from essp.lifecycle.pipeline import load_run
+    from essp.training.artifacts import RunArtifactMissing
 
     try:
         return load_run(settings, run)[0]
@@ -427,58 +304,43 @@ def _run_spec(settings: Settings, run: str) -> Any:
         return None
 
 
-def _age(ts: Any) -> str:
-    if not isinstance(ts, int | float):
-        return ""
-    seconds = max(0.0, time.time() - ts)
-    if seconds < 120:
-        return f"{seconds:.0f} s ago"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min ago"
-    return f"{seconds / 3600:.1f} h ago"
-
-
-def status_body(settings: Settings, run: str, dag_id: str, dag_run_id: str, cause: str, root: str) -> str:
-    """What a started run that has no report yet shows: each stream's trainer state."""
+def trainer_rows(settings: Settings, run: str, spec: Any) -> list[dict[str, Any]]:
+    """Each stream's trainer state, as the status page shows it: stream and either error (the state could
+    not be read), or started (False: no state yet) and status, epochs, worker, updated, figures, detail."""
     from essp.training.resident import trainer_state
 
-    spec = _run_spec(settings, run)
-    body = (f'<section><div class="msg"><strong>Run <code>{esc(run)}</code> has no report yet.</strong> This page '
-            f"shows the report when the run finishes (it reloads every {STATUS_REFRESH_S} s).<br>"
-            f'<span class="note">{esc(cause)}</span></div></section>')
-    if spec is None:
-        return body + ('<section><h2>Trainers</h2><p class="note">The run\'s <code>spec.json</code> is not written '
-                       "yet: the run is being prepared.</p></section>")
-    rows = []
+    rows: list[dict[str, Any]] = []
     for stream in spec.streams:
         try:
             state = trainer_state(settings, run, stream)
         except EsspError as exc:
-            rows.append(f'<tr><td>{esc(stream)}</td><td colspan="6" class="note">{esc(exc)}</td></tr>')
+            rows.append({"stream": stream, "error": str(exc)})
             continue
         if not state:
-            rows.append(f'<tr data-stream="{esc(stream)}"><td>{esc(stream)}</td><td>not started</td>'
-                        '<td colspan="5" class="note">no trainer has recorded a state for this stream yet</td></tr>')
+            rows.append({"stream": stream, "error": None, "started": False})
             continue
         done = state.get("epoch_done")
         epochs = f"{int(done) + 1} / {spec.epochs}" if isinstance(done, int) else f"? / {spec.epochs}"
         stats = state.get("stats") or {}
         figures = ", ".join(f"{k} {_number(stats[k])}" for k in ("loss", "accuracy", "samples_per_s") if k in stats)
-        rows.append(f'<tr data-stream="{esc(stream)}"><td>{esc(stream)}</td><td>{esc(state.get("status"))}</td>'
-                    f'<td class="num">{esc(epochs)}</td><td>{esc(state.get("worker"))}</td>'
-                    f'<td>{esc(_age(state.get("updated_at")))}</td><td>{esc(figures)}</td>'
-                    f'<td>{esc(state.get("detail") or "")}</td></tr>')
-    workers = f"{root}dag-runs/{q(dag_id)}/{q(dag_run_id)}/workers"
-    return body + ('<section><h2>Trainers</h2><table><thead><tr><th>stream</th><th>status</th>'
-                   '<th class="num">epochs done</th><th>worker</th><th>updated</th><th>last epoch</th><th>detail</th>'
-                   "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
-                   f'<p class="note">Logs: <a href="{workers}">the workers of this run</a>.</p></section>')
+        rows.append({"stream": stream, "error": None, "started": True, "status": state.get("status"),
+                     "epochs": epochs, "worker": state.get("worker"), "updated": _age(state.get("updated_at")),
+                     "figures": figures, "detail": state.get("detail") or ""})
+    return rows
 
 
-def dag_run_context(dag_id: str, dag_run_id: str, run: str, root: str, *, workers_link: bool = True) -> str:
-    workers = f"{root}dag-runs/{q(dag_id)}/{q(dag_run_id)}/workers"
-    return (f"DAG run <code>{esc(dag_run_id)}</code> of <code>{esc(dag_id)}</code> drives ESSP run "
-            f"<code>{esc(run)}</code>" + (f' · <a href="{workers}">worker logs</a>' if workers_link else ""))
+def dag_run_context(dag_id: str, dag_run_id: str, run: str, root: str, *, workers_link: bool = True) -> dict[str, Any]:
+    """The line that heads a DAG run's pages: which ESSP run it drives, and (``workers_link``) a link to its workers."""
+    return {"dag_id": dag_id, "dag_run_id": dag_run_id, "run": run,
+            "workers": f"{root}dag-runs/{q(dag_id)}/{q(dag_run_id)}/workers" if workers_link else None}
+
+
+def render_status(settings: Settings, run: str, dag_id: str, dag_run_id: str, cause: str, root: str) -> HTMLResponse:
+    """What a started run that has no report yet shows: each stream's trainer state; the page reloads."""
+    spec = _run_spec(settings, run)
+    return render("status.html", refresh_s=STATUS_REFRESH_S, run=run, root=root, cause=cause,
+                  context=dag_run_context(dag_id, dag_run_id, run, root),
+                  trainers=None if spec is None else trainer_rows(settings, run, spec))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -549,37 +411,21 @@ def worker_records(settings: Settings, run: str, streams: list[str] | None) -> l
     return out
 
 
-def _state_badge(alive: bool) -> str:
-    return '<span class="badge ok">running</span>' if alive else '<span class="badge dead">not running</span>'
-
-
-def workers_body(settings: Settings, run: str, streams: list[str] | None) -> str:
-    if settings.stage_mode == "kubernetes":
+def render_workers(settings: Settings, run: str, streams: list[str] | None, *, context: dict[str, Any],
+                   root: str, report: str) -> HTMLResponse:
+    """The workers page: in Kubernetes, where to find them; locally, the process table and the logs' tails."""
+    values: dict[str, Any] = {"run": run, "root": root, "report": report, "context": context,
+                              "tail_lines": LOG_TAIL_LINES, "kubernetes": settings.stage_mode == "kubernetes"}
+    if values["kubernetes"]:
         ns = settings.k8s_namespace
         selector = f"essp/run={run}"
-        commands = "\n".join([f"kubectl -n {ns} get deployments,pods -l {selector}",
-                              f"kubectl -n {ns} logs -l {selector} --all-containers --tail={LOG_TAIL_LINES}"])
-        names = "".join(f"<li><code>essp-trainer-{esc(run)}-{esc(s)}</code></li>" for s in streams or [])
-        return ("<section><h2>Workers in Kubernetes</h2><p>The run's trainers are Deployments "
-                f"(<code>essp-trainer-...</code>) in namespace <code>{esc(ns)}</code> with the label selector "
-                f"<code>{esc(selector)}</code>" + (f":</p><ul>{names}</ul>" if names else ".</p>")
-                + f"<p>Their logs:</p><pre>{esc(commands)}</pre></section>")
-    records = worker_records(settings, run, streams)
-    if not records:
-        return (f'<section><div class="msg">No local worker of run <code>{esc(run)}</code> is recorded under '
-                f"<code>{esc(settings.state_dir)}</code> (trainers <code>trainer-{esc(run)}-&lt;stream&gt;</code>, "
-                "data workers <code>worker-decode-N</code>, <code>worker-extract-KIND-N</code>).</div></section>")
-    summary = "".join(
-        f'<tr data-name="{esc(r["name"])}"><td><a href="#{esc(r["name"])}"><code>{esc(r["name"])}</code></a></td>'
-        f"<td>{esc(r['role'])}</td><td class=\"num\">{esc(r['pid'] or '')}</td>"
-        f"<td>{_state_badge(r['alive'])}</td><td><code>{esc(r['log'])}</code></td></tr>" for r in records)
-    logs = "".join(
-        f'<section id="{esc(r["name"])}"><h2><code>{esc(r["name"])}</code> '
-        f"{_state_badge(r['alive'])}</h2>"
-        f'<p class="note">{esc(r["role"])} · pid {esc(r["pid"] or "none")} · last {LOG_TAIL_LINES} lines of '
-        f'<code>{esc(r["log"])}</code></p><pre class="log">{esc(r["tail"])}</pre></section>' for r in records)
-    return ('<section><h2>Local workers</h2><table><thead><tr><th>name</th><th>role</th><th class="num">pid</th>'
-            f"<th>state</th><th>log</th></tr></thead><tbody>{summary}</tbody></table></section>{logs}")
+        values.update(namespace=ns, selector=selector, deployments=[f"essp-trainer-{run}-{s}" for s in streams or []],
+                      commands="\n".join([f"kubectl -n {ns} get deployments,pods -l {selector}",
+                                          f"kubectl -n {ns} logs -l {selector} --all-containers "
+                                          f"--tail={LOG_TAIL_LINES}"]))
+    else:
+        values.update(records=worker_records(settings, run, streams), state_dir=settings.state_dir)
+    return render("workers.html", **values)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -587,18 +433,7 @@ def workers_body(settings: Settings, run: str, streams: list[str] | None) -> str
 
 
 def _s3_object(settings: Settings, run: str, name: str) -> tuple[Iterator[bytes], str]:
-    store = ObjectStore(settings)
-    bucket, key = settings.bucket_runs, f"{run}/{REPORT_PREFIX}/{name}"
-    response = store._call(f"s3://{bucket}/{key}", store.client.get_object, bucket, key)
-
-    def chunks() -> Iterator[bytes]:
-        try:
-            yield from response.stream(64 * 1024)
-        finally:
-            response.close()
-            response.release_conn()
-
-    return chunks(), FILE_TYPES[name]
+    return ObjectStore(settings).stream(settings.bucket_runs, f"{run}/{REPORT_PREFIX}/{name}"), FILE_TYPES[name]
 
 
 def create_app(settings_factory: SettingsFactory = Settings) -> FastAPI:
@@ -671,14 +506,11 @@ def create_app(settings_factory: SettingsFactory = Settings) -> FastAPI:
         run = linked_run(settings, dag_id, dag_run_id, root, ": its first task records the run it trains.")
         if isinstance(run, Response):
             return run
-        context = dag_run_context(dag_id, dag_run_id, run, root)
         try:
             report = read_report(settings, run)
         except ReportNotFound as exc:
-            return page(f"ESSP run {run}", f"ESSP run <code>{esc(run)}</code>",
-                        status_body(settings, run, dag_id, dag_run_id, str(exc), root), sub=context,
-                        crumbs=f'<a href="{root}">all runs</a>', refresh_s=STATUS_REFRESH_S)
-        return render_report(report, root, context=context)
+            return render_status(settings, run, dag_id, dag_run_id, str(exc), root)
+        return render_report(report, root, context=dag_run_context(dag_id, dag_run_id, run, root))
 
     @app.get("/dag-runs/{dag_id}/{dag_run_id}/workers", response_class=HTMLResponse)
     def dag_run_workers(request: Request, dag_id: str, dag_run_id: str) -> Response:
@@ -689,10 +521,7 @@ def create_app(settings_factory: SettingsFactory = Settings) -> FastAPI:
             return run
         spec = _run_spec(settings, run)
         streams = list(spec.streams) if spec is not None else None
-        report = f"{root}dag-runs/{q(dag_id)}/{q(dag_run_id)}"
-        context = dag_run_context(dag_id, dag_run_id, run, root, workers_link=False)
-        return page(f"Workers of ESSP run {run}", f"Workers of ESSP run <code>{esc(run)}</code>",
-                    workers_body(settings, run, streams), sub=context,
-                    crumbs=f'<a href="{root}">all runs</a> · <a href="{report}">report of this DAG run</a>')
+        return render_workers(settings, run, streams, root=root, report=f"{root}dag-runs/{q(dag_id)}/{q(dag_run_id)}",
+                              context=dag_run_context(dag_id, dag_run_id, run, root, workers_link=False))
 
     return app
