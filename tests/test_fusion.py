@@ -9,7 +9,7 @@ import pytest
 
 from essp.errors import EsspError
 from essp.evaluation.fusion import (
-    FUSION_STRATEGIES,
+    FUSIONS,
     Fuser,
     FusionError,
     StreamScores,
@@ -96,7 +96,7 @@ def test_unknown_strategy_lists_known_ones():
     with pytest.raises(FusionError) as info:
         make_fuser("median", num_classes=2)
     assert "median" in str(info.value)
-    assert all(s in str(info.value) for s in FUSION_STRATEGIES)
+    assert all(s in str(info.value) for s in FUSIONS)
     assert isinstance(info.value, EsspError) and isinstance(info.value, ValueError)
 
 
@@ -301,7 +301,7 @@ def test_sequence_requires_features(sequence_data):
 def test_compare_fusions_with_train():
     train, test = ramp_split(48, 21, "train"), ramp_split(24, 22, "test")
     result = compare_fusions(train, test, class_names=["up", "down"])
-    assert list(result) == [*FUSION_STRATEGIES, "stream:flow", "stream:rgb"]
+    assert list(result) == [*FUSIONS, "stream:flow", "stream:rgb"]
     for key, metrics in result.items():
         assert "skipped" not in metrics, key
         assert metrics["videos"] == 24
@@ -315,7 +315,7 @@ def test_compare_fusions_with_train():
 def test_compare_fusions_skips_what_cannot_run():
     test = learned_split(30, 5, "test")  # no snippet features
     result = compare_fusions(None, test, weights={"rgb": 0.7, "flow": 0.3})
-    assert set(result) == {*FUSION_STRATEGIES, "stream:rgb", "stream:flow"}
+    assert set(result) == {*FUSIONS, "stream:rgb", "stream:flow"}
     assert "training set" in result["learned"]["skipped"]
     assert "training set" in result["sequence"]["skipped"]
     assert "note" not in result["weighted"]

@@ -8,9 +8,8 @@ from torch import nn
 
 from essp.compat import import_torchvision
 from essp.errors import EsspError
+from essp.training.architectures import ARCHITECTURES
 from essp.training.models import (
-    ARCHITECTURES,
-    DEFAULT_DROPOUT,
     ModelError,
     StreamModel,
     build_model,
@@ -59,13 +58,15 @@ def test_stream_channels():
         stream_channels("flow", 0)
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", ARCHITECTURES.names())
 @pytest.mark.parametrize("stream", ["rgb", "flow"])
 def test_every_architecture_builds_and_runs(arch, stream, built):
     model = built(arch, stream).eval()
     expected_channels = 3 if stream == "rgb" else 2 * LENGTH
     assert (model.arch, model.stream, model.in_channels, model.num_classes) == (arch, stream, expected_channels, 7)
-    assert model.dropout == DEFAULT_DROPOUT[arch][stream]
+    assert model.dropout == ARCHITECTURES.get(arch).default_dropout(stream)
+    assert model.dropout == {"tiny": {"rgb": 0.2, "flow": 0.3}, "vgg": {"rgb": 0.8, "flow": 0.9}}.get(
+        arch if arch == "tiny" else arch[:3], {"rgb": 0.2, "flow": 0.5})[stream]
     x = torch.randn(2, expected_channels, 32, 32)
     with torch.no_grad():
         logits = model(x)
@@ -292,7 +293,7 @@ def test_vgg19_dropout_defaults_and_override(built):
     assert vgg_dropouts(built("vgg19", "flow")) == [0.9, 0.9]
     assert built("vgg19", "flow").dropout == 0.9
     assert vgg_dropouts(built("vgg19", "rgb")) == [0.8, 0.8]
-    assert DEFAULT_DROPOUT["vgg19"]["framediff"] == 0.9
+    assert ARCHITECTURES.get("vgg19").default_dropout("framediff") == 0.9
     override = build_model("vgg16", "flow", num_classes=3, dropout=0.5)
     assert vgg_dropouts(override) == [0.5, 0.5] and override.dropout == 0.5
     resnet = build_model("resnet18", "flow", num_classes=3, dropout=0.25)

@@ -48,6 +48,7 @@ import numpy as np
 
 from essp.contract import STREAM_PATTERN
 from essp.errors import EsspError
+from essp.registry import Registry
 
 if TYPE_CHECKING:
     from essp.settings import Settings
@@ -283,7 +284,8 @@ class FeatureExtractor(ABC):
         """frames: uint8 RGB (L+1, H, W, 3) -> uint8 C-contiguous feature, channels first."""
 
 
-_registry: dict[str, type[FeatureExtractor]] = {}
+# The open registry of extractors (the paper's section 3.3), by kind.
+EXTRACTORS: Registry[type[FeatureExtractor]] = Registry("extractor kind", unknown=UnknownExtractor)
 # The master's table extractor -> image -> replicas. One row per registered kind, filled in by
 # register_extractor from the class attributes; the master may replace rows (dataclasses.replace) to
 # scale an extractor without touching its class.
@@ -308,15 +310,13 @@ def register_extractor(cls: type[FeatureExtractor]) -> type[FeatureExtractor]:
     if getattr(cls, "__abstractmethods__", None):
         raise TypeError(f"extractor class {cls.__qualname__} ({kind!r}) does not implement "
                         f"{', '.join(sorted(cls.__abstractmethods__))}")
-    existing = _registry.get(kind)
-    if existing is cls:  # importing the same module twice is harmless
+    if kind in EXTRACTORS and EXTRACTORS.get(kind) is cls:  # importing the same module twice is harmless
         return cls
-    if existing is not None:
-        raise ValueError(f"extractor kind {kind!r} is already registered by "
-                         f"{existing.__module__}.{existing.__qualname__}; cannot register "
-                         f"{cls.__module__}.{cls.__qualname__} under the same name")
     deployment = cls.deployment()
-    _registry[kind] = cls
+    try:
+        EXTRACTORS.add(kind, cls)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; cannot register {cls.__module__}.{cls.__qualname__} under the same name") from None
     EXTRACTOR_TABLE[kind] = deployment
     return cls
 
@@ -324,21 +324,20 @@ def register_extractor(cls: type[FeatureExtractor]) -> type[FeatureExtractor]:
 def unregister_extractor(kind: str) -> None:
     """Remove a kind from the registry and the table (tests, plugin reloads)."""
     extractor_class(kind)
-    del _registry[kind]
+    EXTRACTORS.remove(kind)
     EXTRACTOR_TABLE.pop(kind, None)
 
 
 def extractor_kinds() -> list[str]:
     """The registered kinds, sorted."""
-    return sorted(_registry)
+    return sorted(EXTRACTORS)
 
 
 def extractor_class(kind: str) -> type[FeatureExtractor]:
     try:
-        return _registry[kind]
-    except (KeyError, TypeError):
-        raise UnknownExtractor(f"unknown extractor kind {kind!r}; known kinds: {', '.join(extractor_kinds())} "
-                               f"(third-party extractors register when their module is named in "
+        return EXTRACTORS.get(kind)
+    except UnknownExtractor as exc:
+        raise UnknownExtractor(f"{exc} (third-party extractors register when their module is named in "
                                f"{PLUGIN_MODULES_ENV})") from None
 
 

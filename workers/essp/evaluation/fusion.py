@@ -8,6 +8,9 @@ aggregation" of Peng et al., LSVC'17 §3.5) are fitted on training videos only; 
 records the training video ids and refuses to predict on any of them, so a test score can never
 come from a combiner that has seen the test videos.
 
+The strategies are a registry (:data:`FUSIONS`, the `fusion` param's choices). This module needs no
+torch; the two learned combiners (:mod:`essp.evaluation.learned`) import it when they fit or predict.
+
 A fitted fuser serialises to plain JSON (:meth:`Fuser.state`) and back (:meth:`Fuser.from_state`) with
 bit-identical predictions, so fitting and scoring can run in different processes.
 """
@@ -16,41 +19,49 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from essp.errors import EsspError
 from essp.evaluation.metrics import video_metrics
-
-FUSION_STRATEGIES: tuple[str, ...] = ("average", "weighted", "max", "product", "learned", "sequence")
-FIXED_STRATEGIES: tuple[str, ...] = ("average", "weighted", "max", "product")
-LEARNED_STRATEGIES: tuple[str, ...] = ("learned", "sequence")
+from essp.registry import Registry
 
 STATE_FORMAT = "essp.fusion/1"  # a format id stored with every fusion state: never renamed
 # Added before taking logs, so a probability of exactly 0 gives a large finite negative, not -inf.
 LOG_EPS = 1e-8
-# Standard deviations below this are treated as 1 when normalising (constant feature: centre only).
-STD_FLOOR = 1e-6
 
-# Logistic regression ("learned"): L2 penalty on the weights (not the bias), on standardised features.
-LOGREG_L2 = 1e-2
-LOGREG_MAX_ITER = 500
-
-# LSTM ("sequence"): sized to train in a few seconds on one CPU core for ~100 videos x 25 snippets x 1024 dims.
-SEQ_HIDDEN = 64
-SEQ_STEPS = 200
-SEQ_BATCH = 32
-SEQ_LR = 3e-3
-SEQ_WEIGHT_DECAY = 1e-4
-SEQ_PREDICT_BATCH = 256
 
 
 class FusionError(EsspError, ValueError):
     """Stream scores, weights, a strategy or a fitted state that fusion cannot use; the message says why."""
+
+
+# A fixed rule: the streams' normalised probabilities (S, N, C), their names and the weights -> (N, C).
+Rule = Callable[[np.ndarray, list[str], "dict[str, float] | None"], np.ndarray]
+
+
+@dataclass(frozen=True)
+class FusionStrategy:
+    """One way of fusing the streams: a fixed ``rule``, or (``learned``) a combiner fitted on training videos."""
+
+    name: str
+    description: str
+    learned: bool = False
+    rule: Rule | None = None
+
+
+FUSIONS: Registry[FusionStrategy] = Registry("fusion strategy", unknown=FusionError)
+
+
+def fixed_rule(name: str, description: str) -> Callable[[Rule], Rule]:
+    """Register a training-free fusion rule under ``name``."""
+    def register(rule: Rule) -> Rule:
+        FUSIONS.add(name, FusionStrategy(name, description, rule=rule))
+        return rule
+    return register
 
 
 @dataclass
@@ -176,29 +187,49 @@ def _check_weights(weights: object) -> dict[str, float]:
     return out
 
 
+@fixed_rule("average", "the mean of the streams' probabilities")
+def _average(probs: np.ndarray, streams: list[str], weights: dict[str, float] | None) -> np.ndarray:
+    return probs.mean(axis=0)
+
+
+@fixed_rule("weighted", "the streams' probabilities weighted by the fusion_weights param")
+def _weighted(probs: np.ndarray, streams: list[str], weights: dict[str, float] | None) -> np.ndarray:
+    assert weights is not None
+    missing = [s for s in streams if s not in weights]
+    if missing:
+        raise FusionError(f"weights: no weight for stream {missing[0]!r} (streams: {streams})")
+    unknown = sorted(set(weights) - set(streams))
+    if unknown:
+        raise FusionError(f"weights: stream {unknown[0]!r} is not among the scores' streams {streams}")
+    w = np.array([weights[s] for s in streams], dtype=np.float64)
+    if w.sum() <= 0:
+        raise FusionError(f"weights: the weights of streams {streams} sum to 0")
+    return np.tensordot(w, probs, axes=1) / w.sum()
+
+
+@fixed_rule("max", "per class, the most confident stream")
+def _max(probs: np.ndarray, streams: list[str], weights: dict[str, float] | None) -> np.ndarray:
+    return _normalised_rows(probs.max(axis=0))
+
+
+@fixed_rule("product", "the geometric mean of the streams' probabilities")
+def _product(probs: np.ndarray, streams: list[str], weights: dict[str, float] | None) -> np.ndarray:
+    return _normalised_rows(np.exp(np.log(probs + LOG_EPS).mean(axis=0)))
+
+
+FUSIONS.add("learned", FusionStrategy("learned", "a logistic regression on the streams' log probabilities, fitted on "
+                                                 "training videos", learned=True))
+FUSIONS.add("sequence", FusionStrategy("sequence", "an LSTM over the streams' snippet features, fitted on training "
+                                                   "videos", learned=True))
+
+
 def _fixed_fusion(strategy: str, test: StreamScores, weights: dict[str, float] | None) -> np.ndarray:
     """Apply one of the training-free rules to validated scores; every output row sums to 1."""
+    rule = FUSIONS.get(strategy).rule
+    assert rule is not None, strategy
     streams = test.streams
     probs = np.stack([_normalised_rows(test.scores[s]) for s in streams])  # (S, N, C)
-    if strategy == "average":
-        return probs.mean(axis=0)
-    if strategy == "weighted":
-        assert weights is not None
-        missing = [s for s in streams if s not in weights]
-        if missing:
-            raise FusionError(f"weights: no weight for stream {missing[0]!r} (streams: {streams})")
-        unknown = sorted(set(weights) - set(streams))
-        if unknown:
-            raise FusionError(f"weights: stream {unknown[0]!r} is not among the scores' streams {streams}")
-        w = np.array([weights[s] for s in streams], dtype=np.float64)
-        if w.sum() <= 0:
-            raise FusionError(f"weights: the weights of streams {streams} sum to 0")
-        return np.tensordot(w, probs, axes=1) / w.sum()
-    if strategy == "max":
-        return _normalised_rows(probs.max(axis=0))
-    if strategy == "product":
-        return _normalised_rows(np.exp(np.log(probs + LOG_EPS).mean(axis=0)))
-    raise AssertionError(strategy)
+    return rule(probs, streams, weights)
 
 
 def _log_prob_features(data: StreamScores, streams: list[str]) -> np.ndarray:
@@ -210,27 +241,6 @@ def _snippet_inputs(data: StreamScores, streams: list[str]) -> np.ndarray:
     """Per-time-step concatenation of the streams' snippet features: (N, T, sum of D_s)."""
     assert data.snippet_features is not None
     return np.concatenate([np.asarray(data.snippet_features[s], dtype=np.float64) for s in streams], axis=2)
-
-
-def _mean_std(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-column mean and std of a 2-D array, std floored so constant columns are only centred."""
-    mean = x.mean(axis=0)
-    std = x.std(axis=0)
-    return mean, np.where(std < STD_FLOOR, 1.0, std)
-
-
-class _SequenceNet(nn.Module):
-    """Linear projection of each snippet's features, an LSTM over time, a linear classifier on the last hidden state."""
-
-    def __init__(self, d_in: int, hidden: int, classes: int) -> None:
-        super().__init__()
-        self.proj = nn.Linear(d_in, hidden)
-        self.lstm = nn.LSTM(hidden, hidden, batch_first=True)
-        self.head = nn.Linear(hidden, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, (h, _) = self.lstm(self.proj(x))
-        return self.head(h[-1])
 
 
 class Fuser:
@@ -245,12 +255,12 @@ class Fuser:
         self._streams: list[str] | None = None
         self._train_ids: frozenset[str] = frozenset()
         self._params: dict[str, Any] = {}
-        self._net: _SequenceNet | None = None
+        self._net: Any = None  # the fitted sequence net (essp.evaluation.learned.SequenceNet)
 
     @property
     def needs_fit(self) -> bool:
         """True for the strategies that learn from training videos (learned, sequence)."""
-        return self.strategy in LEARNED_STRATEGIES
+        return FUSIONS.get(self.strategy).learned
 
     @property
     def fitted(self) -> bool:
@@ -264,69 +274,22 @@ class Fuser:
             return self
         train.validate()
         self._check_classes(train, "train")
+        from essp.evaluation import learned
+
         streams = train.streams
         labels = np.asarray(train.labels, dtype=np.int64)
         if self.strategy == "learned":
-            self._params = self._fit_logreg(_log_prob_features(train, streams), labels)
+            self._params = learned.fit_logreg(_log_prob_features(train, streams), labels, self.num_classes)
         else:
             if train.snippet_features is None:
                 raise FusionError("train.snippet_features: the 'sequence' strategy needs per-snippet features")
-            self._fit_sequence(_snippet_inputs(train, streams), labels, streams, train)
+            self._net, params = learned.fit_sequence(_snippet_inputs(train, streams), labels, self.num_classes,
+                                                     self.seed)
+            dims = {s: int(np.asarray(train.snippet_features[s]).shape[2]) for s in streams}
+            self._params = {"feature_dims": dims, **params}
         self._streams = streams
         self._train_ids = frozenset(train.video_ids)
         return self
-
-    def _fit_logreg(self, x: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-        """Multinomial logistic regression with an L2 penalty, fitted by full-batch LBFGS in float64 from zeros."""
-        mean, std = _mean_std(x)
-        xs = torch.from_numpy((x - mean) / std)
-        y = torch.from_numpy(labels)
-        weight = torch.zeros(x.shape[1], self.num_classes, dtype=torch.float64, requires_grad=True)
-        bias = torch.zeros(self.num_classes, dtype=torch.float64, requires_grad=True)
-        opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=LOGREG_MAX_ITER, tolerance_grad=1e-10,
-                                tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
-
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(xs @ weight + bias, y) + 0.5 * LOGREG_L2 * (weight * weight).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        return {"mean": mean.tolist(), "std": std.tolist(), "weight": weight.detach().numpy().tolist(),
-                "bias": bias.detach().numpy().tolist()}
-
-    def _fit_sequence(self, x: np.ndarray, labels: np.ndarray, streams: list[str], train: StreamScores) -> None:
-        """Train the LSTM with Adam on mini-batches of training videos; the seed fixes init and batch order."""
-        assert train.snippet_features is not None
-        mean, std = _mean_std(x.reshape(-1, x.shape[2]))
-        xs = torch.from_numpy(((x - mean) / std).astype(np.float32))
-        y = torch.from_numpy(labels)
-        n = xs.shape[0]
-        batch = min(SEQ_BATCH, n)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            net = _SequenceNet(xs.shape[2], SEQ_HIDDEN, self.num_classes)
-        gen = torch.Generator().manual_seed(self.seed)
-        opt = torch.optim.Adam(net.parameters(), lr=SEQ_LR, weight_decay=SEQ_WEIGHT_DECAY)
-        net.train()
-        order = torch.randperm(n, generator=gen)
-        pos = 0
-        for _ in range(SEQ_STEPS):
-            if pos + batch > n:
-                order, pos = torch.randperm(n, generator=gen), 0
-            idx = order[pos:pos + batch]
-            pos += batch
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(net(xs[idx]), y[idx])
-            loss.backward()
-            opt.step()
-        net.eval()
-        self._net = net
-        self._params = {
-            "feature_dims": {s: int(np.asarray(train.snippet_features[s]).shape[2]) for s in streams},
-            "mean": mean.tolist(), "std": std.tolist(), "hidden": SEQ_HIDDEN,
-        }
 
     # ------------------------------------------------------------------------------------- predict
     def predict(self, test: StreamScores) -> np.ndarray:
@@ -349,10 +312,9 @@ class Fuser:
         return self._predict_sequence(test)
 
     def _predict_logreg(self, x: np.ndarray) -> np.ndarray:
-        p = self._params
-        xs = torch.from_numpy((x - np.asarray(p["mean"])) / np.asarray(p["std"]))
-        logits = xs @ torch.tensor(p["weight"], dtype=torch.float64) + torch.tensor(p["bias"], dtype=torch.float64)
-        return torch.softmax(logits, dim=1).numpy()
+        from essp.evaluation import learned
+
+        return learned.predict_logreg(self._params, x)
 
     def _predict_sequence(self, test: StreamScores) -> np.ndarray:
         assert self._streams is not None and self._net is not None
@@ -362,14 +324,9 @@ class Fuser:
             got = np.asarray(test.snippet_features[s]).shape[2]
             if got != d:
                 raise FusionError(f"test.snippet_features[{s!r}]: has {got} dims but the fuser was fitted on {d}")
-        x = _snippet_inputs(test, self._streams)
-        xs = torch.from_numpy(((x - np.asarray(self._params["mean"])) / np.asarray(self._params["std"]))
-                              .astype(np.float32))
-        out = []
-        with torch.no_grad():
-            for start in range(0, xs.shape[0], SEQ_PREDICT_BATCH):
-                out.append(torch.softmax(self._net(xs[start:start + SEQ_PREDICT_BATCH]), dim=1))
-        return torch.cat(out).numpy().astype(np.float64)
+        from essp.evaluation import learned
+
+        return learned.predict_sequence(self._net, self._params, _snippet_inputs(test, self._streams))
 
     def _check_classes(self, data: StreamScores, which: str) -> None:
         if data.num_classes != self.num_classes:
@@ -387,8 +344,10 @@ class Fuser:
             assert self._streams is not None
             params = dict(self._params)
             if self.strategy == "sequence":
+                from essp.evaluation import learned
+
                 assert self._net is not None
-                params["state_dict"] = {k: v.detach().cpu().tolist() for k, v in self._net.state_dict().items()}
+                params["state_dict"] = learned.net_state(self._net)
             out.update(streams=list(self._streams), train_video_ids=sorted(self._train_ids), params=params)
         return out
 
@@ -406,12 +365,11 @@ class Fuser:
                 fuser._streams = list(state["streams"])
                 fuser._train_ids = frozenset(state["train_video_ids"])
                 if fuser.strategy == "sequence":
+                    from essp.evaluation import learned
+
                     tensors = params.pop("state_dict")
                     d_in = sum(int(d) for d in params["feature_dims"].values())
-                    net = _SequenceNet(d_in, int(params["hidden"]), fuser.num_classes)
-                    net.load_state_dict({k: torch.tensor(v, dtype=torch.float32) for k, v in tensors.items()})
-                    net.eval()
-                    fuser._net = net
+                    fuser._net = learned.net_from_state(tensors, d_in, int(params["hidden"]), fuser.num_classes)
                 fuser._params = params
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             if isinstance(exc, FusionError):
@@ -422,8 +380,7 @@ class Fuser:
 
 def make_fuser(strategy: str, *, weights: dict[str, float] | None = None, seed: int = 0, num_classes: int) -> Fuser:
     """Build a fuser for one strategy; `weights` is required for 'weighted' and ignored by the others."""
-    if strategy not in FUSION_STRATEGIES:
-        raise FusionError(f"strategy: unknown {strategy!r}; known strategies are {', '.join(FUSION_STRATEGIES)}")
+    FUSIONS.get(strategy)  # an unknown strategy: FusionError listing the known ones
     if isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer) or num_classes < 1:
         raise FusionError(f"num_classes: must be a positive integer, got {num_classes!r}")
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
@@ -448,18 +405,18 @@ def compare_fusions(train: StreamScores | None, test: StreamScores, *, weights: 
                     seed: int = 0, class_names: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Score every strategy and every single stream on `test` side by side; what cannot run says why.
 
-    Keys: each of FUSION_STRATEGIES, then ``stream:<name>``. Values are :func:`video_metrics` dicts, or
+    Keys: each registered strategy (:data:`FUSIONS`), then ``stream:<name>``. Values are :func:`video_metrics` dicts, or
     ``{"skipped": reason}``. Without `weights`, 'weighted' uses equal weights and adds a ``note``.
     """
     test.validate()
     results: dict[str, dict[str, Any]] = {}
-    for strategy in FUSION_STRATEGIES:
+    for strategy in FUSIONS:
         note = None
         strat_weights = weights
         if strategy == "weighted" and weights is None:
             strat_weights = {s: 1.0 for s in test.streams}
             note = "no weights given: equal weights used"
-        if strategy in LEARNED_STRATEGIES:
+        if FUSIONS.get(strategy).learned:
             if train is None:
                 results[strategy] = {"skipped": "no training set given (learned fusions fit on training videos only)"}
                 continue

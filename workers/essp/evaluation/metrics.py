@@ -13,6 +13,13 @@ import numpy as np
 
 from essp.errors import EsspError
 
+# The video-level figures every report, registry version and comparison carries, in this order; a model
+# is promoted on one of them (the `promote_metric` param).
+SUMMARY_METRICS: tuple[str, ...] = ("top1", "top5", "mean_class_accuracy", "mAP")
+PROMOTION_METRICS: list[str] = list(SUMMARY_METRICS)
+# The paper's evaluation protocol: each video scored on 25 evenly spaced snippets, the scores averaged.
+DEFAULT_SNIPPETS = 25
+
 
 class MetricsError(EsspError, ValueError):
     """Scores, labels or class names that metrics cannot be computed on; the message says which and why."""

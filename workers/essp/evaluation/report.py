@@ -26,6 +26,7 @@ from typing import Any
 from essp.clients.s3 import ObjectNotFound, ObjectStore, S3Uri
 from essp.contract import check_run_id
 from essp.errors import EsspError
+from essp.evaluation.metrics import SUMMARY_METRICS
 from essp.settings import Settings
 
 REPORT_PREFIX = "report"
@@ -36,7 +37,7 @@ PLOT_DPI = 100
 BASE_SIZE = (6.0, 4.0)  # inches: 600 x 400 px at PLOT_DPI for small runs
 MAX_ANNOTATED_CLASSES = 30  # counts are written into confusion cells up to this many classes
 STREAM_PREFIX = "stream:"  # fusion-table rows that are a single stream, not a fusion strategy
-_SCALARS = ("top1", "top5", "mean_class_accuracy", "mAP")
+_SCALARS = SUMMARY_METRICS
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

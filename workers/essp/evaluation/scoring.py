@@ -26,10 +26,10 @@ from essp.dataplane.payloads import SampleStore
 from essp.dataplane.plan import EpochPlan, publish_plan
 from essp.datasets.manifest import Manifest
 from essp.errors import EsspError
+from essp.evaluation.metrics import DEFAULT_SNIPPETS
 from essp.settings import Settings
 from essp.training.artifacts import VideoScores
 from essp.training.models import StreamModel, normalise_batch
-from essp.training.params import DEFAULT_SNIPPETS  # noqa: F401 - essp.evaluation.scoring.DEFAULT_SNIPPETS stays importable
 
 log = logging.getLogger("essp.evaluation.scoring")
 

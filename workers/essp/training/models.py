@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from essp.compat import import_torchvision
 from essp.errors import EsspError
-from essp.training.params import ARCHITECTURES  # noqa: F401 - essp.training.models.ARCHITECTURES stays importable
+from essp.training.architectures import ARCHITECTURES, UnknownArchitecture
 
 if TYPE_CHECKING:
     from essp.settings import Settings
@@ -30,19 +30,6 @@ log = logging.getLogger("essp.training.models")
 
 STREAMS = ("rgb", "flow", "framediff")
 TEMPORAL_STREAMS = ("flow", "framediff")
-
-# Dropout before the classifier (ResNet, tiny) or on VGG's two hidden FC layers. Two-stream practice:
-# temporal streams see few, highly correlated samples and overfit hardest, so they get the most dropout;
-# VGG's 4096-wide FC layers get the 0.9/0.8 of Simonyan & Zisserman and TSN; ResNets, which have no FC
-# hidden layers, a moderate rate; tiny little, since it is small enough to underfit rather than overfit.
-DEFAULT_DROPOUT: dict[str, dict[str, float]] = {
-    "tiny": {"rgb": 0.2, "flow": 0.3, "framediff": 0.3},
-    **{
-        name: {"rgb": 0.2, "flow": 0.5, "framediff": 0.5}
-        for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-    },
-    **{name: {"rgb": 0.8, "flow": 0.9, "framediff": 0.9} for name in ("vgg16", "vgg19")},
-}
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -154,14 +141,6 @@ _FIRST_CONV = {"resnet": "net.conv1", "vgg": "net.features.0", "tiny": "net.feat
 _HEAD = {"resnet": "net.fc", "vgg": "net.classifier.6", "tiny": "net.fc"}
 
 
-def _family(arch: str) -> str:
-    if arch.startswith("resnet"):
-        return "resnet"
-    if arch.startswith("vgg"):
-        return "vgg"
-    return "tiny"
-
-
 class StreamModel(nn.Module):
     """One stream's classifier: backbone -> pooled penultimate features -> dropout -> linear head.
 
@@ -183,7 +162,7 @@ class StreamModel(nn.Module):
     ) -> None:
         super().__init__()
         self.arch = arch
-        self.family = _family(arch)
+        self.family = ARCHITECTURES.get(arch).family
         self.stream = stream
         self.in_channels = in_channels
         self.num_classes = num_classes
@@ -268,21 +247,24 @@ def build_model(
 ) -> StreamModel:
     """A StreamModel for one stream; deterministic under the caller's torch.manual_seed.
 
-    ``dropout`` defaults to DEFAULT_DROPOUT[arch][stream]; ``pretrained`` (local path or s3:// URI) is
-    loaded with :func:`load_pretrained`, whose report is logged and kept as ``model.pretrained_report``.
+    ``dropout`` defaults to the architecture's for the stream (:mod:`essp.training.architectures`);
+    ``pretrained`` (local path or s3:// URI) is loaded with :func:`load_pretrained`, whose report is logged
+    and kept as ``model.pretrained_report``.
     """
-    if arch not in ARCHITECTURES:
-        raise ModelError(f"architecture {arch!r} is unknown: known architectures are {', '.join(ARCHITECTURES)}")
+    try:
+        architecture = ARCHITECTURES.get(arch)
+    except UnknownArchitecture as exc:
+        raise ModelError(str(exc)) from None
     in_channels = stream_channels(stream, length)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ModelError(f"num_classes {num_classes!r} must be an integer >= 2")
     if dropout is None:
-        dropout = DEFAULT_DROPOUT[arch][stream]
+        dropout = architecture.default_dropout(stream)
     if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0.0 <= dropout < 1.0:
         raise ModelError(f"dropout {dropout!r} must be a number in [0, 1)")
     dropout = float(dropout)
 
-    family = _family(arch)
+    family = architecture.family
     net: Any
     if family == "tiny":
         net = TinyNet(in_channels, num_classes)
