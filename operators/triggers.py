@@ -1,48 +1,49 @@
 """Deferrable waits of the ESSP DAGs: the triggerer watches the trainers' state in Redis, so no
 Airflow worker slot sleeps while an epoch trains.
 
-A trainer records its state under ``<prefix>:<run>:trainer:<stream>`` (``essp.training.resident``):
-status (ready / training / epoch_done / stopped / failed), the last finished epoch and its figures.
-The trigger fires when every watched stream has finished the epoch, when one has failed, when a
-local trainer process has died (the embedded default; in Kubernetes the Deployment restarts it and
-it resumes from its checkpoint), when the run is stopped (``essp control stop``), or when the
-timeout passes; while the run is paused the timeout does not run.
+A trainer records its state (:class:`essp.contract.TrainerState`) under ``<prefix>:<run>:trainer:<stream>``;
+whether the epoch is over is :func:`essp.contract.epoch_progress`, the judgement the pipeline and the UI
+share. The trigger fires when every watched stream has finished the epoch, when one has failed, when a
+local trainer process has died (the embedded default; in Kubernetes the Deployment restarts it and it
+resumes from its checkpoint), when the run is stopped (``essp control stop``), or when the timeout
+passes; while the run is paused the timeout does not run. Redis comes from an Airflow connection id (the
+trigger's kwargs are stored in Airflow's database: no credential goes there).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from essp.contract import RedisKeys
+from essp.connections import REDIS_CONN_ID
+from essp.contract import RedisKeys, TrainerState, epoch_progress
+from essp.operators.hooks import redis_client
 
 POLL_S = 1.0
 MIN_FIRE_S = 8.0
 
 
 class EpochDoneTrigger(BaseTrigger):
-    """Fires once every stream in ``streams`` of ``run`` has finished ``epoch`` (or something failed).
+    """Fires once every stream in ``streams`` of ``run`` has finished ``epoch`` (or the epoch ended otherwise).
 
-    :param redis: ``host``, ``port``, ``db``, ``password`` (Airflow stores trigger kwargs encrypted)
-        and ``prefix`` of the run's Redis.
+    :param redis_conn_id: the Airflow connection of the run's Redis (its extras carry the key prefix).
     :param state_dir: the local state folder whose process table holds the run's trainers, or None
         (Kubernetes: no process to watch).
     :param carry: small JSON put into every event as ``carry``, for the task that resumes.
     """
 
-    def __init__(self, *, run: str, streams: list[str], epoch: int, redis: dict[str, Any], timeout_s: float,
-                 state_dir: str | None = None, poll_s: float = POLL_S, started: float | None = None,
-                 carry: dict[str, Any] | None = None) -> None:
+    def __init__(self, *, run: str, streams: list[str], epoch: int, timeout_s: float,
+                 redis_conn_id: str = REDIS_CONN_ID, state_dir: str | None = None, poll_s: float = POLL_S,
+                 started: float | None = None, carry: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.essp_run = run
         self.streams = list(streams)
         self.epoch = int(epoch)
-        self.redis = dict(redis)
+        self.redis_conn_id = redis_conn_id
         self.timeout_s = float(timeout_s)
         self.state_dir = state_dir
         self.poll_s = float(poll_s)
@@ -53,71 +54,42 @@ class EpochDoneTrigger(BaseTrigger):
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (f"{type(self).__module__}.{type(self).__qualname__}",
-                {"run": self.essp_run, "streams": self.streams, "epoch": self.epoch, "redis": self.redis,
-                 "timeout_s": self.timeout_s, "state_dir": self.state_dir, "poll_s": self.poll_s,
-                 "started": self.started, "carry": self.carry})
+                {"run": self.essp_run, "streams": self.streams, "epoch": self.epoch,
+                 "redis_conn_id": self.redis_conn_id, "timeout_s": self.timeout_s, "state_dir": self.state_dir,
+                 "poll_s": self.poll_s, "started": self.started, "carry": self.carry})
 
-    def _dead_trainer(self, stream: str) -> str | None:
-        """The end of the log of the run's local trainer of ``stream`` if its process is gone."""
+    def _gone(self) -> dict[str, str]:
+        """The streams whose local trainer process is gone, with the end of its log."""
         if not self.state_dir:
-            return None
+            return {}
         from pathlib import Path
 
-        from essp.deploy.fleet import trainer_name
-        from essp.stack.procs import ProcessTable
+        from essp.deploy.fleet import LocalFleet
+        from essp.settings import Settings
 
-        table = ProcessTable(Path(self.state_dir))
-        name = trainer_name(self.essp_run, stream)
-        if not table.pidfile(name).exists() or table.record(name) is not None:
-            return None  # not started by this state folder, or alive
-        return table.tail(name, 30)
+        fleet = LocalFleet(Settings(state_dir=Path(self.state_dir)))
+        found = {stream: fleet.gone_trainer(self.essp_run, stream) for stream in self.streams}
+        return {stream: tail for stream, tail in found.items() if tail is not None}
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        import redis.asyncio as aioredis
-
-        keys = RedisKeys(self.redis.get("prefix", "essp"))
-        client = aioredis.Redis(host=self.redis["host"], port=int(self.redis["port"]), db=int(self.redis.get("db", 0)),
-                                password=self.redis.get("password") or None, socket_connect_timeout=5,
-                                socket_timeout=30)
+        client, prefix = await redis_client(self.redis_conn_id)
+        keys = RedisKeys(prefix)
         base = {"run": self.essp_run, "epoch": self.epoch, "carry": self.carry}
         paused_s = 0.0
         try:
             while True:
                 try:
                     run_state = (await client.get(keys.run_state(self.essp_run)) or b"running").decode()
-                except Exception:  # noqa: BLE001 - Redis away: the loop below says so
-                    run_state = "running"
-                if run_state == "stopped":
-                    yield TriggerEvent({**base, "status": "stopped",
-                                        "detail": f"run {self.essp_run} was stopped (essp control stop); the trainers "
-                                                  "checkpointed where they were; trigger a new run to resume"})
-                    return
-                if run_state == "paused":  # a paused run waits as long as it takes: no timeout runs
-                    paused_s += self.poll_s
+                    raws = await client.mget([keys.trainer(self.essp_run, s) for s in self.streams])
+                except Exception as exc:  # noqa: BLE001 - Redis restarting: keep waiting, say so
+                    self.log.warning("Redis unreachable while waiting for %s: %s", self.essp_run, exc)
                     await asyncio.sleep(self.poll_s)
                     continue
-                done: dict[str, Any] = {}
-                for stream in self.streams:
-                    try:
-                        raw = await client.get(keys.trainer(self.essp_run, stream))
-                    except Exception as exc:  # noqa: BLE001 - Redis restarting: keep waiting, say so
-                        self.log.warning("Redis unreachable while waiting for %s: %s", self.essp_run, exc)
-                        break
-                    state = json.loads(raw) if raw else {}
-                    if state.get("status") == "failed":
-                        yield TriggerEvent({**base, "status": "failed", "stream": stream,
-                                            "detail": f"the {stream} trainer failed: {state.get('detail')}"})
-                        return
-                    if int(state.get("epoch_done", -1)) >= self.epoch:
-                        done[stream] = state.get("stats", {})
-                        continue
-                    tail = self._dead_trainer(stream)
-                    if tail is not None:
-                        yield TriggerEvent({**base, "status": "failed", "stream": stream,
-                                            "detail": f"the {stream} trainer process of run {self.essp_run} exited "
-                                                      f"before finishing epoch {self.epoch}; its log ends:\n{tail}"})
-                        return
-                if len(done) == len(self.streams):
+                states = {s: TrainerState.parse(raw) for s, raw in zip(self.streams, raws, strict=True)}
+                overdue = time.time() - self.started - paused_s > self.timeout_s
+                progress = epoch_progress(self.essp_run, self.epoch, states, run_state=run_state, gone=self._gone(),
+                                          overdue_s=self.timeout_s if overdue else None)
+                if progress.status == "done":
                     # Not sooner than MIN_FIRE_S after the task deferred: Airflow's scheduler fails a task
                     # whose resumed run is already going when the report of its deferring run arrives
                     # late (seen here on a busy 2-core machine, ~5 s after a tiny epoch). Real epochs
@@ -125,14 +97,16 @@ class EpochDoneTrigger(BaseTrigger):
                     early = MIN_FIRE_S - (time.time() - self.started)
                     if early > 0:
                         await asyncio.sleep(early)
-                    yield TriggerEvent({**base, "status": "done", "stats": done})
+                    yield TriggerEvent({**base, "status": "done", "stats": progress.done})
                     return
-                if time.time() - self.started - paused_s > self.timeout_s:
-                    missing = sorted(set(self.streams) - set(done))
-                    yield TriggerEvent({**base, "status": "timeout", "stream": ",".join(missing),
-                                        "detail": f"epoch {self.epoch} of run {self.essp_run} not finished by "
-                                                  f"{', '.join(missing)} after {self.timeout_s:.0f}s"})
+                if progress.over:
+                    # a trainer gone before the epoch's end fails the task as a failed trainer does
+                    status = "failed" if progress.status == "stalled" else progress.status
+                    yield TriggerEvent({**base, "status": status, "stream": progress.stream,
+                                        "detail": progress.detail})
                     return
+                if progress.status == "paused":  # a paused run waits as long as it takes: no timeout runs
+                    paused_s += self.poll_s
                 await asyncio.sleep(self.poll_s)
         finally:
             await client.aclose()

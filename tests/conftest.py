@@ -9,9 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from essp.deploy.local import isolated_settings, remove_isolated
 from essp.settings import Settings
-from essp.stack.services import LocalStack, prepare_settings
+from essp.stack.services import LocalStack, isolated_settings, prepare_settings, remove_isolated
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,6 @@ import uuid
 import numpy as np
 import pytest
 from conftest import _cleanup
-from workerproc import start_workers
 
 from essp.clients.kafka import MessageConsumer, MessageProducer, ensure_topics
 from essp.clients.redis import redis_client
@@ -28,11 +27,15 @@ from essp.dataplane.resident import publish_control
 from essp.datasets.ingest import ingest_directory
 from essp.datasets.manifest import ManifestStore
 from essp.datasets.synth import synthesize
-from essp.deploy.local import isolated_settings
+from essp.deploy.local import LocalProcesses, worker_args, worker_name
+from essp.stack.services import isolated_settings
 
 pytestmark = pytest.mark.slow
 
 FEATURES = {"rgb": {}, "flow": {"method": "dis_fast"}}
+# The module's resident workers by role, named as the fleet names them (the name is also the worker id).
+ROLES = {"decode-a": worker_name("decode", 0), "decode-b": worker_name("decode", 1),
+         "flow-a": worker_name("flow", 0), "flow-b": worker_name("flow", 1), "rgb-a": worker_name("rgb", 0)}
 L, SIZE = 4, 32
 
 
@@ -53,14 +56,12 @@ def plane(base_settings, tmp_path_factory):
     store.delete(S3Uri.parse(missing).bucket, S3Uri.parse(missing).key)
     topics = Topics(tag)
     ensure_topics(settings, [topics.control, topics.events, topics.dead])
-    logs = tmp_path_factory.mktemp("worker-logs")
-    workers = start_workers(settings, logs, [
-        ("decode-a", ["decode"]), ("decode-b", ["decode"]),
-        ("flow-a", ["extract", "--kind", "flow"]), ("flow-b", ["extract", "--kind", "flow"]),
-        ("rgb-a", ["extract", "--kind", "rgb"]),
-    ])
-    yield settings, manifest, {"corrupt": corrupt, "missing": missing}, {w.name: w for w in workers}
-    for worker in workers:
+    # The module's own state folder: its workers are started the one way ESSP starts them (essp.deploy.local).
+    processes = LocalProcesses(settings, state_dir=tmp_path_factory.mktemp("worker-state"))
+    started = processes.start([(ROLES[role], worker_args(role.split("-")[0])) for role in ROLES])
+    workers = {role: process for role, process in zip(ROLES, started, strict=True)}
+    yield settings, manifest, {"corrupt": corrupt, "missing": missing}, workers
+    for worker in workers.values():
         worker.stop()
     _cleanup(settings)
 
@@ -208,13 +209,10 @@ def test_killing_workers_mid_epoch_loses_no_sample(plane):
     assert killed
     good = {job.sample_id for job in plan.jobs if job.video not in damaged.values()}
     assert set(results["flow"]) == good and set(results["rgb"]) == good
-    # Bring the module's workers back for the tests that follow.
-    from workerproc import WorkerProcess
-
-    logs = workers["decode-b"].log_path.parent
-    for name, args in (("decode-a", ["decode"]), ("flow-a", ["extract", "--kind", "flow"])):
-        workers[name] = WorkerProcess(settings, args, logs, name + "-2")
-        workers[name].wait_serving()
+    # Bring the module's workers back for the tests that follow (new processes, new names).
+    processes = LocalProcesses(settings, state_dir=workers["decode-b"].log_path.parent.parent)
+    workers["decode-a"], workers["flow-a"] = processes.start([(worker_name("decode", 2), worker_args("decode")),
+                                                              (worker_name("flow", 2), worker_args("flow"))])
 
 
 def test_a_feature_written_but_never_announced_is_announced_when_redelivered(plane):
@@ -264,22 +262,21 @@ def test_heartbeats_carry_counters_and_sigterm_stops_cleanly(plane):
     with MessageConsumer(settings, f"ev-{uuid.uuid4().hex[:6]}", [topics.events],
                          dead_letter_topic=topics.dead) as consumer:
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not {"decode-b", "flow-b"} <= set(seen):
+        while time.monotonic() < deadline and not {ROLES["decode-b"], ROLES["flow-b"]} <= set(seen):
             for r in consumer.poll(1.0):
                 if isinstance(r.message, WorkerEvent) and r.message.event == "heartbeat":
                     seen[r.message.worker_id] = r.message
-        assert seen["decode-b"].counters["jobs_done"] > 0
-        assert {"failures", "busy_s", "jobs_done"} <= set(seen["flow-b"].counters)
+        assert seen[ROLES["decode-b"]].counters["jobs_done"] > 0
+        assert {"failures", "busy_s", "jobs_done"} <= set(seen[ROLES["flow-b"]].counters)
         # A stop command for one worker id: that worker, and only it, exits cleanly.
-        publish_control(settings, "stop", target="rgb-a")
-        workers["rgb-a"].proc.wait(30)
-        assert workers["rgb-a"].proc.returncode == 0
-        assert workers["flow-b"].proc.poll() is None
+        publish_control(settings, "stop", target=ROLES["rgb-a"])
+        assert workers["rgb-a"].wait(30) == 0
+        assert workers["flow-b"].alive()
         # SIGTERM: a clean exit with a stopped event.
         assert workers["decode-b"].stop() == 0
         stopped = set()
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and not {"rgb-a", "decode-b"} <= stopped:
+        while time.monotonic() < deadline and not {ROLES["rgb-a"], ROLES["decode-b"]} <= stopped:
             stopped |= {r.message.worker_id for r in consumer.poll(1.0)
                         if isinstance(r.message, WorkerEvent) and r.message.event == "stopped"}
-        assert {"rgb-a", "decode-b"} <= stopped
+        assert {ROLES["rgb-a"], ROLES["decode-b"]} <= stopped

@@ -7,7 +7,8 @@ import shutil
 
 import pytest
 
-from essp.deploy.fleet import FleetError, LocalFleet, ensure_workers, release_workers, worker_name
+from essp.deploy.fleet import FleetError, LocalFleet, ensure_workers, release_workers
+from essp.deploy.local import worker_name
 from essp.settings import SECRETS_FILE
 
 pytestmark = pytest.mark.slow
@@ -27,16 +28,16 @@ def test_scale_starts_keeps_and_stops_workers(fleet_settings):
     assert done["decode"] == {"wanted": 2, "started": ["worker-decode-0", "worker-decode-1"], "stopped": [],
                               "running": 2}
     assert done["flow"]["started"] == ["worker-extract-flow-0"]
-    pids = {name: fleet.table.record(name).pid for name in ("worker-decode-0", "worker-decode-1")}
+    pids = {name: fleet.processes.table.record(name).pid for name in ("worker-decode-0", "worker-decode-1")}
     # the same counts again: nothing starts, nothing stops (the next run reuses the workers)
     again = fleet.scale({"decode": 2, "flow": 1})
     assert again["decode"]["started"] == [] and again["decode"]["stopped"] == []
-    assert {name: fleet.table.record(name).pid for name in pids} == pids
+    assert {name: fleet.processes.table.record(name).pid for name in pids} == pids
     # down to one: the highest-numbered goes; a killed worker is replaced on the next ensure
     down = fleet.scale({"decode": 1, "flow": 0})
     assert down["decode"]["stopped"] == ["worker-decode-1"] and down["flow"]["stopped"] == ["worker-extract-flow-0"]
     assert fleet.running("decode") == ["worker-decode-0"] and fleet.running("flow") == []
-    fleet.table.stop(worker_name("decode", 0))
+    fleet.processes.table.stop(worker_name("decode", 0))
     assert fleet.scale({"decode": 1})["decode"]["started"] == ["worker-decode-0"]
     assert sorted(fleet.stop_all()) == ["worker-decode-0"]
 

@@ -9,21 +9,25 @@ import json
 import time
 
 import pytest
-from essp.operators import triggers
-from essp.operators.triggers import EpochDoneTrigger
 
 from essp.clients.redis import redis_client
+from essp.connections import REDIS_CONN_ID, connection_env_vars
 from essp.contract import RedisKeys
-from essp.deploy.fleet import trainer_name
+from essp.deploy.local import trainer_name
+from essp.operators import triggers
+from essp.operators.triggers import EpochDoneTrigger
 from essp.stack.procs import ProcessTable
 
 RUN = "trig-run"
 
 
 @pytest.fixture
-def redis_kwargs(settings):
-    return {"host": settings.redis_host, "port": settings.redis_port, "db": settings.redis_db,
-            "prefix": settings.redis_prefix, "password": None}
+def redis_kwargs(settings, monkeypatch):
+    """The trigger reaches Redis through the Airflow connection essp_redis (here from its AIRFLOW_CONN_
+    variable, as `essp airflow up` defines it): the trigger's kwargs carry the connection id only."""
+    name = f"AIRFLOW_CONN_{REDIS_CONN_ID.upper()}"
+    monkeypatch.setenv(name, connection_env_vars(settings)[name])
+    return {"redis_conn_id": REDIS_CONN_ID}
 
 
 @pytest.fixture(autouse=True)
@@ -47,13 +51,15 @@ def _first_event(trigger: EpochDoneTrigger, timeout: float = 20):
 def _rebuilt(trigger: EpochDoneTrigger) -> EpochDoneTrigger:
     classpath, kwargs = trigger.serialize()
     assert classpath == "essp.operators.triggers.EpochDoneTrigger"
+    # what Airflow stores in its database and shows in its REST API: no address, no credential
+    assert not {"redis", "password", "host"} & set(kwargs) and kwargs["redis_conn_id"] == REDIS_CONN_ID
     return EpochDoneTrigger(**json.loads(json.dumps(kwargs)))
 
 
 def test_fires_when_every_stream_finished_the_epoch(settings, redis_kwargs):
     _state(settings, "rgb", status="epoch_done", epoch_done=1, stats={"loss": 0.5})
     _state(settings, "flow", status="training", epoch_done=0)
-    trigger = _rebuilt(EpochDoneTrigger(run=RUN, streams=["rgb", "flow"], epoch=1, redis=redis_kwargs, timeout_s=30,
+    trigger = _rebuilt(EpochDoneTrigger(run=RUN, streams=["rgb", "flow"], epoch=1, **redis_kwargs, timeout_s=30,
                                         poll_s=0.1, carry={"history": [{"epoch": 0}]}))
 
     async def finish_flow_later():
@@ -75,7 +81,7 @@ def test_fires_when_every_stream_finished_the_epoch(settings, redis_kwargs):
 
 def test_a_failed_trainer_fails_the_wait_with_its_detail(settings, redis_kwargs):
     _state(settings, "rgb", status="failed", epoch_done=-1, detail="CUDA out of memory")
-    payload = _first_event(EpochDoneTrigger(run=RUN, streams=["rgb"], epoch=0, redis=redis_kwargs, timeout_s=30,
+    payload = _first_event(EpochDoneTrigger(run=RUN, streams=["rgb"], epoch=0, **redis_kwargs, timeout_s=30,
                                             poll_s=0.1))
     assert payload["status"] == "failed" and "CUDA out of memory" in payload["detail"]
 
@@ -89,7 +95,7 @@ def test_a_dead_local_trainer_fails_the_wait_with_its_log(settings, redis_kwargs
         time.sleep(0.05)
     assert table.exited_early(record) == 137
     _state(settings, "flow", status="training", epoch_done=-1)
-    payload = _first_event(EpochDoneTrigger(run=RUN, streams=["flow"], epoch=0, redis=redis_kwargs, timeout_s=30,
+    payload = _first_event(EpochDoneTrigger(run=RUN, streams=["flow"], epoch=0, **redis_kwargs, timeout_s=30,
                                             poll_s=0.1, state_dir=str(tmp_path)))
     assert payload["status"] == "failed" and "exited before finishing epoch 0" in payload["detail"]
     assert "Killed" in payload["detail"]
@@ -100,13 +106,13 @@ def test_stop_ends_the_wait_and_pause_holds_the_timeout(settings, redis_kwargs):
     client = redis_client(settings)
     _state(settings, "rgb", status="training", epoch_done=-1)
     client.set(keys.run_state(RUN), "stopped")
-    payload = _first_event(EpochDoneTrigger(run=RUN, streams=["rgb"], epoch=0, redis=redis_kwargs, timeout_s=30,
+    payload = _first_event(EpochDoneTrigger(run=RUN, streams=["rgb"], epoch=0, **redis_kwargs, timeout_s=30,
                                             poll_s=0.1))
     assert payload["status"] == "stopped" and "essp control stop" in payload["detail"]
 
     # paused for longer than the timeout: no timeout; resumed and finished: done
     client.set(keys.run_state(RUN), "paused")
-    trigger = EpochDoneTrigger(run=RUN, streams=["rgb"], epoch=0, redis=redis_kwargs, timeout_s=1.0, poll_s=0.1)
+    trigger = EpochDoneTrigger(run=RUN, streams=["rgb"], epoch=0, **redis_kwargs, timeout_s=1.0, poll_s=0.1)
 
     async def resume_later():
         await asyncio.sleep(2.0)
@@ -123,6 +129,6 @@ def test_stop_ends_the_wait_and_pause_holds_the_timeout(settings, redis_kwargs):
 
     # not paused: the timeout names the stream that is late
     _state(settings, "rgb", status="training", epoch_done=0)
-    payload = _first_event(EpochDoneTrigger(run=RUN, streams=["rgb"], epoch=1, redis=redis_kwargs, timeout_s=0.5,
+    payload = _first_event(EpochDoneTrigger(run=RUN, streams=["rgb"], epoch=1, **redis_kwargs, timeout_s=0.5,
                                             poll_s=0.1))
     assert payload["status"] == "timeout" and "not finished by rgb" in payload["detail"]

@@ -24,11 +24,11 @@ from reports import HOSTILE, STREAMS, write_seeded_report
 
 from essp.clients.redis import redis_client
 from essp.contract import RedisKeys
-from essp.deploy.local import isolated_settings
 from essp.evaluation.report import PLOTS, PNG_SIGNATURE, read_report, summary_markdown
 from essp.orchestration.links import save_link
 from essp.orchestration.webui import create_app, dag_run_context, render_report
 from essp.stack.procs import ProcessTable
+from essp.stack.services import isolated_settings
 from essp.training.artifacts import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -232,9 +232,9 @@ def test_links_resolve_under_the_plugin_prefix(ui_settings, report):
 @pytest.fixture
 def pending_run(ui_settings):
     """A DAG run whose ESSP run is training: spec written, the rgb trainer's state in Redis, no report."""
-    from essp.lifecycle.pipeline import RunSpec
+    from essp.lifecycle.params import RunParams
 
-    spec = RunSpec(run=PENDING, manifest="synth", epochs=5)
+    spec = RunParams(run=PENDING, dataset="synth", epochs=5)
     RunStore(ui_settings, PENDING).save_json("spec.json", {"spec": spec.model_dump(mode="json")})
     save_link(ui_settings, DAG, PENDING_DAG_RUN, PENDING)
     key = RedisKeys(ui_settings.redis_prefix).trainer(PENDING, "rgb")
@@ -253,6 +253,8 @@ def test_dag_run_without_report_shows_trainer_states(client, pending_run):
     assert "training" in rgb and "2 / 5" in rgb and "train-rgb-host-&lt;1&gt;" in rgb
     flow = re.search(r'<tr data-stream="flow">(.*?)</tr>', body, re.S).group(1)
     assert "not started" in flow
+    # where the epoch stands, as the trigger and the pipeline judge it: flow has not finished epoch 0
+    assert re.search(r"<p data-progress>epoch 0 of 5: training</p>", body)
     assert 'http-equiv="refresh"' in body
 
 

@@ -134,6 +134,10 @@ class RedisKeys:
         """The epoch the master asked the run's trainers to train, with its sample count."""
         return f"{self.prefix}:{check_run_id(run)}:epochreq"
 
+    def epoch_planned(self, run: str, epoch: int, token: str) -> str:
+        """Set (NX) by the one caller with ``token`` (a DAG run) that plans ``epoch``; see plan_epoch_once."""
+        return f"{self.prefix}:{check_run_id(run)}:planned:{int(epoch)}:{token}"
+
     def run_state(self, run: str) -> str:
         """running / paused / stopped, set by control commands and read by every worker."""
         return f"{self.prefix}:{check_run_id(run)}:runstate"
@@ -259,6 +263,100 @@ class DeadLetter(Message):
 class SmokePing(Message):
     kind: Literal["smoke_ping"] = "smoke_ping"
     token: str
+
+
+# -- the trainers' state (Redis): what the master waits on ------------------------------------------
+TRAINER_FAMILY = "trainer"  # the control target that reaches every trainer; trainers' worker kind is trainer-<stream>
+TRAINER_STATE_TTL_S = 7 * 24 * 3600
+TrainerStatus = Literal["ready", "training", "epoch_done", "stopped", "failed"]
+
+
+class TrainerState(BaseModel):
+    """What a run's trainer of one stream last recorded under :meth:`RedisKeys.trainer`."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    status: TrainerStatus
+    epoch_done: int = Field(-1, ge=-1, description="the last finished epoch; -1: none yet")
+    epoch: int | None = Field(None, description="the epoch being trained (status training)")
+    iteration: int = 0
+    worker: str | None = None
+    updated_at: float | None = None
+    stats: dict[str, Any] = Field(default_factory=dict, description="the last finished epoch's figures")
+    checkpoint: str | None = None
+    resumed_from: str | None = None
+    detail: str | None = None
+
+    def finished(self, epoch: int) -> bool:
+        return self.epoch_done >= epoch
+
+    @classmethod
+    def parse(cls, raw: bytes | str | None) -> TrainerState | None:
+        """The state as stored in Redis; None when there is none (or one this version cannot read: the
+        trainer rewrites it at its next step)."""
+        if not raw:
+            return None
+        try:
+            return cls.model_validate_json(raw)
+        except ValidationError:
+            return None
+
+
+EpochStatus = Literal["done", "waiting", "paused", "failed", "stalled", "stopped", "timeout"]
+
+
+@dataclass(frozen=True)
+class EpochProgress:
+    """Where one epoch of a run stands over its streams' trainers (see :func:`epoch_progress`)."""
+
+    status: EpochStatus
+    run: str
+    epoch: int
+    done: dict[str, dict[str, Any]]  # stream -> the figures of the streams that finished the epoch
+    waiting: list[str]
+    stream: str | None = None  # the stream that failed or stalled
+    detail: str = ""
+
+    @property
+    def over(self) -> bool:
+        """True when nothing more will happen to this epoch without someone acting (done or an end)."""
+        return self.status not in ("waiting", "paused")
+
+
+def epoch_progress(run: str, epoch: int, states: dict[str, TrainerState | None], *, run_state: str = "running",
+                   gone: dict[str, str] | None = None, overdue_s: float | None = None) -> EpochProgress:
+    """Whether ``epoch`` of ``run`` is done, still going, paused, or ended otherwise, from its trainers' states.
+
+    The one judgement the epoch trigger, the train operator, the pipeline and the UI share. ``states`` maps
+    each stream to its trainer's state (None: none recorded yet); ``run_state`` is the run's control state
+    (running / paused / stopped); ``gone`` maps streams whose trainer process is known to have exited to
+    what is known of it (the end of its log); ``overdue_s`` is the caller's timeout when its clock says the
+    epoch is overdue (the caller does not count paused time). In order: a stopped run, a failed trainer, a
+    trainer gone before finishing, every stream done, paused, overdue, else waiting."""
+    done = {s: dict(st.stats) for s, st in states.items() if st is not None and st.finished(epoch)}
+    waiting = [s for s in states if s not in done]
+
+    def make(status: EpochStatus, stream: str | None = None, detail: str = "") -> EpochProgress:
+        return EpochProgress(status, run, epoch, done, waiting, stream, detail)
+
+    if run_state == "stopped":
+        return make("stopped", detail=f"run {run} was stopped (essp control stop); the trainers checkpointed where "
+                                      "they were; trigger a new run to resume")
+    for stream, state in states.items():
+        if state is not None and state.status == "failed":
+            return make("failed", stream, f"the {stream} trainer failed in epoch {epoch}: {state.detail}")
+    for stream in waiting:
+        if stream in (gone or {}):
+            return make("stalled", stream, f"the {stream} trainer process of run {run} exited before finishing "
+                                           f"epoch {epoch}; its log ends:\n{(gone or {})[stream]}")
+    if not waiting:
+        return make("done")
+    if run_state == "paused":
+        return make("paused", detail=f"run {run} is paused (essp control resume)")
+    if overdue_s is not None:
+        return make("timeout", ",".join(waiting), f"epoch {epoch} of run {run} not finished by "
+                                                  f"{', '.join(waiting)} after {overdue_s:.0f}s; is a trainer running "
+                                                  "(`essp worker status`)?")
+    return make("waiting")
 
 
 AnyMessage = Annotated[

@@ -97,6 +97,8 @@ class Settings(BaseSettings):
     prefetch_depth: int = Field(8, ge=1, description="Samples a consumer holds ready ahead of the trainer.")
     heartbeat_s: float = Field(5.0, gt=0, description="Interval of worker heartbeats on the events topic.")
     extractor_modules: str = Field("", description="Comma-separated modules that register extra extractors.")
+    ready_file: Path | None = Field(None, description="Set by a resident process's launcher: the process writes "
+                                                      "this file once it serves (essp.deploy.local waits for it).")
 
     # How Airflow runs a stage: a local process of `essp stage ...`, or a Kubernetes pod.
     stage_mode: Literal["local", "kubernetes"] = "local"

@@ -14,8 +14,9 @@ import numpy as np
 
 from essp.bench.options import BenchOptions
 from essp.bench.processes import ProcessMeter, service_pids
-from essp.deploy.local import LocalWorker, isolated_settings, remove_isolated
+from essp.deploy.local import LocalProcess, LocalProcesses, worker_args, worker_name
 from essp.settings import Settings
+from essp.stack.services import isolated_settings, remove_isolated
 
 if TYPE_CHECKING:
     from essp.dataplane.consumer import SampleStream
@@ -83,17 +84,15 @@ def _redis_persistence(settings: Settings) -> str:
     return f"save={save!r}, appendonly={aof}"
 
 
-def _start_workers(settings: Settings, workers: list[LocalWorker], count: int, log_dir: Path) -> float:
-    """Bring the pool to `count` decode and `count` flow workers; returns the seconds until all serve."""
+def _start_workers(settings: Settings, workers: list[LocalProcess], count: int, log_dir: Path) -> float:
+    """Bring the pool to `count` decode and `count` flow workers (their state folder: the parent of
+    `log_dir`); returns the seconds until all serve."""
     started = time.perf_counter()
-    fresh = []
-    while len(workers) < 2 * count:
-        index = len(workers) // 2
-        fresh += [LocalWorker(settings, ["decode"], log_dir, f"decode-{index}"),
-                  LocalWorker(settings, ["extract", "--kind", "flow"], log_dir, f"flow-{index}")]
-        workers += fresh[-2:]
-    for worker in fresh:
-        worker.wait_serving()
+    commands = []
+    for index in range(len(workers) // 2, count):
+        commands += [(worker_name("decode", index), worker_args("decode")),
+                     (worker_name("flow", index), worker_args("flow"))]
+    workers += LocalProcesses(settings, state_dir=log_dir.parent).start(commands)
     return time.perf_counter() - started
 
 
@@ -113,7 +112,7 @@ def measure_streaming(settings: Settings, manifest: Manifest, options: BenchOpti
     ensure_topics(settings, [topics.control, topics.events, topics.dead])
     size, length = options.pipeline_size, options.length
     raw_per_sample = {"frames": (length + 1) * size * size * 3, "flow": 2 * length * size * size}
-    workers: list[LocalWorker] = []
+    workers: list[LocalProcess] = []
     step_s = None if options.trainer_step_ms is None else options.trainer_step_ms / 1000
     rows = []
     try:
@@ -127,8 +126,8 @@ def measure_streaming(settings: Settings, manifest: Manifest, options: BenchOpti
             # while the consumer joins its group, and the warm-up epoch absorbs both.
             ensure_topics(settings, topics.run_topics(run, ["flow"]))
             say(f"streaming: {count} decode + {count} flow worker(s) serving after {startup_s:.1f}s; run {run}")
-            by_kind = {"decode": [w.pid for w in workers if w.name.startswith("decode")],
-                       "flow": [w.pid for w in workers if w.name.startswith("flow")],
+            by_kind = {"decode": [w.pid for w in workers if w.name.startswith(worker_name("decode", 0)[:-1])],
+                       "flow": [w.pid for w in workers if w.name.startswith(worker_name("flow", 0)[:-1])],
                        "consumer (bench)": [os.getpid()], **services}
             with SampleStream(settings, run, "flow", prefetch=options.prefetch) as stream:
                 time.sleep(4.0)

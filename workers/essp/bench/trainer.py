@@ -68,7 +68,8 @@ class TrainerBenchOptions:
         return cls(**values)
 
     def __post_init__(self) -> None:
-        from essp.training.models import ARCHITECTURES, stream_channels
+        from essp.training.architectures import ARCHITECTURES
+        from essp.training.models import stream_channels
 
         for arch in (*self.archs, *self.stream_archs):
             if arch not in ARCHITECTURES:
@@ -107,7 +108,8 @@ class _Batches:
 def measure_compute(options: TrainerBenchOptions, say: Callable[[str], None]) -> list[dict[str, Any]]:
     import torch
 
-    from essp.training.trainer import StreamTrainer, TrainParams
+    from essp.training.params import TrainParams
+    from essp.training.trainer import StreamTrainer
 
     rows = []
     for stream in options.streams:
@@ -153,7 +155,7 @@ def measure_streaming(settings: Settings, options: TrainerBenchOptions, scratch:
 
     from essp.clients.kafka import delete_topics, ensure_topics
     from essp.contract import Topics
-    from essp.deploy.local import LocalWorker
+    from essp.deploy.local import LocalProcess, LocalProcesses, worker_args, worker_name
 
     manifest = _dataset(settings, options, scratch)
     topics = Topics(settings.topic_prefix)
@@ -162,16 +164,13 @@ def measure_streaming(settings: Settings, options: TrainerBenchOptions, scratch:
     torch.set_num_threads(1)  # the trainer shares the cores with the workers, as on one node
     for stream in options.streams:
         features = {stream: {"method": options.flow_method} if stream == "flow" else {}}
-        workers: list[LocalWorker] = []
+        workers: list[LocalProcess] = []
         try:
             for count in options.workers:
-                while len(workers) < 2 * count:
-                    index = len(workers) // 2
-                    workers += [LocalWorker(settings, ["decode"], scratch / "logs", f"decode-{stream}-{index}"),
-                                LocalWorker(settings, ["extract", "--kind", stream], scratch / "logs",
-                                            f"{stream}-{index}")]
-                for worker in workers:
-                    worker.wait_serving()
+                workers += LocalProcesses(settings, state_dir=scratch).start(
+                    [cmd for index in range(len(workers) // 2, count)
+                     for cmd in ((worker_name("decode", index), worker_args("decode")),
+                                 (worker_name(stream, index), worker_args(stream)))])
                 for arch in options.stream_archs:
                     run = f"bt-{stream}-{arch}-{count}-{uuid.uuid4().hex[:6]}"
                     row = _stream_epoch(settings, manifest, run, stream, arch, features, options)
@@ -190,7 +189,8 @@ def _stream_epoch(settings: Settings, manifest: Any, run: str, stream: str, arch
                   features: dict[str, dict[str, Any]], options: TrainerBenchOptions) -> dict[str, Any]:
     from essp.dataplane.consumer import SampleStream
     from essp.dataplane.plan import plan_epoch, publish_plan
-    from essp.training.trainer import StreamTrainer, TrainParams
+    from essp.training.params import TrainParams
+    from essp.training.trainer import StreamTrainer
 
     params = TrainParams(arch=arch, batch_size=options.batch_size, lr=0.01, seed=options.seed, device=options.device)
     trainer = StreamTrainer(stream, num_classes=len(manifest.classes), length=options.length, params=params)
@@ -214,7 +214,7 @@ def bench_trainer(options: TrainerBenchOptions, *, settings: Settings | None = N
                   docs_path: Path = DEFAULT_DOCS, command: str | None = None) -> dict[str, Any]:
     import torch
 
-    from essp.deploy.local import isolated_settings, remove_isolated
+    from essp.stack.services import isolated_settings, remove_isolated
 
     started = time.time()
     result: dict[str, Any] = {"machine": machine_info(), "options": options.__dict__, "rows": [],

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
 import time
 from typing import Annotated
@@ -39,27 +37,19 @@ def _logging(verbose: bool) -> None:
     logging.getLogger("redis").setLevel(logging.WARNING)
 
 
+def supervise(commands: list[tuple[list[str], dict[str, str] | None]]) -> None:
+    """:func:`essp.deploy.local.supervise`, exiting with the worst exit status of the children."""
+    from essp.deploy.local import supervise as run_children
+
+    code = run_children(commands)
+    if code:
+        raise typer.Exit(code)
+
+
 def _supervise(argv: list[str], replicas: int, name: str) -> None:
     """Run ``replicas`` copies of this worker command as child processes."""
     supervise([([*argv, "--replicas", "1", "--worker-id", f"{name}-{os.getpid()}-{i}"], None)
                for i in range(replicas)])
-
-
-def supervise(commands: list[tuple[list[str], dict[str, str] | None]]) -> None:
-    """Run each (`essp` arguments, environment) as a child process; SIGTERM/SIGINT reach them all,
-    and this returns when every one has exited (with the worst exit code)."""
-    children = [subprocess.Popen([sys.executable, "-m", "essp.cli", *argv], env=env) for argv, env in commands]
-
-    def forward(signum: int, _frame: object) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    codes = [child.wait() for child in children]
-    if any(codes):
-        raise typer.Exit(max(codes))
 
 
 @worker_app.command("decode")

@@ -16,6 +16,7 @@ apply to the worker; with a run they apply to that run, whose state also lives i
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import os
 import signal
@@ -154,28 +155,126 @@ class WorkInterrupted(Exception):
     """Raised by ``handle`` when the worker is stopping before the job is done: it stays uncommitted."""
 
 
-class ResidentWorker(ABC):
-    """A long-lived member of one consumer group. Subclasses say what to read and how to handle one
-    message; this class does the loop, the commits, control, heartbeats and shutdown."""
+class ResidentProcess(ABC):
+    """What every resident process shares, the data workers and the trainers alike: its id and kind,
+    events on the events topic (started, heartbeat, error, stopped) mirrored to its live key in Redis,
+    heartbeats with its counters, the control listener, SIGTERM/SIGINT, and telling its launcher that it
+    serves (the file ``ESSP_READY_FILE`` names, see :mod:`essp.deploy.local`)."""
 
-    kind: str  # decode, or the extractor kind (rgb, flow, ...): the `worker_kind` of its events
-    family: ClassVar[str]  # decode | extract: a control target that reaches every worker of the family
-    max_records: ClassVar[int] = 4
+    kind: str  # the `worker_kind` of its events: decode, an extractor kind, trainer-<stream>
+    family: ClassVar[str]  # a control target that reaches every process of the family: decode, extract, trainer
 
-    def __init__(self, settings: Settings, *, worker_id: str | None = None, run: str | None = None) -> None:
+    def __init__(self, settings: Settings, *, worker_id: str) -> None:
         self.settings = settings
         self.topics = Topics(settings.topic_prefix)
         self.keys = RedisKeys(settings.redis_prefix)
-        self.run_filter = run
-        self.worker_id = worker_id or f"{self.kind}-{socket.gethostname()}-{os.getpid()}"
-        self.counters: dict[str, float] = {"jobs_done": 0, "failures": 0, "busy_s": 0.0, "waited_s": 0.0,
-                                           "duplicates": 0, "redone": 0, "dead_lettered": 0}
+        self.worker_id = worker_id
         self.stopping = threading.Event()
-        self.paused = False
         self.control = RunControl(settings)
         self.producer: MessageProducer | None = None
-        self.consumer: MessageConsumer | None = None
+        self._listener: ControlListener | None = None
         self._started = time.monotonic()
+
+    # -- what subclasses define -------------------------------------------------------------------
+    def event_counters(self) -> dict[str, float]:
+        """The counters its heartbeats and other events carry."""
+        return {}
+
+    def event_run(self) -> str | None:
+        """The run its events belong to (a trainer's), or None (data workers serve every run)."""
+        return None
+
+    def heartbeat_detail(self) -> str | None:
+        return None
+
+    def announces_ready(self) -> bool:
+        """Whether this process tells its launcher it serves (under DDP only rank 0 does)."""
+        return True
+
+    @abstractmethod
+    def obey(self, command: ControlCommand) -> None:
+        """Act on a control command addressed to this process (its target already matched)."""
+
+    # -- shared -----------------------------------------------------------------------------------
+    def targets(self) -> tuple[str, ...]:
+        return ("*", self.family, self.kind, self.worker_id)
+
+    def on_command(self, command: ControlCommand) -> None:
+        if command.target in self.targets():
+            self.obey(command)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def event(self, event: str, *, detail: str | None = None, epoch: int | None = None,
+              counters: dict[str, float] | None = None) -> None:
+        """Publish a WorkerEvent and keep it as the live key (expires when heartbeats stop); never raises."""
+        values = dict(self.event_counters() if counters is None else counters)
+        values["uptime_s"] = round(time.monotonic() - self._started, 3)
+        message = WorkerEvent(event=event, worker_id=self.worker_id, worker_kind=self.kind, run=self.event_run(),
+                              epoch=epoch, counters=values, detail=detail)
+        try:
+            if self.producer is not None:
+                self.producer.publish(self.topics.events, message, key=self.worker_id, wait=False)
+            redis_client(self.settings).set(self.keys.worker(self.worker_id), encode(message),
+                                            ex=max(10, int(self.settings.heartbeat_s * 3)))
+        except Exception as exc:  # noqa: BLE001 - an event never kills a resident process
+            log.warning("could not send %s event: %s", event, exc)
+
+    def _heartbeats(self) -> None:
+        while not self.stopping.wait(self.settings.heartbeat_s):
+            self.event("heartbeat", detail=self.heartbeat_detail())
+
+    def start_resident(self, *, install_signals: bool = True, detail: str | None = None) -> None:
+        """Signals, the producer, the control listener and heartbeats; then the "started" event, and the
+        launcher is told this process serves."""
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stop())
+        self.producer = MessageProducer(self.settings)
+        self._listener = ControlListener(self.settings, self.on_command, self.stopping)
+        self._listener.start()
+        self._listener.ready.wait(15)
+        threading.Thread(target=self._heartbeats, name="essp-heartbeat", daemon=True).start()
+        self.event("started", detail=detail)
+        if self.announces_ready():
+            mark_ready(self.settings, self.worker_id)
+
+    def stop_resident(self) -> None:
+        """The "stopped" event, then the producer and the control listener close."""
+        self.stopping.set()
+        self.event("stopped")
+        if self.producer is not None:
+            self.producer.close()
+        if self._listener is not None:
+            self._listener.join(5)
+
+
+def mark_ready(settings: Settings, worker_id: str) -> None:
+    """Write the ready file its launcher waits for (``ESSP_READY_FILE``), if it gave one."""
+    path = settings.ready_file
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), "worker": worker_id, "at": time.time()}))
+    tmp.replace(path)
+
+
+class ResidentWorker(ResidentProcess):
+    """A long-lived member of one consumer group. Subclasses say what to read and how to handle one
+    message; this class does the loop, the commits and the run controls, :class:`ResidentProcess` the rest."""
+
+    family: ClassVar[str]  # decode | extract
+    max_records: ClassVar[int] = 4
+
+    def __init__(self, settings: Settings, *, worker_id: str | None = None, run: str | None = None) -> None:
+        super().__init__(settings, worker_id=worker_id or f"{self.kind}-{socket.gethostname()}-{os.getpid()}")
+        self.run_filter = run
+        self.counters: dict[str, float] = {"jobs_done": 0, "failures": 0, "busy_s": 0.0, "waited_s": 0.0,
+                                           "duplicates": 0, "redone": 0, "dead_lettered": 0}
+        self.paused = False
+        self.consumer: MessageConsumer | None = None
         self._lock = threading.Lock()
 
     # -- what subclasses define -------------------------------------------------------------------
@@ -215,27 +314,18 @@ class ResidentWorker(ABC):
         self.publish(topic, letter, key=sample_id)
         self.count("dead_lettered")
 
-    def event(self, event: str, detail: str | None = None, run: str | None = None) -> None:
+    def event_counters(self) -> dict[str, float]:
         with self._lock:
             counters = dict(self.counters)
         if self.consumer is not None:  # malformed messages the consumer dead-lettered itself
             counters["dead_lettered"] += self.consumer.dead_lettered
-        counters["uptime_s"] = round(time.monotonic() - self._started, 3)
-        message = WorkerEvent(event=event, worker_id=self.worker_id, worker_kind=self.kind, run=run,
-                              counters=counters, detail=detail)
-        try:
-            if self.producer is not None:
-                self.producer.publish(self.topics.events, message, key=self.worker_id, wait=False)
-            client = redis_client(self.settings)
-            client.set(self.keys.worker(self.worker_id), encode(message),
-                       ex=max(10, int(self.settings.heartbeat_s * 3)))
-        except (ServiceUnavailable, OSError, Exception) as exc:  # noqa: BLE001 - a heartbeat never kills a worker
-            log.warning("could not send %s event: %s", event, exc)
+        return counters
+
+    def heartbeat_detail(self) -> str | None:
+        return "paused" if self.paused else None
 
     # -- control ------------------------------------------------------------------------------------
-    def on_command(self, command: ControlCommand) -> None:
-        if command.target not in ("*", self.family, self.kind, self.worker_id):
-            return
+    def obey(self, command: ControlCommand) -> None:
         if command.run:
             self.control.forget(command.run)  # re-read its state from Redis now
             return
@@ -247,13 +337,6 @@ class ResidentWorker(ABC):
             self.event("heartbeat", detail="resumed")
         elif command.command == "stop":
             self.stop()
-
-    def stop(self) -> None:
-        self.stopping.set()
-
-    def _heartbeats(self) -> None:
-        while not self.stopping.wait(self.settings.heartbeat_s):
-            self.event("heartbeat", detail="paused" if self.paused else None)
 
     # -- the loop -----------------------------------------------------------------------------------
     def _paused_partitions(self) -> set:
@@ -272,18 +355,9 @@ class ResidentWorker(ABC):
 
     def serve(self, *, install_signals: bool = True, ready: threading.Event | None = None) -> dict[str, float]:
         """Run until stopped (SIGTERM, SIGINT, a stop command, or :meth:`stop`). Returns the counters."""
-        if install_signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: self.stop())
-        self.producer = MessageProducer(self.settings)
         self.consumer = MessageConsumer(self.settings, self.group_id(), pattern=self.pattern(),
                                         dead_letter_topic=self.topics.dead, expected=self.expected())
-        listener = ControlListener(self.settings, self.on_command, self.stopping)
-        listener.start()
-        listener.ready.wait(15)
-        beats = threading.Thread(target=self._heartbeats, name="essp-heartbeat", daemon=True)
-        beats.start()
-        self.event("started")
+        self.start_resident(install_signals=install_signals)
         log.info("%s serving %s as group %s", self.worker_id, self.pattern(), self.group_id())
         if ready is not None:
             ready.set()
@@ -291,10 +365,8 @@ class ResidentWorker(ABC):
             while not self.stopping.is_set():
                 self._step()
         finally:
-            self.event("stopped")
+            self.stop_resident()
             self.consumer.close()
-            self.producer.close()
-            listener.join(5)
         return dict(self.counters)
 
     def _step(self) -> None:

@@ -3,10 +3,10 @@
 
 Two places, one interface (the setting ``ESSP_WORKER_MODE``, by default the stage mode):
 
-- **local** (the embedded default): detached processes recorded in the state folder's process table
-  (``essp.stack.procs.ProcessTable``), so they outlive the Airflow task that started them. The data workers
-  are shared by every run and named ``worker-decode-<i>`` / ``worker-extract-<kind>-<i>``; each run has
-  one trainer per stream, ``trainer-<run>-<stream>`` (``essp worker train --run --stream --nproc``).
+- **local** (the embedded default): detached processes started by :mod:`essp.deploy.local`, so they
+  outlive the Airflow task that started them. The data workers are shared by every run and named
+  ``worker-decode-<i>`` / ``worker-extract-<kind>-<i>``; each run has one trainer per stream,
+  ``trainer-<run>-<stream>`` (``essp worker train --run --stream --nproc``).
 - **kubernetes**: the Deployments of ``k8s/`` are scaled (``essp.deploy.kube.KubeWorkers``), and each run's
   trainers are Deployments cloned from the ``essp-trainer`` template.
 
@@ -16,18 +16,20 @@ partitions back and its unfinished samples are redelivered (the data plane's at-
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
 from typing import Any
 
 from essp.dataplane.extractors import extractor_kinds
+from essp.deploy.local import (
+    LaunchError,
+    LocalProcess,
+    LocalProcesses,
+    trainer_args,
+    trainer_name,
+    worker_args,
+    worker_name,
+)
 from essp.errors import EsspError
 from essp.settings import Settings
-from essp.stack.procs import ProcessTable
-from essp.stack.services import venv_binary
-
-START_TIMEOUT_S = 120.0
-SERVING_MARK = b"serving"
 
 
 class FleetError(EsspError):
@@ -51,26 +53,8 @@ def check_replicas(replicas: dict[str, int]) -> dict[str, int]:
     return out
 
 
-def worker_name(kind: str, index: int) -> str:
-    return f"worker-decode-{index}" if kind == "decode" else f"worker-extract-{kind}-{index}"
-
-
-def worker_args(kind: str) -> list[str]:
-    return ["decode"] if kind == "decode" else ["extract", "--kind", kind]
-
-
-def trainer_name(run: str, stream: str) -> str:
-    return f"trainer-{run}-{stream}"
-
-
 def worker_mode(settings: Settings) -> str:
     return settings.worker_mode or settings.stage_mode
-
-
-@dataclass
-class _Started:
-    name: str
-    log_offset: int
 
 
 class LocalFleet:
@@ -78,102 +62,84 @@ class LocalFleet:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.table = ProcessTable(settings.state_dir)
-
-    def _env(self) -> dict[str, str]:
-        import os
-
-        # The workers get the settings they were started with, complete (a stage's come from Airflow's
-        # connections); no .pyc writes: the data plane writes nothing to disk.
-        return {**os.environ, **self.settings.as_env(), "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-
-    def _spawn(self, name: str, args: list[str]) -> _Started:
-        log = self.table.log(name)
-        offset = log.stat().st_size if log.exists() else 0
-        self.table.spawn(name, [venv_binary("essp"), "worker", *args, "--worker-id", name], env=self._env())
-        return _Started(name, offset)
-
-    def _wait_serving(self, started: list[_Started], timeout_s: float = START_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout_s
-        pending = list(started)
-        while pending:
-            for item in list(pending):
-                with self.table.log(item.name).open("rb") as log:
-                    log.seek(item.log_offset)
-                    if SERVING_MARK in log.read():
-                        pending.remove(item)
-                        continue
-                if self.table.record(item.name) is None:
-                    raise FleetError(f"worker {item.name} exited while starting; its log "
-                                     f"({self.table.log(item.name)}) ends:\n{self.table.tail(item.name, 30)}")
-            if pending and time.monotonic() > deadline:
-                names = ", ".join(p.name for p in pending)
-                raise FleetError(f"worker(s) {names} did not start serving within {timeout_s:.0f}s; "
-                                 f"the first log ends:\n{self.table.tail(pending[0].name, 30)}")
-            if pending:
-                time.sleep(0.2)
+        self.processes = LocalProcesses(settings)
 
     def _live(self, kind: str) -> set[int]:
-        """Indexes of this kind's workers that run (stale PID files are dropped on the way)."""
+        """Indexes of this kind's workers that run in this scope."""
         prefix = worker_name(kind, 0)[:-1]
-        found = set()
-        for pidfile in self.table.run_dir.glob(f"{prefix}*.pid") if self.table.run_dir.exists() else []:
-            index = pidfile.stem[len(prefix):]
-            if index.isdigit() and self.table.record(pidfile.stem) is not None:
-                found.add(int(index))
-        return found
+        return {int(name[len(prefix):]) for name in self.processes.names(prefix) if name[len(prefix):].isdigit()}
 
     def running(self, kind: str) -> list[str]:
         return [worker_name(kind, i) for i in sorted(self._live(kind))]
 
-    def scale(self, replicas: dict[str, int]) -> dict[str, dict[str, Any]]:
-        """Start or stop shared data workers until each kind has its count; returns what was done."""
+    def _start(self, commands: list[tuple[str, list[str]]]) -> None:
+        try:
+            self.processes.start(commands)
+        except LaunchError as exc:
+            raise FleetError(str(exc)) from None
+
+    def scale(self, replicas: dict[str, int], *, at_least: bool = False) -> dict[str, dict[str, Any]]:
+        """Start or stop shared data workers until each kind has its count (``at_least``: never stop one);
+        returns what was done."""
         result: dict[str, dict[str, Any]] = {}
-        started: list[_Started] = []
+        commands: list[tuple[str, list[str]]] = []
         for kind, wanted in check_replicas(replicas).items():
             live = self._live(kind)
             new, stopped = [], []
             index = 0
             while len(live) + len(new) < wanted:
-                if index not in live:
-                    item = self._spawn(worker_name(kind, index), worker_args(kind))
-                    started.append(item)
-                    new.append(item.name)
+                name = worker_name(kind, index)
+                if index not in live and not self.processes.taken(name):  # another scope's worker keeps its name
+                    commands.append((name, worker_args(kind)))
+                    new.append(name)
                 index += 1
-            for index in sorted(live, reverse=True)[: max(0, len(live) - wanted)]:
-                self.table.stop(worker_name(kind, index))
+            surplus = [] if at_least else sorted(live, reverse=True)[: max(0, len(live) - wanted)]
+            for index in surplus:
+                process = self.processes.find(worker_name(kind, index))
+                if process is not None:
+                    process.stop()
                 stopped.append(worker_name(kind, index))
             result[kind] = {"wanted": wanted, "started": new, "stopped": stopped}
-        self._wait_serving(started)
+        self._start(commands)
         for kind in result:
             result[kind]["running"] = len(self.running(kind))
         return result
 
     def ensure_trainer(self, run: str, stream: str, nproc: int = 1) -> dict[str, Any]:
         name = trainer_name(run, stream)
-        record = self.table.record(name)
-        if record is not None:
-            return {"trainer": name, "pid": record.pid, "started": False}
-        item = self._spawn(name, ["train", "--run", run, "--stream", stream, "--nproc", str(nproc)])
-        self._wait_serving([item])
-        record = self.table.record(name)
-        return {"trainer": name, "pid": record.pid if record else None, "started": True}
+        found = self.processes.find(name)
+        if found is not None:
+            return {"trainer": name, "pid": found.pid, "started": False}
+        self._start([(name, trainer_args(run, stream, nproc))])
+        found = self.processes.find(name)
+        return {"trainer": name, "pid": found.pid if found else None, "started": True}
 
-    def alive_trainer(self, run: str, stream: str) -> tuple[bool, str]:
-        """Whether the run's trainer of ``stream`` runs, and the end of its log."""
+    def trainer(self, run: str, stream: str) -> LocalProcess | None:
+        return self.processes.find(trainer_name(run, stream))
+
+    def gone_trainer(self, run: str, stream: str) -> str | None:
+        """The end of the log of the run's trainer of ``stream`` if this state folder started it and it is
+        gone, else None (alive, or never started here: Kubernetes, another machine)."""
+        table = self.processes.table
         name = trainer_name(run, stream)
-        return self.table.record(name) is not None, self.table.tail(name, 30)
+        if not table.pidfile(name).exists() or table.record(name) is not None:
+            return None
+        return table.tail(name, 30)
 
     def release_trainer(self, run: str, stream: str) -> bool:
-        return self.table.stop(trainer_name(run, stream), timeout_s=60)
+        found = self.trainer(run, stream)
+        if found is None:
+            return False
+        found.stop(timeout_s=60)
+        return True
 
     def stop_all(self) -> list[str]:
-        """Stop every worker and trainer this state folder started (``essp infra down``)."""
+        """Stop every worker and trainer this state folder started, whatever their scope (`essp infra down`)."""
         stopped = []
-        run_dir = self.table.run_dir
-        for pidfile in sorted(run_dir.glob("*.pid")) if run_dir.exists() else []:
+        table = self.processes.table
+        for pidfile in sorted(table.run_dir.glob("*.pid")) if table.run_dir.exists() else []:
             name = pidfile.stem
-            if name.startswith(("worker-", "trainer-")) and self.table.stop(name, timeout_s=60):
+            if name.startswith(("worker-", "trainer-")) and table.stop(name, timeout_s=60):
                 stopped.append(name)
         return stopped
 
@@ -200,6 +166,11 @@ def ensure_workers(settings: Settings, run: str, streams: list[str], replicas: d
     scaled = fleet.scale(replicas)
     trainers = {s: fleet.ensure_trainer(run, s, nproc=trainer_procs) for s in streams}
     return {"mode": "local", "workers": scaled, "trainers": trainers}
+
+
+def release_trainers(settings: Settings, run: str, streams: list[str]) -> dict[str, Any]:
+    """Stop the run's trainers (their checkpoints are in S3): what scoring needs the cores back from."""
+    return release_workers(settings, run, streams)
 
 
 def release_workers(settings: Settings, run: str, streams: list[str], *,

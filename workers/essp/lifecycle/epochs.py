@@ -1,115 +1,155 @@
-"""The master's side of a run, light (no torch): the run's spec from S3, the trainers' state in Redis,
-asking for an epoch, and planning one. What the DAGs' tasks and triggers call; :mod:`essp.lifecycle.pipeline`
-and :mod:`essp.training.resident` re-export it."""
+"""The master's side of a run's epochs, light (no torch): the run's params and facts in S3, checking them
+against the manifest (:func:`verify_manifest`), the trainers' state in Redis, asking the trainers for
+an epoch, planning it once per DAG run, and waiting for it. The DAGs' tasks and the epoch trigger call
+these; so do `essp train` and the UI. Whether an epoch is done is :func:`essp.contract.epoch_progress`."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import time
+from collections.abc import Callable
 from typing import Any
 
 from essp.clients.kafka import MessageProducer
 from essp.clients.redis import redis_client
-from essp.contract import ControlCommand, RedisKeys, Topics
+from essp.contract import (
+    TRAINER_FAMILY,
+    TRAINER_STATE_TTL_S,
+    ControlCommand,
+    EpochProgress,
+    RedisKeys,
+    Topics,
+    TrainerState,
+    epoch_progress,
+)
+from essp.dataplane.payloads import SampleStore
+from essp.dataplane.plan import decode_quarantine, plan_epoch, publish_plan
+from essp.dataplane.resident import RunControl
+from essp.datasets.manifest import ManifestStore
+from essp.errors import EsspError
+from essp.lifecycle.params import RunParams, RunParamsError, parse_params
 from essp.settings import Settings
-from essp.training.params import RunSpec, RunSpecError
+from essp.training.artifacts import RunStore
 
-TRAINER_FAMILY = "trainer"
-STATE_TTL_S = 7 * 24 * 3600
+Log = Callable[[str], None]
 
 
-def load_run(settings: Settings, run: str) -> tuple[RunSpec, dict[str, Any]]:
-    from essp.training.artifacts import RunStore
-
+def load_run(settings: Settings, run: str) -> tuple[RunParams, dict[str, Any]]:
+    """The run's params and facts, as :func:`verify_manifest` wrote them to ``spec.json``."""
     facts = RunStore(settings, run).load_json("spec.json")
-    return RunSpec.model_validate(facts["spec"]), facts
+    return parse_params(facts["spec"]), facts
 
 
-def prepare_run(settings: Settings, spec: RunSpec) -> dict[str, Any]:
-    """Check the spec against the manifest and write ``spec.json``; returns the run's facts."""
-    from essp.datasets.manifest import ManifestStore
-    from essp.training.artifacts import RunStore
-
+def verify_manifest(settings: Settings, spec: RunParams) -> dict[str, Any]:
+    """Check the params against the dataset's manifest and write ``spec.json`` to the run's folder in S3
+    (the trainers read it there, as pods would); returns the run's facts."""
     store = ManifestStore(settings)
-    manifest_uri = store.resolve(spec.manifest)
+    manifest_uri = store.resolve(spec.dataset)
     manifest = store.load(manifest_uri)
     train = manifest.split("train") if "train" in manifest.splits else []
     test = manifest.split("test") if "test" in manifest.splits else []
     if not train or not test:
-        raise RunSpecError(f"manifest {manifest_uri}: a training run needs a train and a test split "
-                           f"(train {len(train)}, test {len(test)} videos)")
+        raise RunParamsError(f"dataset: manifest {manifest_uri}: a training run needs a train and a test split "
+                             f"(train {len(train)}, test {len(test)} videos)")
     if len(manifest.classes) < 2:
-        raise RunSpecError(f"manifest {manifest_uri}: {len(manifest.classes)} class; at least 2 are needed")
+        raise RunParamsError(f"dataset: manifest {manifest_uri}: {len(manifest.classes)} class; at least 2 are "
+                             "needed")
     facts = {"spec": spec.model_dump(mode="json"), "manifest_uri": manifest_uri, "dataset": manifest.name,
-             "classes": manifest.classes,
-             "train_videos": len(train), "test_videos": len(test),
+             "classes": manifest.classes, "train_videos": len(train), "test_videos": len(test),
              "samples_per_epoch": spec.samples_per_epoch or len(train)}
-    RunStore(settings, spec.run).save_json("spec.json", facts)
+    RunStore(settings, spec.run_id()).save_json("spec.json", facts)
     return facts
 
 
-def trainer_state(settings: Settings, run: str, stream: str) -> dict[str, Any]:
-    """The trainer's last recorded state: status, epoch_done (-1: none yet), worker, detail, stats."""
-    raw = redis_client(settings).get(RedisKeys(settings.redis_prefix).trainer(run, stream))
-    return json.loads(raw) if raw else {}
+def trainer_states(settings: Settings, run: str, streams: list[str]) -> dict[str, TrainerState | None]:
+    """Each stream's trainer state as last recorded (None: none yet, or unreadable)."""
+    keys = RedisKeys(settings.redis_prefix)
+    raws = redis_client(settings).mget([keys.trainer(run, s) for s in streams])
+    return {stream: TrainerState.parse(raw) for stream, raw in zip(streams, raws, strict=True)}
+
+
+def epoch_status(settings: Settings, run: str, streams: list[str], epoch: int, *,
+                 gone: dict[str, str] | None = None, overdue_s: float | None = None) -> EpochProgress:
+    """:func:`essp.contract.epoch_progress` over the trainers' states and the run's state, read now."""
+    return epoch_progress(run, epoch, trainer_states(settings, run, streams),
+                          run_state=RunControl(settings).get(run, fresh=True), gone=gone, overdue_s=overdue_s)
 
 
 def request_epoch(settings: Settings, run: str, epoch: int, expected: int) -> None:
     """Ask the run's trainers for ``epoch`` of ``expected`` samples (Redis, then a control wake-up)."""
     keys = RedisKeys(settings.redis_prefix)
     redis_client(settings).set(keys.epoch_request(run), json.dumps({"epoch": epoch, "expected": expected}),
-                               ex=STATE_TTL_S)
+                               ex=TRAINER_STATE_TTL_S)
     with MessageProducer(settings) as producer:
         producer.publish(Topics(settings.topic_prefix).control,
                          ControlCommand(command="epoch", run=run, epoch=epoch, target=TRAINER_FAMILY))
 
 
-def trained_epochs(settings: Settings, spec: RunSpec) -> int:
+def trained_epochs(settings: Settings, spec: RunParams) -> int:
     """Epochs every stream has finished (from the trainers' state, else their checkpoints)."""
-    from essp.training.artifacts import RunStore
-
     done = []
-    runs = RunStore(settings, spec.run)
-    for stream in spec.streams:
-        state = trainer_state(settings, spec.run, stream)
-        if state:
-            done.append(int(state.get("epoch_done", -1)) + 1)
+    runs = RunStore(settings, spec.run_id())
+    for stream, state in trainer_states(settings, spec.run_id(), spec.streams).items():
+        if state is not None:
+            done.append(state.epoch_done + 1)
             continue
         pointer = runs.latest_pointer(stream)  # its "epoch" is the next one to train, as in the checkpoint
         done.append(0 if pointer is None else int(pointer["epoch"]))
     return min(done)
 
 
-def start_epoch(settings: Settings, spec: RunSpec, epoch: int) -> int:
-    """Plan and publish one epoch and ask the trainers for it (the DAG then waits on a deferrable
-    trigger, :func:`essp.lifecycle.pipeline.wait_epoch_done` blocks); returns the number of samples planned."""
-    from essp.dataplane.payloads import SampleStore
-    from essp.dataplane.plan import decode_quarantine, plan_epoch, publish_plan
-    from essp.datasets.manifest import ManifestStore
-
-    _, facts = load_run(settings, spec.run)
+def start_epoch(settings: Settings, spec: RunParams, epoch: int) -> int:
+    """Plan and publish one epoch (the paper's §3.2, skipping videos decode quarantined) and ask the trainers
+    for it; returns the number of samples planned. The DAG then waits on a deferrable trigger,
+    :func:`wait_epoch_done` blocks."""
+    run = spec.run_id()
+    _, facts = load_run(settings, run)
     manifest = ManifestStore(settings).load(facts["manifest_uri"])
-    plan = plan_epoch(manifest, run=spec.run, epoch=epoch, features=spec.features(), length=spec.length,
+    plan = plan_epoch(manifest, run=run, epoch=epoch, features=spec.features(), length=spec.length,
                       height=spec.size, width=spec.size, samples=facts["samples_per_epoch"], seed=spec.seed,
-                      max_inflight=spec.max_inflight, exclude=set(decode_quarantine(settings, spec.run)))
+                      max_inflight=spec.max_inflight, exclude=set(decode_quarantine(settings, run)))
     # A retried epoch (a trainer restarted) must be delivered again: forget its samples' progress.
-    SampleStore(settings, spec.run).reset(plan.sample_ids())
+    SampleStore(settings, run).reset(plan.sample_ids())
     publish_plan(settings, plan)
-    request_epoch(settings, spec.run, epoch, len(plan.jobs))
+    request_epoch(settings, run, epoch, len(plan.jobs))
     return len(plan.jobs)
 
 
-def plan_epoch_once(settings: Settings, spec: RunSpec, epoch: int, token: str) -> bool:
+def plan_epoch_once(settings: Settings, spec: RunParams, epoch: int, token: str) -> bool:
     """:func:`start_epoch`, by the first caller that gives ``token`` (the DAG run): each stream's task of
     a DAG run tries it, exactly one plans. A new DAG run (another token) plans an unfinished epoch again,
     as a restarted :func:`essp.lifecycle.pipeline.run_training` does. True if this call planned."""
-    import hashlib
-
     digest = hashlib.sha1(token.encode()).hexdigest()[:16]
-    key = f"{RedisKeys(settings.redis_prefix).prefix}:{spec.run}:planned:{epoch}:{digest}"
+    key = RedisKeys(settings.redis_prefix).epoch_planned(spec.run_id(), epoch, digest)
     if not redis_client(settings).set(key, token, nx=True, ex=int(spec.epoch_timeout_s * 2) + 3600):
         return False
     start_epoch(settings, spec, epoch)
     return True
+
+
+def wait_epoch_done(settings: Settings, run: str, streams: list[str], epoch: int, *, timeout_s: float = 1800,
+                    poll_s: float = 0.5, log: Log = print, alive: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Block until every stream's trainer finished ``epoch`` (what the epoch trigger waits for without
+    blocking); returns each stream's figures. ``alive`` raises when a process the run depends on has died
+    (local runs watch their workers). Paused time does not count towards the timeout."""
+    started, paused_s, shown = time.monotonic(), 0.0, set()
+    while True:
+        overdue = time.monotonic() - started - paused_s > timeout_s
+        progress = epoch_status(settings, run, streams, epoch, overdue_s=timeout_s if overdue else None)
+        for stream, figures in progress.done.items():
+            if stream not in shown and figures:
+                log(epoch_line(epoch, stream, figures))
+            shown.add(stream)
+        if progress.status == "done":
+            return progress.done
+        if progress.over:
+            raise EsspError(f"run {run}: {progress.detail}")
+        if alive is not None:
+            alive()
+        if progress.status == "paused":
+            paused_s += poll_s
+        time.sleep(poll_s)
 
 
 def epoch_line(epoch: int, stream: str, figures: dict[str, Any]) -> str:

@@ -43,8 +43,11 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 from markupsafe import Markup
 
 from essp.clients.s3 import ObjectNotFound, ObjectStore
-from essp.contract import check_run_id
+from essp.contract import check_run_id, epoch_progress
+from essp.dataplane.resident import RunControl
+from essp.deploy.local import is_worker_name, trainer_name
 from essp.errors import EsspError, ServiceUnavailable
+from essp.evaluation.metrics import SUMMARY_METRICS
 from essp.evaluation.report import (
     PLOTS,
     REPORT_FILE,
@@ -54,8 +57,11 @@ from essp.evaluation.report import (
     read_report,
     summary_lines,
 )
+from essp.lifecycle.epochs import load_run, trainer_states
+from essp.lifecycle.params import RunParams
 from essp.settings import Settings
 from essp.stack.procs import ProcessTable, pid_alive
+from essp.training.artifacts import RunArtifactMissing
 
 SettingsFactory = Callable[[], Settings]
 
@@ -63,13 +69,11 @@ FILE_TYPES = {**{name: "image/png" for name in PLOTS}, SUMMARY_FILE: "text/markd
 PLOT_TITLES = {"loss.png": "training loss", "accuracy.png": "training accuracy",
                "confusion.png": "confusion matrix (selected)", "per_class.png": "per-class accuracy",
                "fusion.png": "top-1 per strategy"}
-METRIC_KEYS = ("top1", "top5", "mean_class_accuracy", "mAP")  # the metrics table's figures, in its columns
+METRIC_KEYS = SUMMARY_METRICS  # the metrics table's figures, in its columns
 INDEX_DETAILS = 25  # the newest runs whose report the index reads for its figures
 LOG_TAIL_LINES = 200
 LOG_TAIL_BYTES = 256 * 1024  # a log's tail is read from at most its last this many bytes
 STATUS_REFRESH_S = 30
-DECODE_WORKER = re.compile(r"^worker-decode-\d+$")
-EXTRACT_WORKER = re.compile(r"^worker-extract-[a-z0-9_]+-\d+$")
 SECURITY_HEADERS = {
     # Pages are self-contained: no scripts at all, styles inline, images from this app only.
     "Content-Security-Policy": "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; "
@@ -293,40 +297,40 @@ def render_report(report: dict[str, Any], root: str, *, context: dict[str, Any] 
 # DAG runs
 
 
-def _run_spec(settings: Settings, run: str) -> Any:
-    """The run's RunSpec, or None while ``spec.json`` is not written."""
-    from essp.lifecycle.pipeline import load_run
-    from essp.training.artifacts import RunArtifactMissing
-
+def _run_spec(settings: Settings, run: str) -> RunParams | None:
+    """The run's params, or None while ``spec.json`` is not written."""
     try:
         return load_run(settings, run)[0]
     except RunArtifactMissing:
         return None
 
 
-def trainer_rows(settings: Settings, run: str, spec: Any) -> list[dict[str, Any]]:
-    """Each stream's trainer state, as the status page shows it: stream and either error (the state could
-    not be read), or started (False: no state yet) and status, epochs, worker, updated, figures, detail."""
-    from essp.training.resident import trainer_state
-
+def trainer_rows(settings: Settings, run: str, spec: RunParams) -> tuple[list[dict[str, Any]], str]:
+    """Each stream's trainer state as the status page shows it (stream and either error (the states could
+    not be read), or started (False: no state yet) and status, epochs, worker, updated, figures, detail),
+    and a line saying where the run's current epoch stands (:func:`essp.contract.epoch_progress`)."""
+    try:
+        states = trainer_states(settings, run, spec.streams)
+        run_state = RunControl(settings).get(run, fresh=True)
+    except EsspError as exc:
+        return [{"stream": stream, "error": str(exc)} for stream in spec.streams], ""
     rows: list[dict[str, Any]] = []
-    for stream in spec.streams:
-        try:
-            state = trainer_state(settings, run, stream)
-        except EsspError as exc:
-            rows.append({"stream": stream, "error": str(exc)})
-            continue
-        if not state:
+    for stream, state in states.items():
+        if state is None:
             rows.append({"stream": stream, "error": None, "started": False})
             continue
-        done = state.get("epoch_done")
-        epochs = f"{int(done) + 1} / {spec.epochs}" if isinstance(done, int) else f"? / {spec.epochs}"
-        stats = state.get("stats") or {}
-        figures = ", ".join(f"{k} {_number(stats[k])}" for k in ("loss", "accuracy", "samples_per_s") if k in stats)
-        rows.append({"stream": stream, "error": None, "started": True, "status": state.get("status"),
-                     "epochs": epochs, "worker": state.get("worker"), "updated": _age(state.get("updated_at")),
-                     "figures": figures, "detail": state.get("detail") or ""})
-    return rows
+        figures = ", ".join(f"{k} {_number(state.stats[k])}" for k in ("loss", "accuracy", "samples_per_s")
+                            if k in state.stats)
+        rows.append({"stream": stream, "error": None, "started": True, "status": state.status,
+                     "epochs": f"{state.epoch_done + 1} / {spec.epochs}", "worker": state.worker,
+                     "updated": _age(state.updated_at), "figures": figures, "detail": state.detail or ""})
+    epoch = min((s.epoch_done + 1 if s else 0) for s in states.values())
+    if epoch >= spec.epochs:
+        return rows, f"all {spec.epochs} epochs trained; scoring, fusion and the report come next"
+    progress = epoch_progress(run, epoch, states, run_state=run_state)
+    line = {"done": f"epoch {epoch} done", "waiting": f"epoch {epoch} of {spec.epochs}: training"}.get(
+        progress.status, f"epoch {epoch} of {spec.epochs}: {progress.status} - {progress.detail}")
+    return rows, line
 
 
 def dag_run_context(dag_id: str, dag_run_id: str, run: str, root: str, *, workers_link: bool = True) -> dict[str, Any]:
@@ -338,9 +342,9 @@ def dag_run_context(dag_id: str, dag_run_id: str, run: str, root: str, *, worker
 def render_status(settings: Settings, run: str, dag_id: str, dag_run_id: str, cause: str, root: str) -> HTMLResponse:
     """What a started run that has no report yet shows: each stream's trainer state; the page reloads."""
     spec = _run_spec(settings, run)
+    trainers, progress = trainer_rows(settings, run, spec) if spec is not None else (None, "")
     return render("status.html", refresh_s=STATUS_REFRESH_S, run=run, root=root, cause=cause,
-                  context=dag_run_context(dag_id, dag_run_id, run, root),
-                  trainers=None if spec is None else trainer_rows(settings, run, spec))
+                  context=dag_run_context(dag_id, dag_run_id, run, root), trainers=trainers, progress=progress)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,13 +395,13 @@ def worker_records(settings: Settings, run: str, streams: list[str] | None) -> l
     Only processes of the table, under the resident-worker names, are shown; a log is read from the
     table's log folder under the process's name, never from a path found in a file."""
     table = ProcessTable(settings.state_dir)
-    trainer_prefix = f"trainer-{run}-"
+    trainer_prefix = trainer_name(run, "")
     if streams is not None:
-        trainers = [f"{trainer_prefix}{s}" for s in streams]
+        trainers = [trainer_name(run, s) for s in streams]
     else:  # no spec: the names on disk, a stream being one name without a dash
         trainers = _names(table, lambda n: n.startswith(trainer_prefix)
                           and re.fullmatch(r"[a-z0-9_]+", n[len(trainer_prefix):]) is not None)
-    shared = _names(table, lambda n: bool(DECODE_WORKER.match(n) or EXTRACT_WORKER.match(n)))
+    shared = _names(table, is_worker_name)
     out = []
     for role, names in (("trainer", trainers), ("data worker", shared)):
         for name in names:

@@ -13,7 +13,7 @@ import os
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # Popen objects of processes this Python process started, so they are reaped when they exit.
@@ -27,6 +27,7 @@ class ProcessRecord:
     program: str
     log: str
     start_ticks: int | None = None
+    labels: dict[str, str] = field(default_factory=dict)  # what the starter recorded about it (e.g. its scope)
 
     @property
     def alive(self) -> bool:
@@ -77,7 +78,7 @@ class ProcessTable:
         try:
             data = json.loads(path.read_text())
             record = ProcessRecord(name, int(data["pid"]), data["program"], data.get("log", ""),
-                                   data.get("start_ticks"))
+                                   data.get("start_ticks"), dict(data.get("labels") or {}))
         except (OSError, ValueError, KeyError):
             return None
         if record.alive:
@@ -85,18 +86,19 @@ class ProcessTable:
         path.unlink(missing_ok=True)
         return None
 
-    def adopt(self, name: str, pid: int, program: str, log: Path | str = "") -> ProcessRecord:
+    def adopt(self, name: str, pid: int, program: str, log: Path | str = "",
+              labels: dict[str, str] | None = None) -> ProcessRecord:
         """Record a process started by someone else on our behalf (a daemonising tool)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        record = ProcessRecord(name, pid, program, str(log), start_ticks(pid))
-        tmp = self.pidfile(name).with_suffix(".tmp")
+        record = ProcessRecord(name, pid, program, str(log), start_ticks(pid), dict(labels or {}))
+        tmp = self.pidfile(name).with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"pid": pid, "program": program, "log": str(log),
-                                   "start_ticks": record.start_ticks}))
+                                   "start_ticks": record.start_ticks, "labels": record.labels}))
         tmp.replace(self.pidfile(name))
         return record
 
     def spawn(self, name: str, argv: list[str], *, env: dict[str, str] | None = None,
-              cwd: Path | None = None) -> ProcessRecord:
+              cwd: Path | None = None, labels: dict[str, str] | None = None) -> ProcessRecord:
         """Start ``argv`` in its own session, output appended to its log, and record its PID."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log(name)
@@ -106,7 +108,7 @@ class ProcessTable:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     env=env, cwd=cwd, start_new_session=True)
         _children[proc.pid] = proc
-        return self.adopt(name, proc.pid, argv[0], log_path)
+        return self.adopt(name, proc.pid, argv[0], log_path, labels)
 
     def exited_early(self, record: ProcessRecord) -> int | None:
         """The exit code of a process this Python process started, once it has exited."""
@@ -130,8 +132,9 @@ class ProcessTable:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def terminate(pid: int, start: int | None, timeout_s: float = 30.0) -> None:
-    """Stop a process (and its process group, if it leads one) and wait until it is gone."""
+def terminate(pid: int, start: int | None, timeout_s: float = 30.0) -> int | None:
+    """Stop a process (and its process group, if it leads one) and wait until it is gone; its exit status
+    when this Python process started it, else None."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             if os.getpgid(pid) == pid:
@@ -147,4 +150,5 @@ def terminate(pid: int, start: int | None, timeout_s: float = 30.0) -> None:
             break
     child = _children.pop(pid, None)
     if child is not None:
-        child.wait(timeout=10)
+        return child.wait(timeout=10)
+    return None

@@ -410,3 +410,36 @@ def prepare_settings(**overrides: object) -> Settings:
     state_dir = overrides.get("state_dir")
     ensure_local_secrets(Path(state_dir) if state_dir else None)
     return Settings(**overrides)
+
+
+def isolated_settings(settings: Settings, tag: str) -> Settings:
+    """The same services under their own topic prefix, Redis key prefix and buckets (tests, bench)."""
+    return settings.model_copy(update={
+        "topic_prefix": tag, "redis_prefix": tag, "bucket_videos": f"{tag}-videos",
+        "bucket_models": f"{tag}-models", "bucket_runs": f"{tag}-runs",
+    })
+
+
+def remove_isolated(settings: Settings) -> None:
+    """Delete every Redis key, bucket and topic under the settings' own prefixes."""
+    from essp.clients.kafka import delete_topics, kafka_admin
+    from essp.clients.redis import redis_client
+    from essp.clients.s3 import ObjectStore
+
+    client = redis_client(settings)
+    keys = list(client.scan_iter(match=f"{settings.redis_prefix}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    store = ObjectStore(settings)
+    for bucket in (settings.bucket_videos, settings.bucket_models, settings.bucket_runs):
+        try:
+            store.delete_bucket(bucket)
+        except EsspError:
+            pass
+    admin = kafka_admin(settings)
+    try:
+        topics = [t for t in admin.list_topics() if t.startswith(settings.topic_prefix + ".")]
+    finally:
+        admin.close()
+    if topics:
+        delete_topics(settings, topics)

@@ -16,28 +16,32 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from essp.clients.kafka import MessageProducer, ensure_topics
+from essp.clients.kafka import ensure_topics
 from essp.clients.redis import redis_client
-from essp.contract import ControlCommand, RedisKeys, Topics, WorkerEvent, check_run_id, encode
+from essp.contract import (
+    TRAINER_FAMILY,
+    TRAINER_STATE_TTL_S,
+    ControlCommand,
+    TrainerState,
+    TrainerStatus,
+    check_run_id,
+)
 from essp.dataplane.consumer import EpochStalled, SampleStream, StreamClosed
-from essp.dataplane.resident import ControlListener, RunControl
+from essp.dataplane.resident import ResidentProcess
 from essp.errors import EsspError, ServiceUnavailable
 from essp.settings import Settings
 from essp.training.artifacts import RunStore
-from essp.training.trainer import StreamTrainer, TrainParams
+from essp.training.params import TrainParams
+from essp.training.trainer import StreamTrainer
 
 log = logging.getLogger("essp.train")
-
-# The master's side of the protocol lives in essp.training.epochs (light: no torch); re-exported here.
-from essp.training.epochs import STATE_TTL_S, TRAINER_FAMILY, request_epoch, trainer_state  # noqa: E402, F401
 
 
 class TrainSpec(BaseModel):
@@ -53,60 +57,48 @@ class TrainSpec(BaseModel):
     prefetch: int | None = Field(None, ge=1)
 
 
-class TrainWorker:
-    """See the module's doc."""
+class TrainWorker(ResidentProcess):
+    """See the module's doc; events, heartbeats, signals and control come from :class:`ResidentProcess`."""
+
+    family: ClassVar[str] = TRAINER_FAMILY
 
     def __init__(self, settings: Settings, spec: TrainSpec, *, worker_id: str | None = None) -> None:
         check_run_id(spec.run)
-        self.settings = settings
+        super().__init__(settings, worker_id=worker_id or f"train-{spec.stream}-{socket.gethostname()}-{os.getpid()}")
+        self.kind = f"{TRAINER_FAMILY}-{spec.stream}"
         self.spec = spec
-        self.worker_id = worker_id or f"train-{spec.stream}-{socket.gethostname()}-{os.getpid()}"
-        self.keys = RedisKeys(settings.redis_prefix)
-        self.topics = Topics(settings.topic_prefix)
         self.runs = RunStore(settings, spec.run)
-        self.stopping = threading.Event()
         self.wake = threading.Event()
-        self.control = RunControl(settings)
         self.trainer: StreamTrainer | None = None
         self.source: SampleStream | None = None
-        self.producer: MessageProducer | None = None
-        self._state: dict[str, Any] = {}
-        self._started = time.monotonic()
+        self._state: TrainerState | None = None
 
     # -- state and events ---------------------------------------------------------------------------
-    def _set_state(self, status: str, **extra: Any) -> None:
+    def _set_state(self, status: TrainerStatus, **extra: Any) -> None:
         assert self.trainer is not None
         if not self.leader:
             return
-        self._state = {"status": status, "epoch_done": self.trainer.epoch - 1, "iteration": self.trainer.iteration,
-                       "worker": self.worker_id, "updated_at": time.time(), **extra}
-        redis_client(self.settings).set(self.keys.trainer(self.spec.run, self.spec.stream), json.dumps(self._state),
-                                        ex=STATE_TTL_S)
+        self._state = TrainerState(status=status, epoch_done=self.trainer.epoch - 1, iteration=self.trainer.iteration,
+                                   worker=self.worker_id, updated_at=time.time(), **extra)
+        redis_client(self.settings).set(self.keys.trainer(self.spec.run, self.spec.stream),
+                                        self._state.model_dump_json(), ex=TRAINER_STATE_TTL_S)
 
-    def _event(self, event: str, *, epoch: int | None = None, counters: dict[str, float] | None = None,
-               detail: str | None = None) -> None:
-        message = WorkerEvent(event=event, worker_id=self.worker_id, worker_kind=f"{TRAINER_FAMILY}-{self.spec.stream}",
-                              run=self.spec.run, epoch=epoch, detail=detail,
-                              counters={**(counters or {}), "uptime_s": round(time.monotonic() - self._started, 3)})
-        try:
-            if self.producer is not None:
-                self.producer.publish(self.topics.events, message, key=self.worker_id, wait=False)
-            redis_client(self.settings).set(self.keys.worker(self.worker_id), encode(message),
-                                            ex=max(10, int(self.settings.heartbeat_s * 3)))
-        except Exception as exc:  # noqa: BLE001 - an event never kills the trainer
-            log.warning("could not send %s event: %s", event, exc)
+    def event_run(self) -> str | None:
+        return self.spec.run
 
-    def _heartbeats(self) -> None:
-        while not self.stopping.wait(self.settings.heartbeat_s):
-            trainer = self.trainer
-            counters = {"epoch_done": float(self._state.get("epoch_done", -1)),
-                        "iteration": float(trainer.iteration if trainer else 0)}
-            self._event("heartbeat", counters=counters, detail=self._state.get("status"))
+    def event_counters(self) -> dict[str, float]:
+        trainer = self.trainer
+        return {"epoch_done": float(self._state.epoch_done if self._state else -1),
+                "iteration": float(trainer.iteration if trainer else 0)}
+
+    def heartbeat_detail(self) -> str | None:
+        return self._state.status if self._state else None
+
+    def announces_ready(self) -> bool:
+        return self.leader
 
     # -- control -------------------------------------------------------------------------------------
-    def on_command(self, command: ControlCommand) -> None:
-        if command.target not in ("*", TRAINER_FAMILY, f"{TRAINER_FAMILY}-{self.spec.stream}", self.worker_id):
-            return
+    def obey(self, command: ControlCommand) -> None:
         if command.run not in (None, self.spec.run):
             return
         if command.command == "stop":
@@ -157,9 +149,6 @@ class TrainWorker:
 
     def serve(self, *, install_signals: bool = True) -> dict[str, Any]:
         """Train requested epochs until stopped. Returns the last state."""
-        if install_signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: self.stop())
         spec = self.spec
         self.trainer = StreamTrainer(spec.stream, num_classes=spec.num_classes, length=spec.length,
                                      params=spec.params, settings=self.settings)
@@ -176,16 +165,11 @@ class TrainWorker:
                      self.trainer.iteration, resumed)
         ensure_topics(self.settings, [self.topics.control, self.topics.events,
                                       *self.topics.run_topics(spec.run, [spec.stream])])
-        self.producer = MessageProducer(self.settings)
-        listener = ControlListener(self.settings, self.on_command, self.stopping)
-        listener.start()
-        listener.ready.wait(15)
-        beats = threading.Thread(target=self._heartbeats, name="essp-heartbeat", daemon=True)
-        beats.start()
         if self.leader:  # under DDP rank 0 reads the stream and hands each rank its slice
             self.source = SampleStream(self.settings, spec.run, spec.stream, prefetch=spec.prefetch)
         self._set_state("ready", resumed_from=resumed)
-        self._event("started", detail=f"device {self.trainer.device}, resumed from {resumed or 'nothing'}")
+        self.start_resident(install_signals=install_signals,
+                            detail=f"device {self.trainer.device}, resumed from {resumed or 'nothing'}")
         log.info("%s serving run %s stream %s on %s", self.worker_id, spec.run, spec.stream, self.trainer.device)
         try:
             while True:
@@ -208,18 +192,16 @@ class TrainWorker:
         except Exception as exc:
             log.exception("trainer failed")
             self._set_state("failed", detail=f"{type(exc).__name__}: {exc}")
-            self._event("error", detail=f"{type(exc).__name__}: {exc}")
+            self.event("error", detail=f"{type(exc).__name__}: {exc}")
             raise
         finally:
             self.stopping.set()
             if self.source is not None:
                 self.source.close()
-            if self._state.get("status") != "failed":
+            if self._state is None or self._state.status != "failed":
                 self._set_state("stopped")
-            self._event("stopped")
-            self.producer.close()
-            listener.join(5)
-        return self._state
+            self.stop_resident()
+        return self._state.model_dump(mode="json") if self._state else {}
 
     def _train(self, epoch: int, expected: int) -> None:
         assert self.trainer is not None
@@ -252,7 +234,7 @@ class TrainWorker:
         log.info("%s epoch %d: loss %.4f accuracy %.3f %.1f samples/s data wait %.1f%%", spec.stream, epoch,
                  stats.loss, stats.accuracy, stats.samples_per_s, 100 * stats.data_wait)
         self._set_state("epoch_done", checkpoint=uri, stats=figures)
-        self._event("epoch_done", epoch=epoch, counters={k: float(v) for k, v in figures.items()}, detail=uri)
+        self.event("epoch_done", epoch=epoch, counters={k: float(v) for k, v in figures.items()}, detail=uri)
 
     def _checkpoint(self, finished: bool) -> str:
         assert self.trainer is not None
