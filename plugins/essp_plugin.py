@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from airflow.plugins_manager import AirflowPlugin
-from essp.operators.links import WorkerLogsLink
 
+from essp.operators.links import WorkerLogsLink
 from essp.orchestration.webui import create_app
 
 URL_PREFIX = "/essp"

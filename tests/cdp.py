@@ -45,10 +45,12 @@ def _free_port() -> int:
 
 
 def _find(selector: str, text: str | None) -> str:
-    """A JS expression: the first visible element matching ``selector`` (whose text contains ``text``)."""
-    return (f"(() => {{ const t = {json.dumps(text)}; return [...document.querySelectorAll({json.dumps(selector)})]"
-            ".find(e => e.getClientRects().length && (t === null || (e.innerText || e.value || '').includes(t)))"
-            " || null; })()")
+    """A JS expression: the first visible element matching ``selector`` whose text is ``text`` (else the first
+    whose text contains it), or null."""
+    return (f"(() => {{ const t = {json.dumps(text)}, s = e => (e.innerText || e.value || '').trim();"
+            f" const all = [...document.querySelectorAll({json.dumps(selector)})]"
+            ".filter(e => e.getClientRects().length); return (t === null ? all[0]"
+            " : all.find(e => s(e) === t) || all.find(e => s(e).includes(t))) || null; })()")
 
 
 class Browser:
@@ -58,7 +60,8 @@ class Browser:
                  shots_dir: Path | None = None) -> None:
         self.timeout_s = timeout_s
         self._scratch = tempfile.TemporaryDirectory(prefix="essp-cdp-")
-        self.shots_dir = Path(shots_dir or self._scratch.name)
+        # screenshots outlive the browser (a failure message names them); the profile does not
+        self.shots_dir = Path(shots_dir or tempfile.mkdtemp(prefix="essp-cdp-shots-"))
         self._ids = itertools.count(1)
         self._shots = itertools.count(1)
         port = _free_port()
@@ -160,11 +163,12 @@ class Browser:
         self.wait_for("document.readyState === 'complete'", what=f"{url} to load")
 
     def wait_for(self, condition: str, *, what: str | None = None, timeout_s: float | None = None) -> Any:
-        """The first truthy value of a JS expression, polled; a timeout raises with the page's state."""
+        """The first truthy value of a JS expression (an element counts as true), polled; a timeout raises
+        with the page's state."""
         deadline = time.monotonic() + (timeout_s or self.timeout_s)
         while True:
             try:
-                value = self.evaluate(condition)
+                value = self.evaluate(f"(v => v instanceof Node ? true : v)({condition})")
             except BrowserError:  # e.g. the context went away during a navigation
                 value = None
             if value:
@@ -185,22 +189,15 @@ class Browser:
                       what=f"the text {text!r}", timeout_s=timeout_s)
 
     # --- input --------------------------------------------------------------------------------------------
-    def attribute(self, selector: str, name: str, *, text: str | None = None) -> Any:
-        return self.evaluate(f"(() => {{ const e = {_find(selector, text)}; return e && e.getAttribute({json.dumps(name)}); }})()")
-
     def click(self, selector: str, *, text: str | None = None, timeout_s: float | None = None) -> None:
         """A real mouse click at the centre of the element (waited for first)."""
         self.wait_selector(selector, text=text, timeout_s=timeout_s)
-        box = self.evaluate(f"(() => {{ const e = {_find(selector, text)}; e.scrollIntoView({{block: 'center'}});"
-                            " const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()")
-        x, y = box
+        x, y = self.evaluate(f"(() => {{ const e = {_find(selector, text)}; e.scrollIntoView({{block: 'center'}});"
+                             " const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2];"
+                             " })()")
         self.send("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
         for kind in ("mousePressed", "mouseReleased"):
             self.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
-
-    def focus(self, selector: str) -> None:
-        self.wait_selector(selector)
-        self.evaluate(f"{_find(selector, None)}.focus()")
 
     def key(self, key: str, *, code: str | None = None, keycode: int = 0, commands: list[str] | None = None) -> None:
         """Press and release one key (``Tab``, ``Enter``, ...); ``commands`` e.g. ["selectAll"]."""
@@ -209,8 +206,8 @@ class Browser:
         self.send("Input.dispatchKeyEvent", type="keyUp", **params)
 
     def type(self, selector: str, text: str, *, clear: bool = True) -> None:
-        """Focus the input, select what it holds (to be replaced) and type ``text`` as real text input."""
-        self.focus(selector)
+        """Click into the input, select what it holds (to be replaced) and type ``text`` as real text input."""
+        self.click(selector)
         if clear:
             self.key("a", code="KeyA", keycode=65, commands=["selectAll"])
             self.key("Backspace", keycode=8)

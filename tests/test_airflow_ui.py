@@ -1,8 +1,11 @@
 """A real Airflow on PostgreSQL (`essp airflow up|down`: the four processes, started once, stopped by
 PID from another process) with the ESSP plugin: the api-server loads it from the repo's plugins/
 folder, lists it in the REST API, serves the report pages under /essp, and headless Chromium renders
-one (the screenshot is kept as documentation: docs/img/ui-report.png); and essp_train triggered
-through the REST API with a param override, run by the scheduler, its report tab screenshotted.
+one (the screenshot is kept as documentation: docs/img/ui-report.png); essp_train triggered
+through the REST API with a param override, run by the scheduler, its report tab screenshotted; and
+the trigger forms of essp_train and essp_predict as a new user meets them in Chromium (driven over
+CDP, tests/cdp.py): signed in on the real login page, Trigger works at the defaults, and an
+out-of-range value is refused with its reason rather than changed.
 
 The module-scoped ``airflow_ui`` fixture (the four Airflow processes on a database of their own, with
 isolated buckets and prefixes, and a token helper) is meant to be shared by further tests of this
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,10 +27,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 import psycopg2
 import pytest
+from cdp import Browser
 from conftest import _cleanup, free_port_block
 from PIL import Image
 from reports import write_seeded_report
@@ -174,8 +180,6 @@ DAG_RUN_SCREENSHOT = REPO / "docs" / "img" / "ui-dag-run-report.png"
 
 
 def test_essp_train_triggered_through_the_rest_api_with_a_fusion_override(airflow_ui, tmp_path):
-    from urllib.parse import quote
-
     from essp.datasets.ingest import ingest_directory
     from essp.datasets.synth import synthesize
     from essp.lifecycle.model_registry import ModelRegistry
@@ -215,3 +219,180 @@ def test_essp_train_triggered_through_the_rest_api_with_a_fusion_override(airflo
     with Image.open(DAG_RUN_SCREENSHOT) as image:
         pixels = np.asarray(image.convert("RGB"))
     assert _non_white(pixels[150:800]) > 0.03 and _colours(pixels[800:1700]) > 500
+
+
+# --- The trigger form, as a new user meets it: the React UI in headless Chromium (CDP) ---------------------
+# A DAG's params must make a form that triggers at its defaults (an optional param is optional in its schema:
+# default None, "null" among its types) and that refuses an out-of-range value with its reason, never changing
+# it behind the user's back (the form's number input clamps to a schema's top-level minimum/maximum on blur).
+
+FORM_TIMEOUT_S = 30
+REASON = re.compile(r"minimum|maximum|at least|at most|less than|greater than", re.I)
+FORM_STATE_JS = """(() => {
+  const submit = document.querySelector('[data-testid=trigger-dag-submit]');
+  const dialog = submit && submit.closest('[role=dialog]');
+  if (!dialog) return null;
+  const sections = [...dialog.querySelectorAll('[data-scope=accordion][data-part=item-trigger]')];
+  return {
+    disabled: submit.disabled,
+    red_sections: sections  // a section with an error shows an icon besides its open/close chevron
+      .filter(s => [...s.querySelectorAll('svg')].some(i => !i.closest('[data-part=item-indicator]')))
+      .map(s => s.innerText.trim()),
+    field_errors: Object.fromEntries([...dialog.querySelectorAll('[data-scope=field][data-part=root]')]
+      .map(row => [(row.querySelector('[name^=element_]') || {name: row.innerText.split('\\n')[0]}).name,
+                   [...row.querySelectorAll('[data-part=error-text]')].map(e => e.innerText.trim()).join(' ')])
+      .filter(([, error]) => error)),
+    alerts: [...dialog.querySelectorAll('.chakra-alert__root, [data-scope=alert][data-part=root], [role=alert]')]
+              .map(e => e.innerText.trim()).filter(Boolean),
+  };
+})()"""
+
+
+def _field(name: str) -> str:
+    return f"[role=dialog] [name=element_{name}]"
+
+
+@pytest.fixture(scope="module")
+def browser(airflow_ui, tmp_path_factory) -> Iterator[Browser]:
+    """One headless Chromium for the module, logged in through Airflow's real login page."""
+    ui = airflow_ui
+    with Browser(shots_dir=tmp_path_factory.mktemp("browser"), timeout_s=FORM_TIMEOUT_S) as b:
+        b.navigate(f"{ui.url}/")
+        b.wait_for("location.pathname.startsWith('/auth/login')", what="the redirect to the login page")
+        b.type("input[name=username]", ui.settings.airflow_user)
+        b.type("input[name=password]", ui.settings.secret("airflow_password"))
+        b.click("button[type=submit]", text="Sign in")
+        b.wait_for("!location.pathname.startsWith('/auth') && document.querySelector('[data-testid=nav-dags-link]')",
+                   what="the UI after signing in")
+        yield b
+
+
+def _dag_params(ui: AirflowUI, dag_id: str) -> dict[str, dict[str, Any]]:
+    """The DAG's params (value: the default, schema) as the api-server serves them to the form."""
+    for _ in range(60):  # the dag-processor parses the DAG folder at start
+        status, _, raw = ui.request("GET", f"/api/v2/dags/{dag_id}/details")
+        if status == 200:
+            return json.loads(raw)["params"]
+        errors = [e for e in ui.call("GET", "/api/v2/importErrors")["import_errors"]
+                  if Path(e["filename"]).name == f"{dag_id}.py"]
+        assert not errors, f"{dag_id} does not import:\n{errors[0]['stack_trace'][-1500:]}"
+        time.sleep(2)
+    raise AssertionError(f"{dag_id} was not parsed: {status} {raw[:500]!r}")
+
+
+def _run_ids(ui: AirflowUI, dag_id: str) -> set[str]:
+    return {r["dag_run_id"] for r in ui.call("GET", f"/api/v2/dags/{dag_id}/dagRuns?limit=100")["dag_runs"]}
+
+
+def _essp_processes(settings: Settings) -> set[str]:
+    """ESSP processes (workers, trainers) running under the stack's state folder; Airflow's are not counted."""
+    from essp.stack.procs import ProcessTable
+
+    table = ProcessTable(settings.state_dir)
+    names = [p.stem for p in table.run_dir.glob("*.pid")] if table.run_dir.exists() else []
+    return {n for n in names if not n.startswith("airflow-") and table.record(n) is not None}
+
+
+def _open_trigger_form(b: Browser, ui: AirflowUI, dag_id: str, params: dict[str, dict]) -> dict[str, Any]:
+    """Open the DAG's trigger dialog ("Trigger" on its page) and wait for its params' fields; its state."""
+    b.navigate(f"{ui.url}/dags/{dag_id}")
+    b.click("[data-testid=trigger-dag-button]")
+    b.wait_selector("[role=dialog] [data-testid=trigger-dag-submit]")
+    first = next(n for n, p in params.items() if not isinstance(p["value"], dict | list))
+    b.wait_for(f"document.querySelector({json.dumps(_field(first))})", what=f"the form's {first} field")
+    time.sleep(0.5)  # the form marks its sections once its params are in
+    return b.evaluate(FORM_STATE_JS)
+
+
+def _submit(b: Browser, ui: AirflowUI, dag_id: str, before: set[str]) -> tuple[dict | None, dict[str, Any]]:
+    """Click Trigger; the DAG run it created (None if none, e.g. the API refused) and the dialog's state."""
+    b.click("[role=dialog] [data-testid=trigger-dag-submit]")
+    deadline = time.monotonic() + FORM_TIMEOUT_S
+    while time.monotonic() < deadline:
+        new = _run_ids(ui, dag_id) - before
+        state = b.evaluate(FORM_STATE_JS)
+        if new:
+            [run_id] = new
+            return ui.call("GET", f"/api/v2/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}"), state
+        if state and state["alerts"]:
+            return None, state
+        time.sleep(0.3)
+    return None, b.evaluate(FORM_STATE_JS)
+
+
+def _stop(ui: AirflowUI, run: dict) -> None:
+    """Mark the run failed (its tasks would fail later: the test's buckets have no dataset) and wait until it
+    stays failed with no task running (a run the scheduler was starting meanwhile may come back: marked again)."""
+    path = f"/api/v2/dags/{run['dag_id']}/dagRuns/{quote(run['dag_run_id'], safe='')}"
+    deadline, settled = time.monotonic() + 60, 0
+    while settled < 2:
+        state = ui.call("GET", path)["state"]
+        busy = [t["task_id"] for t in ui.call("GET", path + "/taskInstances")["task_instances"]
+                if t["state"] in ("running", "queued", "scheduled", "deferred", "restarting", "up_for_retry")]
+        settled = settled + 1 if state == "failed" and not busy else 0
+        assert time.monotonic() < deadline, f"{run['dag_run_id']} still {state}, tasks {busy} busy"
+        if state != "failed":
+            ui.call("PATCH", path, {"state": "failed"})
+        time.sleep(0.5)
+
+
+def _check_triggers_at_defaults(b: Browser, ui: AirflowUI, dag_id: str) -> None:
+    params = _dag_params(ui, dag_id)
+    defaults = {name: param["value"] for name, param in params.items()}
+    before, processes = _run_ids(ui, dag_id), _essp_processes(ui.settings)
+    state = _open_trigger_form(b, ui, dag_id, params)
+    assert not state["disabled"], (
+        f"{dag_id}: the Trigger button is disabled at the defaults; sections marked red: {state['red_sections']}, "
+        f"field errors: {state['field_errors'] or 'none'} (screenshot {b.screenshot()})")
+    run, state = _submit(b, ui, dag_id, before)
+    assert run is not None, f"{dag_id}: Trigger at the defaults created no DAG run; dialog: {state}"
+    try:
+        assert run["conf"] == defaults, (f"{dag_id}: the form submitted other values than the defaults: "
+                                         f"{ {k: v for k, v in run['conf'].items() if defaults.get(k) != v} }")
+    finally:
+        _stop(ui, run)
+    assert _essp_processes(ui.settings) <= processes, "the DAG run left ESSP processes behind"
+
+
+def _check_out_of_range_refused(b: Browser, ui: AirflowUI, dag_id: str, name: str) -> None:
+    """Type 0 into ``name`` (its minimum is 1) as a user would, move on, Trigger: refused, with the reason."""
+    params = _dag_params(ui, dag_id)
+    before = _run_ids(ui, dag_id)
+    _open_trigger_form(b, ui, dag_id, params)
+    section = params[name]["schema"].get("section")
+    if section and not b.evaluate(f"document.querySelector({json.dumps(_field(name))}).getClientRects().length"):
+        b.click("[role=dialog] [data-scope=accordion][data-part=item-trigger]", text=section)  # open its section
+    b.type(_field(name), "0")
+    b.key("Tab", keycode=9)  # leave the field
+    time.sleep(0.3)
+    shown = b.evaluate(f"document.querySelector({json.dumps(_field(name))}).value")
+    run, state = (_submit(b, ui, dag_id, before) if not b.evaluate(FORM_STATE_JS)["disabled"]
+                  else (None, b.evaluate(FORM_STATE_JS)))
+    shot = b.screenshot()
+    if run is not None:
+        _stop(ui, run)
+    assert run is None, (f"{dag_id}: {name} 0 typed into the form was submitted as {name} "
+                         f"{run['conf'].get(name)!r} (DAG run {run['dag_run_id']} created; screenshot {shot})")
+    assert shown == "0", (f"{dag_id}: the form changed {name} 0 into {shown!r} when the field was left, "
+                          f"without a word (screenshot {shot})")
+    banner = [a for a in state["alerts"] if name in a and REASON.search(a)]  # the API's 400, shown in the dialog
+    inline = state["field_errors"].get(f"element_{name}")  # or the field's own error
+    assert banner or inline, (f"{dag_id}: {name} 0 was refused without a visible reason; dialog: {state} "
+                              f"(screenshot {shot})")
+    assert _run_ids(ui, dag_id) == before
+
+
+def test_trigger_form_of_essp_train_triggers_at_the_defaults(airflow_ui, browser):
+    _check_triggers_at_defaults(browser, airflow_ui, "essp_train")
+
+
+def test_trigger_form_of_essp_train_refuses_an_out_of_range_value_with_its_reason(airflow_ui, browser):
+    _check_out_of_range_refused(browser, airflow_ui, "essp_train", "epochs")
+
+
+def test_trigger_form_of_essp_predict_triggers_at_the_defaults(airflow_ui, browser):
+    _check_triggers_at_defaults(browser, airflow_ui, "essp_predict")
+
+
+def test_trigger_form_of_essp_predict_refuses_an_out_of_range_value_with_its_reason(airflow_ui, browser):
+    _check_out_of_range_refused(browser, airflow_ui, "essp_predict", "top")

@@ -24,14 +24,15 @@ from essp.clients.s3 import ObjectStore, S3Uri
 from essp.datasets.ingest import ingest_directory
 from essp.datasets.manifest import ManifestStore
 from essp.datasets.synth import synthesize
-from essp.deploy.local import isolated_settings
 from essp.evaluation.report import read_report
 from essp.lifecycle.model_registry import ModelRegistry
+from essp.lifecycle.params import RunParamsError
 from essp.orchestration.links import load_link
-from essp.orchestration.params import DagParamError, validate_params
+from essp.orchestration.train import validate_params
 from essp.settings import SECRETS_FILE
 from essp.stack.airflow import airflow_env
 from essp.stack.procs import ProcessTable
+from essp.stack.services import isolated_settings
 
 pytestmark = pytest.mark.slow
 
@@ -147,7 +148,7 @@ def test_predict_dag_scores_a_prefix_with_the_registered_fusion(dag_env, trained
     store.put_bytes(settings.bucket_videos, "incoming/broken.mp4", b"not a video at all")
     result = run_dag(dag_env, "essp_predict", {"prefix": "incoming/", "registry": REGISTRY})
     assert result["state"] == "success", result["tasks"]
-    out = result["xcom"]["predict"]
+    out = result["xcom"]["predict_prefix"]
     assert out["fusion"] == "max" and out["videos"] == 3 and out["failed"] == [
         f"s3://{settings.bucket_videos}/incoming/broken.mp4"]
     payload = store.get_json(*_split(out["json"]))
@@ -191,11 +192,12 @@ def test_nightly_retrain_skips_when_nothing_changed_then_retrains_on_a_new_video
     assert f"s3://{location.bucket}/{new_key}" in {v.uri for v in new.split("train")}
     assert [v.id for v in new.split("test")] == [v.id for v in manifest.split("test")]  # the test split is fixed
     # fine-tuned from production: its checkpoints were the starting weights, its fusion kept
-    plan = busy["xcom"]["plan_finetune_stage"]
+    plan = busy["xcom"]["plan_finetune"]
     production_before = ModelRegistry(settings, REGISTRY).get(1)
-    assert {s: v["pretrained"] for s, v in plan["spec"]["streams"].items()} == production_before.streams
+    assert plan["spec"]["pretrained"] == production_before.streams
     assert plan["spec"]["fusion"] == "max" and plan["spec"]["epochs"] == 1
-    registered = busy["xcom"]["register"]
+    assert plan["finetunes"] == {"registry": REGISTRY, "version": 1, "run": "dagtest-train"}
+    registered = busy["xcom"]["register_model"]
     assert registered["version"] == 2
     version = ModelRegistry(settings, REGISTRY).get(2)
     assert version.manifest == refreshed["manifest"]
@@ -250,14 +252,20 @@ def test_a_bad_combination_of_params_fails_the_first_task_naming_it(dag_env):
 
 
 def test_validate_params_names_the_param():
-    with pytest.raises(DagParamError, match="replicas.flow: the run needs at least one flow worker"):
+    with pytest.raises(RunParamsError, match="replicas.flow: the run needs at least one flow worker"):
         validate_params({**CONF, "replicas": {"flow": 0}}, dag_id="d", dag_run_id="r")
-    with pytest.raises(DagParamError, match="pretrained: names stream"):
+    with pytest.raises(RunParamsError, match="pretrained: names stream"):
         validate_params({**CONF, "pretrained": {"framediff": "s3://x/y.pt"}}, dag_id="d", dag_run_id="r")
-    with pytest.raises(DagParamError, match="unknown param"):
+    with pytest.raises(RunParamsError, match="fusoin: Extra inputs are not permitted"):
         validate_params({**CONF, "fusoin": "max"}, dag_id="d", dag_run_id="r")
     plan = validate_params({k: v for k, v in CONF.items() if k != "run"}, dag_id="essp_train",
                            dag_run_id="manual__2026-11-29T01:02:03.123456+00:00")
     assert plan["run"] == "essp_train-manual-20261129T010203-123456-0000"
-    assert plan["spec"]["streams"]["flow"]["options"] == {"method": "dis_fast"}
-    assert plan["ensure"]["replicas"] == {"decode": 1, "flow": 1, "rgb": 1, "framediff": 0}
+    assert plan["spec"]["run"] == plan["run"] and plan["streams"] == ["rgb", "flow"]
+    assert plan["dag_run"] == {"dag_id": "essp_train", "dag_run_id": "manual__2026-11-29T01:02:03.123456+00:00"}
+    # the values as Airflow hands them over: every param, the empty optional ones as None
+    from essp.lifecycle.params import RunParams
+
+    spec = RunParams.model_validate(plan["spec"])
+    assert spec.features() == {"rgb": {}, "flow": {"method": "dis_fast"}} and spec.registry == REGISTRY
+    assert spec.workers() == {"decode": 1, "flow": 1, "rgb": 1, "framediff": 0}

@@ -17,10 +17,10 @@ from conftest import free_port_block
 from pydantic import ValidationError
 
 from essp.training.artifacts import RunStore
+from essp.training.params import TrainParams
 from essp.training.trainer import (
     StreamTrainer,
     TrainingError,
-    TrainParams,
     checkpoint_bytes,
     checkpoint_from_bytes,
     lr_at,

@@ -15,17 +15,19 @@ from conftest import _cleanup
 from essp.clients.s3 import ObjectStore, S3Uri
 from essp.datasets.ingest import ingest_directory
 from essp.datasets.synth import synthesize
-from essp.deploy.local import isolated_settings
 from essp.evaluation.report import read_report
 from essp.lifecycle.model_registry import ModelRegistry
-from essp.lifecycle.pipeline import RunSpecError, parse_spec, run_training
+from essp.lifecycle.params import RunParamsError, parse_params
+from essp.lifecycle.pipeline import run_training
 from essp.lifecycle.predict import PredictionError, predict_videos
+from essp.stack.services import isolated_settings
 from essp.training.artifacts import RunStore
 
 pytestmark = pytest.mark.slow
 
 CLASSES = 3
-PARAMS = {"length": 4, "size": 32, "snippets": 5, "batch_size": 8, "lr": 0.05, "samples_per_epoch": 48,
+PARAMS = {"rgb_arch": "tiny", "flow_arch": "tiny",
+          "length": 4, "size": 32, "snippets": 5, "batch_size": 8, "lr": 0.05, "samples_per_epoch": 48,
           "trainer_procs": 2, "fusion": "weighted", "fusion_weights": {"rgb": 1.0, "flow": 2.0}, "registry": "e2e"}
 
 
@@ -38,12 +40,11 @@ def trained(base_settings, tmp_path_factory):
     # objects a class and scored at chance on the unseen test objects in about one run of three.
     synthesize(root, classes=CLASSES, videos_per_class=10, frames=24, height=48, width=48, keyint=6, seed=5)
     manifest, _ = ingest_directory(settings, root, "tiny")
-    logs = tmp_path_factory.mktemp("logs")
     lines: list[str] = []
-    spec = parse_spec({**PARAMS, "run": "e2e-run", "manifest": "tiny", "epochs": 2})
-    first = run_training(settings, spec, log=lines.append, log_dir=logs)
-    spec = parse_spec({**PARAMS, "run": "e2e-run", "manifest": "tiny", "epochs": 5})
-    outcome = run_training(settings, spec, log=lines.append, log_dir=logs)
+    spec = parse_params({**PARAMS, "run": "e2e-run", "dataset": "tiny", "epochs": 2})
+    first = run_training(settings, spec, log=lines.append)
+    spec = parse_params({**PARAMS, "run": "e2e-run", "dataset": "tiny", "epochs": 5})
+    outcome = run_training(settings, spec, log=lines.append)
     yield settings, manifest, spec, first, outcome, lines, root
     _cleanup(settings)
 
@@ -133,34 +134,47 @@ def test_predict_uses_the_production_model_and_names_bad_videos(trained):
     ({"fusion": "median"}, "fusion"),
     ({"fusion": "weighted"}, "fusion_weights"),
     ({"fusion_weights": {"rgb": 1.0}}, "missing"),
-    ({"streams": {"rgb": {"arch": "alexnet"}}}, "streams.rgb.arch"),
-    ({"streams": {"depth": {}}}, "not a registered extractor"),
-    ({"streams": {"flow": {"options": {"method": "lucas"}}}}, "streams.flow.options"),
+    ({"rgb_arch": "alexnet"}, "rgb_arch: 'alexnet' is not one of"),
+    ({"streams": ["depth"]}, "not a registered extractor"),
+    ({"flow_method": "lucas"}, "flow_method: 'lucas' is not one of"),
+    ({"replicas": {"rgb": 0}}, "replicas.rgb: the run needs at least one rgb worker"),
+    ({"samples_per_epoch": 0}, "samples_per_epoch"),
     ({"epochs": 0}, "epochs"),
     ({"lr_steps": [30, 10]}, "lr_steps"),
     ({"run": "bad run id"}, "run"),
 ])
 def test_bad_params_are_refused_with_their_name(values, named):
-    with pytest.raises(RunSpecError, match=named):
-        parse_spec({"run": "r1", "manifest": "tiny", **values})
+    with pytest.raises(RunParamsError, match=named):
+        parse_params({"run": "r1", "dataset": "tiny", **values})
+
+
+def test_params_stored_by_the_first_version_still_load():
+    # spec.json and registry versions written before the flat params: manifest, streams as a mapping
+    old = {"run": "r0", "manifest": "tiny", "epochs": 3, "fusion": "average",
+           "streams": {"rgb": {"arch": "tiny", "options": {}, "pretrained": None, "dropout": None},
+                       "flow": {"arch": "resnet18", "options": {"method": "farneback"}, "pretrained": "s3://m/f.pt"}}}
+    spec = parse_params(old)
+    assert (spec.dataset, spec.streams, spec.rgb_arch, spec.flow_arch) == ("tiny", ["rgb", "flow"], "tiny", "resnet18")
+    assert spec.features() == {"rgb": {}, "flow": {"method": "farneback"}}
+    assert spec.stream("flow").pretrained == "s3://m/f.pt" and spec.train_params("rgb").arch == "tiny"
 
 
 def test_a_model_of_other_classes_is_registered_but_never_promoted_automatically(settings):
     from essp.lifecycle.model_registry import ModelRegistry
-    from essp.lifecycle.pipeline import register_run
+    from essp.lifecycle.pipeline import register_model
 
     metrics = {"top1": 0.9, "top5": 1.0, "mean_class_accuracy": 0.9, "mAP": 0.95, "videos": 10}
     registry = ModelRegistry(settings, "classes-test")
     old = registry.register(run="old-run", streams={"rgb": "s3://b/old.pt"}, fusion={"strategy": "average"},
                             metrics={**metrics, "top1": 0.5}, class_names=["A", "B", "C"])
     registry.promote(old.version)
-    spec = parse_spec({"run": "new-run", "manifest": "other", "streams": {"rgb": {}}, "registry": "classes-test"})
+    spec = parse_params({"run": "new-run", "dataset": "other", "streams": ["rgb"], "registry": "classes-test"})
     runs = RunStore(settings, spec.run)
     runs.save_json("spec.json", {"spec": spec.model_dump(mode="json"), "manifest_uri": "s3://b/m.json",
                                  "dataset": "other", "classes": ["A", "B", "D"]})
     runs.store.put_json(settings.bucket_runs, f"{spec.run}/checkpoints/rgb/latest.json",
                         {"uri": "s3://b/new.pt", "epoch": 1, "iteration": 1, "finished_epoch": True})
-    result = register_run(settings, spec, metrics, fusion_state="s3://b/f.json", log=lambda _: None)
+    result = register_model(settings, spec, metrics, fusion_state="s3://b/f.json", log=lambda _: None)
     assert result["version"] == 2 and result["promoted"] is False
     assert "other classes" in result["reason"]
     assert registry.production().version == 1  # a better top1 over other classes does not compare
@@ -187,20 +201,23 @@ def test_a_trainer_that_dies_mid_run_fails_the_run_with_its_log_and_stops_the_re
     import threading
     import time
 
+    from essp.deploy.local import LocalProcesses
     from essp.errors import EsspError
-    from essp.training.resident import trainer_state
+    from essp.lifecycle.epochs import trainer_states
 
     synthesize(tmp_path / "data", classes=2, videos_per_class=4, frames=16, height=32, width=32, keyint=4, seed=1)
     ingest_directory(settings, tmp_path / "data", "killme")
-    spec = parse_spec({"run": "kill-run", "manifest": "killme", "epochs": 50, "length": 2, "size": 32,
-                       "batch_size": 4, "samples_per_epoch": 8, "snippets": 2})
+    spec = parse_params({"run": "kill-run", "dataset": "killme", "epochs": 50, "rgb_arch": "tiny",
+                         "flow_arch": "tiny", "length": 2, "size": 32, "batch_size": 4, "samples_per_epoch": 8,
+                         "snippets": 2})
     killed: list[int] = []
 
     def kill_after_first_epoch() -> None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            if int(trainer_state(settings, spec.run, "flow").get("epoch_done", -1)) >= 0:
-                for pid in _pids_of(f"{spec.run}-train-flow"):
+            state = trainer_states(settings, spec.run, ["flow"])["flow"]
+            if state is not None and state.epoch_done >= 0:
+                for pid in _pids_of(f"trainer-{spec.run}-flow"):
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
                 return
@@ -209,29 +226,30 @@ def test_a_trainer_that_dies_mid_run_fails_the_run_with_its_log_and_stops_the_re
     killer = threading.Thread(target=kill_after_first_epoch)
     killer.start()
     started = time.monotonic()
-    with pytest.raises(EsspError, match=r"worker kill-run-train-flow exited with -9 during epoch \d+"):
-        run_training(settings, spec, log=lambda _: None, log_dir=tmp_path / "logs")
+    with pytest.raises(EsspError, match=r"worker trainer-kill-run-flow exited with -9 during epoch \d+"):
+        run_training(settings, spec, log=lambda _: None)
     killer.join()
     assert killed and time.monotonic() - started < 120  # noticed at once, not after epoch_timeout_s
-    assert _pids_of("--worker-id kill-run-") == []  # every other worker of the run was stopped
+    assert _pids_of("trainer-kill-run-") == []  # every other worker of the run was stopped
+    assert LocalProcesses(settings).names("worker-") == []  # and the data workers it started
 
 
 def test_the_steps_run_as_stages_with_small_json(trained):
+    from essp.errors import EsspError
     from essp.orchestration.stages import run_stage, stage_names
 
     settings, _, spec, _, outcome, _, _ = trained
-    assert {"train-prepare", "train-epoch", "train-score", "train-fuse-report", "train-register"} <= set(
+    assert {"verify-manifest", "train-epoch", "score-test", "score-train", "fuse-and-report", "register-model"} <= set(
         stage_names())
-    fused = run_stage("train-fuse-report", settings, {"run": spec.run})
+    fused = run_stage("fuse-and-report", settings, {"run": spec.run})
     assert fused["selected"] == "weighted" and fused["metrics"]["top1"] == outcome["metrics"]["top1"]
     assert fused["report"].endswith("/report/report.json") and len(json.dumps(fused)) < 4096
     before = len(ModelRegistry(settings, "e2e").versions())
-    registered = run_stage("train-register", settings, {"run": spec.run, "metrics": fused["metrics"],
-                                                       "fusion_state": fused["fusion_state"]})
+    registered = run_stage("register-model", settings, {"run": spec.run, "fused": fused})
     assert registered["version"] == before + 1 and registered["promoted"] is False  # not better than itself
-    with pytest.raises(RunSpecError, match="fusion"):
-        run_stage("train-prepare", settings, {"run": "x1", "manifest": "tiny", "fusion": "median"})
+    with pytest.raises(EsspError, match="stage verify-manifest: spec: fusion: 'median' is not one of"):
+        run_stage("verify-manifest", settings, {"spec": {"run": "x1", "dataset": "tiny", "fusion": "median"}})
     with pytest.raises(Exception, match="epoch"):
         run_stage("train-epoch", settings, {"run": spec.run, "epoch": -1})
-    with pytest.raises(Exception, match="run id"):
-        run_stage("train-score", settings, {})
+    with pytest.raises(Exception, match="run: Field required"):
+        run_stage("score-test", settings, {})

@@ -24,3 +24,13 @@ class MalformedMessage(EsspError):
         self.topic = topic
         self.reason = reason
         super().__init__(f"malformed message on {topic}: {reason}")
+
+
+def describe_validation(exc: Exception) -> str:
+    """A pydantic ValidationError as ``param: reason`` parts, one per problem, ``; ``-joined."""
+    problems = []
+    for err in exc.errors():  # type: ignore[attr-defined]
+        where = ".".join(str(p) for p in err["loc"]) or "params"
+        message = str(err["msg"]).removeprefix("Value error, ")
+        problems.append(message if where == "params" and ":" in message else f"{where}: {message}")
+    return "; ".join(problems)

@@ -7,12 +7,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
 from essp.cli.dataplane import Verbose, WorkerId, _logging, supervise, worker_app
+from essp.cli.options import given_values, with_model_options
+from essp.lifecycle.params import RunParams, parse_params
 from essp.settings import Settings
 
 out = Console()
@@ -74,15 +76,16 @@ def _spawn_ranks(argv: list[str], nproc: int, name: str) -> None:
                for rank in range(nproc)])
 
 
+@with_model_options(RunParams, aliases={"dataset": ["--manifest"]})
 def train_cmd(
-    manifest: Annotated[str, typer.Option(help="Dataset: name (latest version), name@N or s3:// URI.")],
-    run: Annotated[str | None, typer.Option(help="Run id (default: train-<time>). An existing run resumes.")] = None,
-    params: Annotated[str, typer.Option(help="More run parameters as JSON (see docs/training.md).")] = "{}",
-    epochs: Annotated[int | None, typer.Option(min=1)] = None,
-    fusion: Annotated[str | None, typer.Option(help="average, weighted, max, product, learned, sequence.")] = None,
+    params: Annotated[str, typer.Option("--params", help="Run params as one JSON object (the options below "
+                                                         "win over it).")] = "{}",
+    **options: Any,
 ) -> None:
-    """Train both streams through the data plane on the local stack, score, fuse, report, register."""
-    from essp.lifecycle.pipeline import parse_spec, run_training
+    """Train the run's streams through the data plane on the local stack, score, fuse, report, register.
+    The options are essp_train's params (essp.lifecycle.params.RunParams); --run defaults to train-<time>,
+    and an existing run resumes."""
+    from essp.lifecycle.pipeline import run_training
 
     try:
         values = json.loads(params)
@@ -90,12 +93,9 @@ def train_cmd(
         raise typer.BadParameter(f"--params is not JSON: {exc}") from None
     if not isinstance(values, dict):
         raise typer.BadParameter("--params must be a JSON object")
-    values = {**values, "manifest": manifest, "run": run or values.get("run") or f"train-{int(time.time())}"}
-    if epochs is not None:
-        values["epochs"] = epochs
-    if fusion is not None:
-        values["fusion"] = fusion
-    spec = parse_spec(values)
+    values = {**values, **given_values(RunParams, options)}
+    values["run"] = values.get("run") or f"train-{int(time.time())}"
+    spec = parse_params(values)
     outcome = run_training(Settings(), spec, log=out.print)
     out.print_json(json.dumps({k: outcome[k] for k in ("selected", "metrics", "registry", "timings", "report")},
                               default=str))

@@ -33,11 +33,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from essp.errors import EsspError
 from essp.training.models import build_model, normalise_batch, stream_channels
+from essp.training.params import TrainParams
 
 log = logging.getLogger("essp.training.trainer")
 
@@ -47,38 +47,6 @@ FINITE_CHECK_STEPS = 25  # how often the epoch reads its loss back from the devi
 
 class TrainingError(EsspError):
     """Training cannot start or go on (bad parameters, a checkpoint that does not fit, no data)."""
-
-
-class TrainParams(BaseModel):
-    """The knobs of one stream's training (DAG params, `essp train` options)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    arch: str = Field("tiny", description="Architecture: tiny, resnet18/34/50/101/152, vgg16, vgg19.")
-    epochs: int = Field(6, ge=1, le=10_000)
-    batch_size: int = Field(16, ge=2, le=4096, description="Samples per step (per process under DDP).")
-    lr: float = Field(0.01, gt=0, le=10)
-    lr_steps: list[int] = Field(default_factory=list,
-                                description="Iterations at which the learning rate is multiplied by lr_gamma.")
-    lr_gamma: float = Field(0.1, gt=0, le=1)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    dropout: float | None = Field(None, ge=0, lt=1, description="None: the architecture's default.")
-    pretrained: str | None = Field(None, description="Weights to start from: a file or an s3:// URI.")
-    seed: int = Field(0, ge=0)
-    device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:N.")
-    amp: bool | None = Field(None, description="bf16 autocast; None: on for CUDA, off on CPU.")
-    channels_last: bool | None = Field(None, description="None: on for CUDA, off on CPU.")
-    precise_bn_batches: int = Field(16, ge=0, le=1000, description=(
-        "At each epoch end, recompute BatchNorm statistics with the final weights over the epoch's last "
-        "N batches (0: keep the running averages)."))
-
-    @field_validator("lr_steps")
-    @classmethod
-    def _increasing(cls, steps: list[int]) -> list[int]:
-        if any(s <= 0 for s in steps) or steps != sorted(set(steps)):
-            raise ValueError(f"lr_steps must be strictly increasing positive iterations, got {steps}")
-        return steps
 
 
 @dataclass

@@ -1,0 +1,283 @@
+"""The params of a training run, defined once: :class:`RunParams`.
+
+The one model serves every place a run's params show up: the `essp_train` DAG's trigger form (titles,
+descriptions, sections, enums and bounds come from its JSON schema, see
+:func:`essp.orchestration.params.form_params`), `essp train`'s options, the checks (errors name the
+param), the run's ``spec.json`` in S3, and each stream's :class:`~essp.training.params.TrainParams`.
+The enums come from the registries: extractors (streams, flow methods), architectures, fusion
+strategies. Light on purpose (no torch): the DAG files import it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from essp.contract import RUN_ID_PATTERN, check_run_id
+from essp.dataplane.extractors import create_extractor, extractor_class, extractor_kinds
+from essp.deploy.fleet import data_kinds
+from essp.errors import EsspError, describe_validation
+from essp.evaluation.fusion import FUSIONS
+from essp.evaluation.metrics import DEFAULT_SNIPPETS, PROMOTION_METRICS
+from essp.training.architectures import ARCHITECTURES
+from essp.training.params import FormParams, OptimParams, TrainParams, knob
+
+DEFAULT_REPLICAS = {"decode": 2, "flow": 2, "rgb": 1, "framediff": 0}
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class RunParamsError(EsspError, ValueError):
+    """A training run's params are not valid; the message names the param."""
+
+
+def _flow_methods() -> list[str]:
+    return list(extractor_class("flow").option_specs["method"].choices or ())
+
+
+def _architectures() -> list[str]:
+    return ARCHITECTURES.names()
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """One stream of a run, as its params say: the architecture, the extractor's options, the weights to
+    start from."""
+
+    name: str
+    arch: str
+    options: dict[str, Any] = field(default_factory=dict)
+    pretrained: str | None = None
+
+
+class RunParams(OptimParams):
+    """Every knob of a training run: what `essp_train`'s form shows and what `essp train` takes."""
+
+    # -- Data
+    dataset: str = knob("synth-demo", min_length=1, title="Dataset", section="Data",
+                        description="The manifest to train on: a dataset name (its latest version), name@N, or an "
+                                    "s3:// URI of a manifest (`essp dataset ingest` writes them).")
+    streams: list[str] = knob(default_factory=lambda: ["rgb", "flow"], min_length=1, title="Streams",
+                              section="Data", items_enum=extractor_kinds, schema={"uniqueItems": True},
+                              description="The streams to train, each a registered extractor.")
+    length: int = knob(10, ge=1, le=64, title="Stack length L", section="Data",
+                       description="Frames per sample: a flow stream sees L flow fields (2L channels), rgb the "
+                                   "middle frame.")
+    size: int = knob(112, ge=16, le=1024, title="Sample size", section="Data",
+                     description="Samples are size x size pixels.")
+    flow_method: str = knob("dis_fast", enum=_flow_methods, title="Optical flow method", section="Data",
+                            description="OpenCV algorithm of the flow stream.")
+    # -- Model
+    rgb_arch: str = knob("resnet18", enum=_architectures, title="RGB architecture", section="Model",
+                         description="Network of the rgb (spatial) stream.")
+    flow_arch: str = knob("resnet18", enum=_architectures, title="Flow architecture", section="Model",
+                          description="Network of the flow (temporal) stream.")
+    framediff_arch: str = knob("resnet18", enum=_architectures, title="Frame-difference architecture",
+                               section="Model", description="Network of the framediff stream (when it is among "
+                                                            "the streams).")
+    pretrained: dict[str, Annotated[str, Field(min_length=1)]] = knob(
+        default_factory=dict, title="Pretrained weights", section="Model",
+        description="Per stream, a file or s3:// URI of weights to start from (torchvision state_dict or an ESSP "
+                    "checkpoint), e.g. {\"rgb\": \"s3://essp-models/resnet18-imagenet.pt\"}.")
+    # -- Training (besides OptimParams)
+    samples_per_epoch: int | None = knob(None, ge=1, title="Samples per epoch", section="Training",
+                                         description="Samples drawn per epoch (class, then video, then offset); "
+                                                     "empty: the number of training videos.")
+    # -- Workers
+    trainer_procs: int = knob(1, ge=1, le=64, title="Processes per trainer", section="Workers",
+                              description="DistributedDataParallel processes of each stream's trainer (one per GPU).")
+    replicas: dict[str, Annotated[int, Field(ge=0, le=256)]] = knob(
+        default_factory=lambda: dict(DEFAULT_REPLICAS), title="Worker replicas", section="Workers",
+        description="Resident data workers to run per kind (decode and each extractor); the ensure step scales "
+                    "each kind to its count (processes locally, Deployments in Kubernetes).")
+    stop_data_workers: bool = knob(False, title="Stop data workers at the end", section="Workers",
+                                   description="Scale the shared decode/extract workers to 0 when the run ends "
+                                               "(they are shared by runs: leave off when other runs train).")
+    max_inflight: int = knob(64, ge=1, title="Samples in flight", section="Workers",
+                             description="Back-pressure bound of the run in Redis.")
+    epoch_timeout_s: float = knob(1800, gt=0, title="Epoch timeout (s)", section="Workers",
+                                  description="How long to wait for one epoch of every stream (not counted while "
+                                              "paused).")
+    # -- Evaluation
+    snippets: int = knob(DEFAULT_SNIPPETS, ge=1, le=250, title="Snippets per test video", section="Evaluation",
+                         description="Evenly spaced snippets scored per video.")
+    fusion: str = knob("average", enum=FUSIONS.names, title="Fusion", section="Evaluation",
+                       description="The fusion registered with the model; every strategy is scored side by side in "
+                                   "the report.")
+    fusion_weights: dict[str, Annotated[float, Field(ge=0)]] | None = knob(
+        None, title="Fusion weights", section="Evaluation",
+        description="Per-stream weights of the weighted fusion, e.g. {\"rgb\": 1, \"flow\": 1.5}.")
+    registry: str | None = knob(None, pattern=NAME_PATTERN, title="Model registry", section="Evaluation",
+                                description="Registry name; empty: the dataset's name.")
+    promote_metric: str = knob("top1", enum=lambda: PROMOTION_METRICS, title="Promotion metric", section="Evaluation",
+                               description="The model is promoted to production only if it beats production on "
+                                           "this metric.")
+    # -- Run
+    run: str | None = knob(None, pattern=RUN_ID_PATTERN.pattern, title="Run id", section="Run",
+                           description="ESSP run id; empty: derived from the DAG run. Reusing an id resumes that run.")
+
+    @field_validator("run")
+    @classmethod
+    def _run_id(cls, run: str | None) -> str | None:
+        return None if run is None else check_run_id(run)
+
+    @model_validator(mode="after")
+    def _checks(self) -> RunParams:
+        kinds = extractor_kinds()
+        bad = [s for s in self.streams if s not in kinds]
+        if bad:
+            raise ValueError(f"streams: {', '.join(map(repr, bad))} not a registered extractor ({', '.join(kinds)})")
+        if len(set(self.streams)) != len(self.streams):
+            raise ValueError(f"streams: each stream once, got {self.streams}")
+        for name, value in (("flow_method", self.flow_method), ("fusion", self.fusion),
+                            ("promote_metric", self.promote_metric)):
+            allowed = {"flow_method": _flow_methods, "fusion": FUSIONS.names,
+                       "promote_metric": lambda: PROMOTION_METRICS}[name]()
+            if value not in allowed:
+                raise ValueError(f"{name}: {value!r} is not one of {', '.join(allowed)}")
+        for stream in self.streams:
+            arch = self.stream(stream).arch
+            if arch not in ARCHITECTURES:
+                raise ValueError(f"{stream}_arch: {arch!r} is not one of {', '.join(ARCHITECTURES)}")
+            try:
+                create_extractor(stream, self.stream(stream).options)
+            except (ValueError, EsspError) as exc:
+                raise ValueError(f"streams.{stream}: {exc}") from None
+        unknown = sorted(set(self.pretrained) - set(self.streams))
+        if unknown:
+            raise ValueError(f"pretrained: names stream(s) {', '.join(unknown)} that the run does not train "
+                             f"({', '.join(self.streams)})")
+        self._check_fusion_weights()
+        self._check_replicas()
+        return self
+
+    def _check_fusion_weights(self) -> None:
+        if self.fusion == "weighted" and not self.fusion_weights:
+            raise ValueError("fusion_weights: the weighted fusion needs a weight per stream")
+        if self.fusion_weights is None:
+            return
+        unknown = sorted(set(self.fusion_weights) - set(self.streams))
+        missing = sorted(set(self.streams) - set(self.fusion_weights))
+        if unknown or missing:
+            raise ValueError(f"fusion_weights: must name each stream exactly once (unknown: {unknown or 'none'}, "
+                             f"missing: {missing or 'none'})")
+        if sum(self.fusion_weights.values()) <= 0:
+            raise ValueError("fusion_weights: weights must be >= 0 and not all zero")
+
+    def _check_replicas(self) -> None:
+        kinds = data_kinds()
+        bad = sorted(set(self.replicas) - set(kinds))
+        if bad:
+            raise ValueError(f"replicas: {', '.join(bad)} not a worker kind ({', '.join(kinds)})")
+        for kind in ["decode", *self.streams]:
+            if self.workers()[kind] < 1:
+                raise ValueError(f"replicas.{kind}: the run needs at least one {kind} worker "
+                                 f"(got {self.workers()[kind]})")
+
+    # -- what the rest of ESSP reads off the params --------------------------------------------------
+    def stream(self, name: str) -> StreamSpec:
+        """The stream ``name`` of this run (a stream without an ``<name>_arch`` param trains resnet18)."""
+        options = {"method": self.flow_method} if name == "flow" else {}
+        return StreamSpec(name, str(getattr(self, f"{name}_arch", "resnet18")), options, self.pretrained.get(name))
+
+    def features(self) -> dict[str, dict[str, Any]]:
+        """What each decode job asks of the extractors: {stream: options}."""
+        return {name: dict(self.stream(name).options) for name in self.streams}
+
+    def train_params(self, stream: str) -> TrainParams:
+        spec = self.stream(stream)
+        shared = {name: getattr(self, name) for name in OptimParams.model_fields}
+        return TrainParams(**shared, arch=spec.arch, pretrained=spec.pretrained)
+
+    def workers(self) -> dict[str, int]:
+        """Replicas per data-worker kind: the defaults with the param's counts on top."""
+        return {**DEFAULT_REPLICAS, **self.replicas}
+
+    def run_id(self) -> str:
+        if self.run is None:
+            raise RunParamsError("run: a run needs an id (RunParams.for_dag_run or --run)")
+        return self.run
+
+
+def parse_params(values: dict[str, Any]) -> RunParams:
+    """RunParams from user values (the DAG's params, `essp train`'s options, a stored spec), with errors
+    that name each bad param."""
+    try:
+        return RunParams.model_validate(upgrade_stored(values))
+    except ValidationError as exc:
+        raise RunParamsError(f"bad training parameters: {describe_validation(exc)}") from None
+
+
+def upgrade_stored(values: dict[str, Any]) -> dict[str, Any]:
+    """A run's params as ESSP 0.1 stored them (``manifest``, ``streams`` as {name: {arch, options,
+    pretrained}}) in today's flat form; today's values pass through unchanged."""
+    values = dict(values)
+    if "manifest" in values and "dataset" not in values:
+        values["dataset"] = values.pop("manifest")
+    streams = values.get("streams")
+    if isinstance(streams, dict):
+        values["streams"] = list(streams)
+        pretrained = dict(values.get("pretrained") or {})
+        for name, stream in streams.items():
+            stream = dict(stream or {})
+            if "arch" in stream:
+                values.setdefault(f"{name}_arch", stream["arch"])
+            if name == "flow" and (stream.get("options") or {}).get("method"):
+                values.setdefault("flow_method", stream["options"]["method"])
+            if stream.get("pretrained"):
+                pretrained.setdefault(name, stream["pretrained"])
+        values["pretrained"] = pretrained
+    return values
+
+
+class NightlyParams(FormParams):
+    """The `essp_nightly_retrain` DAG's params: which production model to fine-tune, and how."""
+
+    registry: str = knob("synth-demo", pattern=NAME_PATTERN, title="Model registry", section="Model",
+                         description="The registry whose production model is fine-tuned; its dataset is the one "
+                                     "checked for new videos.")
+    epochs: int = knob(2, ge=1, le=1000, title="Fine-tuning epochs", section="Training",
+                       description="Epochs of the fine-tuning run.")
+    lr_scale: float = knob(0.1, gt=0, le=1, title="Learning-rate scale", section="Training",
+                           description="Fine-tuning starts at production's learning rate times this.")
+    samples_per_epoch: int | None = knob(None, ge=1, title="Samples per epoch", section="Training",
+                                         description="Empty: production's setting.")
+    replicas: dict[str, Annotated[int, Field(ge=0, le=256)]] = knob(
+        default_factory=lambda: dict(DEFAULT_REPLICAS), title="Worker replicas", section="Workers",
+        description="Resident data workers to run per kind while fine-tuning.")
+    stop_data_workers: bool = knob(False, title="Stop data workers at the end", section="Workers",
+                                   description="Scale the shared decode/extract workers to 0 when the run ends.")
+
+
+class PredictParams(FormParams):
+    """The `essp_predict` DAG's params: which videos, which model, how many classes back."""
+
+    prefix: str = knob("incoming/", min_length=1, title="Videos", section="Data",
+                       description="s3://bucket/prefix/, or a key prefix in the videos bucket.")
+    registry: str | None = knob(None, pattern=NAME_PATTERN, title="Model registry", section="Model",
+                                description="Empty: the only registry there is.")
+    version: int | None = knob(None, ge=1, title="Model version", section="Model", description="Empty: production.")
+    fusion: str | None = knob(None, enum=FUSIONS.names, title="Fusion", section="Model",
+                              description="Empty: the registered model's fusion.")
+    limit: int | None = knob(None, ge=1, title="At most this many videos", section="Data",
+                             description="Empty: every video under the prefix.")
+    top: int = knob(3, ge=1, le=100, title="Top classes per video", section="Evaluation",
+                    description="Classes listed per video, best first.")
+
+    @field_validator("fusion")
+    @classmethod
+    def _known_fusion(cls, fusion: str | None) -> str | None:
+        if fusion is not None:
+            FUSIONS.get(fusion)
+        return fusion
+
+
+class ControlParams(FormParams):
+    """The `essp_control` DAG's params: a command for one run."""
+
+    run: str = knob(pattern=RUN_ID_PATTERN.pattern, title="Run id", section="Run",
+                    description="The ESSP run (shown by essp_train's validate_params and on its report tab).")
+    command: Literal["pause", "resume", "stop"] = knob("pause", title="Command", section="Run",
+                                                       description="pause: hold its jobs and the epoch timeout; "
+                                                                   "resume: go on; stop: trainers checkpoint and end.")
