@@ -4,13 +4,17 @@ The command goes out on the control topic (and into the run's state in Redis, fo
 later); every decode and extract worker and the run's trainers obey it. A paused run's epoch waits
 do not time out; a stopped run's trainers checkpoint where they are and its train tasks fail with
 "stopped" (trigger essp_train again with the same `run` to resume). The same from a shell:
-`essp control pause|resume|stop --run RUN`.
+`essp control pause|resume|stop --run RUN`. The task runs the stage control-run
+(essp.orchestration.control.control_run); the params are essp.lifecycle.params.ControlParams.
 """
 
 from __future__ import annotations
 
 import pendulum
-from airflow.sdk import Param, dag
+from airflow.sdk import dag
+
+from essp.lifecycle.params import ControlParams
+from essp.operators.params import dag_params
 from essp.operators.stage import EsspStageOperator
 
 
@@ -20,16 +24,11 @@ from essp.operators.stage import EsspStageOperator
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     tags=["essp", "control"],
-    params={
-        "run": Param("", type="string", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$", title="Run id",
-                     description="The ESSP run (shown by essp_train's validate_params and on its report tab)."),
-        "command": Param("pause", type="string", enum=["pause", "resume", "stop"], title="Command"),
-    },
+    params=dag_params(ControlParams),
     doc_md=__doc__,
 )
 def essp_control():
-    EsspStageOperator(task_id="control", stage="control", cpu="100m", memory="256Mi",
-                      stage_params={"run": "{{ params.run }}", "command": "{{ params.command }}"})
+    EsspStageOperator(task_id="control_run", dag_params=True, cpu="100m", memory="256Mi")
 
 
 essp_control()

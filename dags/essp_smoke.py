@@ -1,7 +1,8 @@
 """essp_smoke: round-trip a message through Kafka, a payload through Redis and an object through S3.
 
-Each check is a stage run by the project's stage operator (a local process by default, a pod with
-ESSP_STAGE_MODE=kubernetes); the last task gathers their small JSON results.
+Each check is the stage of its task's name (smoke_kafka: essp.orchestration.smoke.smoke_kafka), run by
+the project's stage operator (a local process by default, a pod with ESSP_STAGE_MODE=kubernetes); the
+last task gathers their small JSON results.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 
 import pendulum
 from airflow.sdk import dag, task
+
 from essp.operators.stage import EsspStageOperator
 
 
@@ -23,7 +25,7 @@ from essp.operators.stage import EsspStageOperator
 )
 def essp_smoke():
     checks = [
-        EsspStageOperator(task_id=f"roundtrip_{service}", stage=f"smoke-{service}",
+        EsspStageOperator(task_id=f"smoke_{service}",
                           stage_params={"token": "{{ run_id | replace(':', '') | replace('+', '') }}-" + service},
                           cpu="250m", memory="512Mi")
         for service in ("kafka", "redis", "s3")

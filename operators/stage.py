@@ -22,41 +22,24 @@ from airflow.providers.cncf.kubernetes.backcompat.backwards_compat_converters im
     convert_env_vars_or_raise_error,
 )
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
-from essp.operators.links import WorkerLogsLink
 from kubernetes.client import models as k8s
 
-from essp.connections import CONN_IDS, settings_env_from_connection
-from essp.orchestration.stages import KUBERNETES_RESULT_FILE, RESULT_FILE_ENV
+from essp.operators.hooks import EsspHook
+from essp.operators.links import WorkerLogsLink
+from essp.orchestration.stages import KUBERNETES_RESULT_FILE, RESULT_FILE_ENV, stage_name
 from essp.settings import Settings
 from essp.stack.services import venv_binary
 
 OUTPUT_TAIL_LINES = 40
 
 
-def _connection_env(include_secrets: bool) -> dict[str, str]:
-    """ESSP_* variables from Airflow's essp_* connections (those that are defined)."""
-    from airflow.sdk import BaseHook
-
-    env: dict[str, str] = {}
-    for conn_id in CONN_IDS:
-        try:
-            conn = BaseHook.get_connection(conn_id)
-        except Exception:  # noqa: BLE001 - an undefined connection falls back to ESSP_* settings
-            continue
-        env.update(settings_env_from_connection(conn_id, conn, include_secrets=include_secrets))
-    return env
-
-
-def stage_settings() -> Settings:
-    """The ESSP settings inside an Airflow task: the environment's, with Airflow's essp_* connections on top."""
-    return Settings().with_env(_connection_env(include_secrets=True))
-
-
 class EsspStageOperator(KubernetesPodOperator):
-    """Run the ESSP stage ``stage`` with ``stage_params`` (templated) and push its JSON result.
+    """Run the ESSP stage named after the task (task ``verify_manifest``: stage ``verify-manifest``, the
+    function :func:`essp.orchestration.train.verify_manifest`) with ``stage_params`` (templated) and push
+    its JSON result.
 
-    :param stage: a registered stage name (``essp stage --help`` lists them).
     :param stage_params: JSON-serialisable params, passed as ``--params-json``; templated.
+    :param dag_params: also pass the DAG run's params, as the stage param ``params``.
     :param gpus: GPUs the pod requests (``nvidia.com/gpu``); a GPU stage uses the GPU image.
     :param cpu: CPU request (and limit) of the pod.
     :param memory: memory request (and limit) of the pod.
@@ -67,8 +50,9 @@ class EsspStageOperator(KubernetesPodOperator):
     ui_color = "#d6e9f8"
     operator_extra_links = (WorkerLogsLink(),)
 
-    def __init__(self, *, stage: str, stage_params: dict[str, Any] | None = None, gpus: int = 0,
-                 cpu: str = "1", memory: str = "2Gi", mode: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, task_id: str, stage_params: dict[str, Any] | None = None, dag_params: bool = False,
+                 gpus: int = 0, cpu: str = "1", memory: str = "2Gi", mode: str | None = None, **kwargs: Any) -> None:
+        stage = stage_name(task_id)
         settings = Settings()
         gpus = gpus if settings.k8s_trainer_gpus else 0  # a cluster without GPUs (k8s/overlays/local)
         limits = {"cpu": cpu, "memory": memory}
@@ -94,9 +78,10 @@ class EsspStageOperator(KubernetesPodOperator):
         kwargs.setdefault("on_finish_action", "delete_pod")
         kwargs.setdefault("do_xcom_push", True)
         kwargs.setdefault("get_logs", True)
-        super().__init__(**kwargs)
+        super().__init__(task_id=task_id, **kwargs)
         self.stage = stage
         self.stage_params = stage_params or {}
+        self.dag_params = dag_params
         self.gpus = gpus
         self.mode = mode
 
@@ -115,7 +100,7 @@ class EsspStageOperator(KubernetesPodOperator):
         # Addresses (not credentials: those come from the Secret) from the connections when running.
         env = {"ESSP_STAGE_MODE": "kubernetes", RESULT_FILE_ENV: KUBERNETES_RESULT_FILE,
                "ESSP_K8S_NAMESPACE": settings.k8s_namespace,
-               **({} if dry_run else _connection_env(include_secrets=False))}
+               **({} if dry_run else EsspHook().env(include_secrets=False))}
         # A user's env_vars (a dict or V1EnvVar list) win over ours.
         own = convert_env_vars_or_raise_error(self.env_vars) if self.env_vars else []
         existing = {e.name for e in own}
@@ -123,6 +108,8 @@ class EsspStageOperator(KubernetesPodOperator):
         return super().build_pod_request_obj(context, dry_run=dry_run)
 
     def execute(self, context: Any) -> Any:
+        if self.dag_params:
+            self.stage_params = {**self.stage_params, "params": dict(context["params"])}
         if self.resolved_mode() == "kubernetes":
             return super().execute(context)
         return self.execute_local()
@@ -132,7 +119,7 @@ class EsspStageOperator(KubernetesPodOperator):
         argv = [venv_binary("essp"), *self._arguments()]
         with tempfile.TemporaryDirectory(prefix="essp-stage-") as tmp:
             result_file = Path(tmp) / "result.json"
-            env = {**os.environ, **_connection_env(include_secrets=True), "ESSP_STAGE_MODE": "local",
+            env = {**os.environ, **EsspHook().env(include_secrets=True), "ESSP_STAGE_MODE": "local",
                    RESULT_FILE_ENV: str(result_file), "PYTHONUNBUFFERED": "1"}
             self.log.info("Running stage %s locally: %s", self.stage, " ".join(argv))
             tail: deque[str] = deque(maxlen=OUTPUT_TAIL_LINES)

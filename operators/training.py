@@ -1,11 +1,14 @@
-"""The epochs of a training run as Airflow tasks: one task per stream (dynamic task mapping), each
-deferring on :class:`~essp.operators.triggers.EpochDoneTrigger` while its resident trainer trains.
+"""The training run's tasks: the ``train`` operator (one task per stream, deferring on
+:class:`~essp.operators.triggers.EpochDoneTrigger` while its resident trainer trains each epoch), and the
+task groups a training DAG is built from (``prepare``, ``train``, ``evaluate``, ``register``, and the
+``release_workers`` teardown), which ``dags/essp_train.py`` and ``dags/essp_nightly_retrain.py`` wire
+together.
 
-For each epoch: plan it (the first stream task of the DAG run to get there publishes the plan, the
-others find it planned), wait in the triggerer until every stream's trainer has finished it, write the
-epoch's figures to the task log, go on with the next. Any task of the DAG run can advance the run,
-so the streams never wait on each other's Airflow task, only on the trainers (which is also why
-``dag.test()``, running one task at a time, works). A retried task resumes from the epochs the
+For each epoch the ``train`` task plans it (the first stream task of the DAG run to get there publishes
+the plan, the others find it planned), waits in the triggerer until every stream's trainer has finished
+it, writes the epoch's figures to the task log, and goes on with the next. Any task of the DAG run can
+advance the run, so the streams never wait on each other's Airflow task, only on the trainers (which is
+also why ``dag.test()``, running one task at a time, works). A retried task resumes from the epochs the
 trainers finished (their checkpoints); a new DAG run re-plans an unfinished epoch.
 """
 
@@ -16,16 +19,22 @@ from datetime import timedelta
 from typing import Any, NamedTuple
 
 from airflow.exceptions import AirflowException
-from airflow.sdk import BaseOperator
+from airflow.sdk import BaseOperator, TaskGroup, task
+from airflow.task.trigger_rule import TriggerRule
+
+from essp.connections import REDIS_CONN_ID
+from essp.operators.hooks import stage_settings
 from essp.operators.links import WorkerLogsLink
-from essp.operators.stage import stage_settings
+from essp.operators.stage import EsspStageOperator
 from essp.operators.triggers import EpochDoneTrigger
+
+HISTORY_KEPT = 50
 
 
 class TrainStreamOperator(BaseOperator):
     """Train ``stream`` of the ESSP run ``run`` for all its epochs, deferring between epochs.
 
-    :param run: the ESSP run id (templated; the run's spec.json must be in S3: the prepare stage).
+    :param run: the ESSP run id (templated; the run's spec.json must be in S3: verify_manifest).
     :param stream: the stream this task reports on (templated; mapped over the run's streams).
     """
 
@@ -43,7 +52,7 @@ class TrainStreamOperator(BaseOperator):
         self.poll_s = poll_s
 
     def _load(self) -> tuple[Any, Any]:
-        from essp.training.epochs import load_run
+        from essp.lifecycle.epochs import load_run
 
         settings = stage_settings()
         spec, _ = load_run(settings, self.run)
@@ -52,7 +61,7 @@ class TrainStreamOperator(BaseOperator):
         return settings, spec
 
     def execute(self, context: Any) -> dict[str, Any]:
-        from essp.training.epochs import trained_epochs
+        from essp.lifecycle.epochs import trained_epochs
 
         settings, spec = self._load()
         first = trained_epochs(settings, spec)
@@ -63,47 +72,34 @@ class TrainStreamOperator(BaseOperator):
 
     def _advance(self, context: Any, settings: Any, spec: Any, epoch: int, history: list[dict]) -> dict[str, Any]:
         from essp.deploy.fleet import worker_mode
-        from essp.training.epochs import plan_epoch_once
+        from essp.lifecycle.epochs import epoch_status, plan_epoch_once
 
         if epoch >= spec.epochs:
             final = history[-1] if history else {}
             self.log.info("Stream %s of run %s: %d epochs trained", self.stream, self.run, spec.epochs)
             return {"run": self.run, "stream": self.stream, "epochs": spec.epochs, "final": final,
-                    "history": history[-50:]}
-        finished = self._finished(settings, spec, epoch)
-        if finished is not None:  # already trained (a lagging stream's task): neither plan nor wait
-            return self.epoch_done(context, {**finished, "carry": {"history": history[-50:]}})
+                    "history": history[-HISTORY_KEPT:]}
+        carry = {"history": history[-HISTORY_KEPT:]}
+        progress = epoch_status(settings, self.run, spec.streams, epoch)
+        if progress.status == "done":  # already trained (a lagging stream's task): neither plan nor wait
+            return self.epoch_done(context, {"run": self.run, "epoch": epoch, "status": "done",
+                                             "stats": progress.done, "carry": carry})
         token = f"{context['dag_run'].dag_id}/{context['dag_run'].run_id}"
         if plan_epoch_once(settings, spec, epoch, token):
             self.log.info("Planned and published epoch %d of run %s", epoch, self.run)
         else:
             self.log.info("Epoch %d of run %s is already planned by this DAG run", epoch, self.run)
-        redis = {"host": settings.redis_host, "port": settings.redis_port, "db": settings.redis_db,
-                 "prefix": settings.redis_prefix,
-                 "password": settings.redis_password.get_secret_value() if settings.redis_password else None}
         local = worker_mode(settings) == "local"
-        self.defer(trigger=EpochDoneTrigger(run=self.run, streams=list(spec.streams), epoch=epoch, redis=redis,
-                                            timeout_s=spec.epoch_timeout_s, poll_s=self.poll_s,
-                                            state_dir=str(settings.state_dir) if local else None,
-                                            carry={"history": history[-50:]}),
+        self.defer(trigger=EpochDoneTrigger(run=self.run, streams=list(spec.streams), epoch=epoch,
+                                            redis_conn_id=REDIS_CONN_ID, timeout_s=spec.epoch_timeout_s,
+                                            poll_s=self.poll_s, state_dir=str(settings.state_dir) if local else None,
+                                            carry=carry),
                    method_name="epoch_done",
                    timeout=None)  # the trigger times out itself, and not while the run is paused
         raise AssertionError("unreachable: defer() raises")  # pragma: no cover
 
-    def _finished(self, settings: Any, spec: Any, epoch: int) -> dict[str, Any] | None:
-        """The trigger's "done" event if every stream has finished ``epoch`` already, else None."""
-        from essp.training.epochs import trainer_state
-
-        stats = {}
-        for stream in spec.streams:
-            state = trainer_state(settings, self.run, stream)
-            if int(state.get("epoch_done", -1)) < epoch:
-                return None
-            stats[stream] = state.get("stats", {})
-        return {"run": self.run, "epoch": epoch, "status": "done", "stats": stats}
-
     def epoch_done(self, context: Any, event: dict[str, Any] | None = None, **_: Any) -> dict[str, Any]:
-        from essp.training.epochs import epoch_line
+        from essp.lifecycle.epochs import epoch_line
 
         if not event:
             raise AirflowException(f"run {self.run}: the epoch trigger ended without an event")
@@ -128,71 +124,93 @@ class TrainStreamOperator(BaseOperator):
         return self._advance(context, settings, spec, epoch + 1, history)
 
 
-class TrainingTasks(NamedTuple):
-    first: Any  # verify_manifest
-    register: Any
+# -- the task groups of a training DAG -----------------------------------------------------------------
+# ``plan`` is the XComArg of a multiple_outputs task returning essp.orchestration.train.plan_run:
+# run, streams, spec, dag_run. Task ids are not prefixed with their group's: each names its stage.
+class Prepared(NamedTuple):
+    group: TaskGroup
+    ensure_workers: EsspStageOperator  # the setup that release_workers tears down
+
+
+def prepare(plan: Any) -> Prepared:
+    """verify_manifest (params against the manifest, spec.json to S3) -> ensure_workers (data workers scaled,
+    the run's trainers started)."""
+    with TaskGroup("prepare", prefix_group_id=False, tooltip="check the run, start its workers") as group:
+        verify = EsspStageOperator(task_id="verify_manifest", stage_params={"spec": plan["spec"],
+                                                                            "dag_run": plan["dag_run"]},
+                                   cpu="500m", memory="1Gi")
+        ensure = EsspStageOperator(task_id="ensure_workers", stage_params={"run": plan["run"]}, cpu="250m",
+                                   memory="512Mi")
+        verify >> ensure
+    return Prepared(group, ensure)
+
+
+@task(task_id="streams")
+def _streams(names: list[str]) -> list[str]:
+    """The run's streams, as a list to map the train task over."""
+    return list(names)
+
+
+def train(plan: Any) -> TaskGroup:
+    """train, one task per stream, deferring while the trainers train each epoch -> release_trainers (their
+    cores go to scoring)."""
+    with TaskGroup("training", prefix_group_id=False, tooltip="every epoch, every stream") as group:
+        trainers = TrainStreamOperator.partial(task_id="train", run=plan["run"],
+                                               map_index_template="{{ task.stream }}").expand(
+            stream=_streams(plan["streams"]))
+        release = EsspStageOperator(task_id="release_trainers", stage_params={"run": plan["run"]}, cpu="250m",
+                                    memory="512Mi", trigger_rule=TriggerRule.ALL_DONE)
+        trainers >> release
+    return group
+
+
+class Evaluated(NamedTuple):
+    group: TaskGroup
+    fuse_and_report: EsspStageOperator
+
+
+def evaluate(plan: Any) -> Evaluated:
+    """score_test and score_train (every video, each stream's final checkpoint; on a GPU in Kubernetes) ->
+    fuse_and_report (every fusion side by side, the report to S3)."""
+    with TaskGroup("evaluation", prefix_group_id=False, tooltip="score, fuse, report") as group:
+        scores = [EsspStageOperator(task_id=f"score_{split}", stage_params={"run": plan["run"]}, cpu="4",
+                                    memory="8Gi", gpus=1) for split in ("test", "train")]
+        fuse = EsspStageOperator(task_id="fuse_and_report", stage_params={"run": plan["run"]}, cpu="1",
+                                 memory="2Gi")
+        scores >> fuse
+    return Evaluated(group, fuse)
+
+
+@task(task_id="report_summary")
+def _report_summary(fused: dict, registered: dict) -> dict:
+    from essp.orchestration.train import report_summary
+
+    for line in report_summary(stage_settings(), fused, registered):
+        print(line)
+    return {"run": fused["run"], "selected": fused["selected"], "metrics": fused["metrics"],
+            "registered": registered}
+
+
+class Registered(NamedTuple):
+    group: TaskGroup
+    register_model: EsspStageOperator
     summary: Any
-    release: Any  # release_workers, the teardown
 
 
-def training_tasks(plan: Any) -> TrainingTasks:
-    """The tasks of a training run after its params are planned (``plan``: the XComArg of a
-    ``multiple_outputs`` task returning :func:`essp.orchestration.params.plan_run`).
+def register(plan: Any, evaluated: Evaluated) -> Registered:
+    """register_model (a new registry version, promoted only if better) -> report_summary."""
+    fused = evaluated.fuse_and_report.output
+    with TaskGroup("registry", prefix_group_id=False, tooltip="register, promote, summarise") as group:
+        registered = EsspStageOperator(task_id="register_model", stage_params={"run": plan["run"], "fused": fused},
+                                       cpu="250m", memory="512Mi")
+        summary = _report_summary(fused, registered.output)
+    return Registered(group, registered, summary)
 
-    verify_manifest -> ensure_workers -> train (mapped over the streams) -> release_trainers
-    -> score_test, score_train -> fuse_and_report -> register -> report_summary; release_workers
-    runs at the end whatever happened (stops the run's trainers, optionally the data workers)."""
-    from airflow.sdk import task
-    from airflow.task.trigger_rule import TriggerRule
-    from essp.operators.stage import EsspStageOperator
 
-    verify = EsspStageOperator(task_id="verify_manifest", stage="train-prepare", stage_params=plan["spec"],
-                               cpu="500m", memory="1Gi")
-    ensure = EsspStageOperator(task_id="ensure_workers", stage="workers-ensure", stage_params=plan["ensure"],
-                               cpu="250m", memory="512Mi")
-    @task(task_id="streams")
-    def streams(names: list[str]) -> list[str]:
-        """The run's streams, as a list to map the train task over."""
-        return list(names)
-
-    stream_names = streams(plan["streams"])
-    train = TrainStreamOperator.partial(task_id="train", run=plan["run"],
-                                        map_index_template="{{ task.stream }}").expand(stream=stream_names)
-    release_trainers = EsspStageOperator(task_id="release_trainers", stage="workers-release",
-                                         stage_params=plan["release_trainers"], cpu="250m", memory="512Mi",
-                                         trigger_rule=TriggerRule.ALL_DONE)
-    # Scoring runs both streams' models over every video: on a GPU in Kubernetes (the run's device).
-    score_test = EsspStageOperator(task_id="score_test", stage="train-score", stage_params=plan["score_test"],
-                                   cpu="4", memory="8Gi", gpus=1)
-    score_train = EsspStageOperator(task_id="score_train", stage="train-score", stage_params=plan["score_train"],
-                                    cpu="4", memory="8Gi", gpus=1)
-    fuse = EsspStageOperator(task_id="fuse_and_report", stage="train-fuse-report", stage_params=plan["fuse"],
-                             cpu="1", memory="2Gi")
-    register = EsspStageOperator(task_id="register", stage="train-register",
-                                 stage_params={"run": plan["run"], "fused": fuse.output}, cpu="250m", memory="512Mi")
-
-    @task(task_id="report_summary")
-    def report_summary(fused: dict, registered: dict) -> dict:
-        from essp.evaluation.report import read_report, summary_lines
-
-        report = read_report(stage_settings(), fused["run"])
-        print(f"ESSP report of run {fused['run']}: {fused['report']}")
-        for line in summary_lines(report):
-            print(f"  {line}")
-        print(f"  registry {registered['registry']} v{registered['version']}: "
-              f"{'promoted to production' if registered['promoted'] else 'not promoted'} ({registered['reason']})")
-        return {"run": fused["run"], "selected": fused["selected"], "metrics": fused["metrics"],
-                "registered": registered}
-
-    summary = report_summary(fuse.output, register.output)
-    release = EsspStageOperator(task_id="release_workers", stage="workers-release", stage_params=plan["release"],
-                                cpu="250m", memory="512Mi", trigger_rule=TriggerRule.ALL_DONE)
-    verify >> ensure >> stream_names
-    train >> release_trainers
-    [train, release_trainers] >> score_test
-    [train, release_trainers] >> score_train
-    [score_test, score_train] >> fuse >> register
-    # release_workers is the teardown of ensure_workers: it runs however the run ended, and does not
-    # decide the DAG run's state (a failed training stays a failed run).
-    summary >> release.as_teardown(setups=ensure)
-    return TrainingTasks(verify, register, summary, release)
+def release_workers(plan: Any, prepared: Prepared, last: Any) -> EsspStageOperator:
+    """The teardown of ensure_workers: stops the run's trainers (and the data workers, with the run's
+    stop_data_workers) however the run ended, without deciding the DAG run's state."""
+    release = EsspStageOperator(task_id="release_workers", stage_params={"run": plan["run"]}, cpu="250m",
+                                memory="512Mi", trigger_rule=TriggerRule.ALL_DONE)
+    last >> release.as_teardown(setups=prepared.ensure_workers)
+    return release

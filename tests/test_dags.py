@@ -58,8 +58,8 @@ def test_dag_folder_imports_without_errors(sqlite_airflow, base_settings):
 def test_essp_smoke_runs_end_to_end_through_the_stage_operator(sqlite_airflow, base_settings):
     result = _airflow_python(sqlite_airflow, str(base_settings.dags_folder), "essp_smoke")
     assert result["state"] == "success", result
-    assert result["tasks"] == {"roundtrip_kafka": "success", "roundtrip_redis": "success",
-                               "roundtrip_s3": "success", "summary": "success"}
+    assert result["tasks"] == {"smoke_kafka": "success", "smoke_redis": "success",
+                               "smoke_s3": "success", "summary": "success"}
 
 
 def test_essp_smoke_fails_when_a_service_is_down(sqlite_airflow, base_settings, closed_port):
@@ -69,5 +69,5 @@ def test_essp_smoke_fails_when_a_service_is_down(sqlite_airflow, base_settings, 
     env["AIRFLOW_HOME"] = sqlite_airflow["AIRFLOW_HOME"]
     result = _airflow_python(env, str(base_settings.dags_folder), "essp_smoke")
     assert result["state"] == "failed"
-    assert result["tasks"]["roundtrip_s3"] == "failed"
-    assert result["tasks"]["roundtrip_redis"] == "success"
+    assert result["tasks"]["smoke_s3"] == "failed"
+    assert result["tasks"]["smoke_redis"] == "success"

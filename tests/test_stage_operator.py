@@ -6,11 +6,11 @@ import json
 
 import pytest
 from airflow.exceptions import AirflowException
-from essp.operators.stage import EsspStageOperator
 from kubernetes.client import ApiClient
 from kubernetes.client import models as k8s
 
 from essp.connections import REDIS_CONN_ID, connection_env_vars
+from essp.operators.stage import EsspStageOperator
 
 
 def _render(op: EsspStageOperator) -> k8s.V1Pod:
@@ -26,8 +26,7 @@ def _render(op: EsspStageOperator) -> k8s.V1Pod:
 
 
 def test_cpu_stage_renders_a_valid_pod_spec():
-    op = EsspStageOperator(task_id="t", stage="smoke-s3", stage_params={"token": "x"}, cpu="500m",
-                           memory="1Gi")
+    op = EsspStageOperator(task_id="smoke_s3", stage_params={"token": "x"}, cpu="500m", memory="1Gi")
     pod, body = _render(op)
     assert body["apiVersion"] == "v1" and body["kind"] == "Pod"
     assert pod.metadata.namespace == "essp"
@@ -54,7 +53,7 @@ def test_cpu_stage_renders_a_valid_pod_spec():
 
 def test_gpu_stage_requests_a_gpu_on_the_gpu_image(monkeypatch):
     monkeypatch.setenv("ESSP_IMAGE_WORKER_GPU", "registry.example/essp-worker-gpu:1.2.3")
-    op = EsspStageOperator(task_id="train", stage="smoke-kafka", gpus=1, cpu="4", memory="16Gi",
+    op = EsspStageOperator(task_id="smoke_kafka", gpus=1, cpu="4", memory="16Gi",
                            node_selector={"nvidia.com/gpu.present": "true"},
                            env_vars={"NCCL_DEBUG": "INFO", "ESSP_K8S_NAMESPACE": "gpu-jobs"})
     pod, _ = _render(op)
@@ -73,7 +72,7 @@ def test_local_mode_runs_the_same_command_with_settings_from_the_connections(set
         monkeypatch.setenv(name, value)
     # The connection, not the process environment, decides where the stage goes.
     monkeypatch.setenv("ESSP_REDIS_PREFIX", "not-this-one")
-    op = EsspStageOperator(task_id="t", stage="smoke-redis", stage_params={"token": "op"}, mode="local")
+    op = EsspStageOperator(task_id="smoke_redis", stage_params={"token": "op"}, mode="local")
     result = op.execute({})
     assert result["key"] == f"{settings.redis_prefix}:smoke:op"
     assert result["service"] == "redis" and result["bytes"] > 0
@@ -83,19 +82,19 @@ def test_local_mode_failure_raises_with_the_stage_output(settings, monkeypatch, 
     broken = settings.model_copy(update={"redis_port": closed_port})
     monkeypatch.setenv(f"AIRFLOW_CONN_{REDIS_CONN_ID.upper()}", connection_env_vars(broken)[
         f"AIRFLOW_CONN_{REDIS_CONN_ID.upper()}"])
-    op = EsspStageOperator(task_id="t", stage="smoke-redis", mode="local")
+    op = EsspStageOperator(task_id="smoke_redis", mode="local")
     with pytest.raises(AirflowException, match=f"Redis at 127.0.0.1:{closed_port} is not reachable"):
         op.execute({})
 
 
 def test_mode_comes_from_the_setting_and_bad_values_are_refused(monkeypatch):
-    op = EsspStageOperator(task_id="t", stage="smoke-redis")
+    op = EsspStageOperator(task_id="smoke_redis")
     monkeypatch.setenv("ESSP_STAGE_MODE", "kubernetes")
     assert op.resolved_mode() == "kubernetes"
     monkeypatch.setenv("ESSP_STAGE_MODE", "local")
     assert op.resolved_mode() == "local"
     with pytest.raises(AirflowException, match="ESSP_STAGE_MODE='docker'"):
-        EsspStageOperator(task_id="t2", stage="smoke-redis", mode="docker").resolved_mode()
+        EsspStageOperator(task_id="smoke_redis", mode="docker").resolved_mode()
 
 
 # Small resolved params for each stage, standing in for the XComs and templates of a real DAG run.
@@ -155,3 +154,31 @@ def test_every_stage_of_every_dag_renders_a_valid_pod_in_kubernetes_mode(monkeyp
         assert pod.metadata.labels["essp/stage"] == task.stage, where
     # the scoring stages ask for a GPU in Kubernetes; none of the others do
     assert {t.task_id for _, t in tasks if t.gpus} == {"score_test", "score_train"}
+
+
+def test_a_task_its_stage_and_its_function_share_one_name():
+    """One hop from a DAG to the code: task verify_manifest runs stage verify-manifest, which is the function
+    verify_manifest of the stage module of its DAG; docs/orchestration.md names that module."""
+    import inspect
+    from pathlib import Path
+
+    from essp.orchestration.stages import STAGES, load_stages
+
+    load_stages()
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "orchestration.md").read_text()
+    for dag_id, task in _dag_stage_tasks():
+        fn = STAGES.get(task.stage)
+        assert task.stage == task.task_id.replace("_", "-") and fn.__name__ == task.task_id, (dag_id, task.task_id)
+        assert inspect.getdoc(fn), f"{fn.__module__}.{fn.__name__} says what it does"
+        assert f"`{task.task_id}`" in doc and fn.__module__ in doc, f"docs/orchestration.md: {dag_id}.{task.task_id}"
+
+
+def test_stage_params_are_checked_against_the_stage_signature(settings):
+    from essp.orchestration.stages import StageParamsError, run_stage
+
+    with pytest.raises(StageParamsError, match="stage score-test: run: Field required"):
+        run_stage("score-test", settings, {})
+    with pytest.raises(StageParamsError, match="splt: Extra inputs are not permitted"):
+        run_stage("score-test", settings, {"run": "r1", "splt": "test"})
+    with pytest.raises(StageParamsError, match="epoch: Input should be a valid integer"):
+        run_stage("train-epoch", settings, {"run": "r1", "epoch": "one"})

@@ -4,23 +4,27 @@
 turned into features in this process with the workers' own code (nothing on disk), scored by each
 stream's checkpoint and fused with the registered strategy (or a fixed one given instead). A video
 that cannot be read gets an error naming it and the cause; the others are still scored.
+:func:`predict_prefix` is the `essp_predict` DAG's work: every video under a prefix, predictions to S3.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 from typing import Any
 
 import numpy as np
 import torch
 
-from essp.clients.s3 import ObjectStore, S3Uri
+from essp.clients.s3 import ObjectNotFound, ObjectStore, S3Uri
 from essp.datasets.video import VideoError, probe_video
 from essp.errors import EsspError
 from essp.evaluation.fusion import Fuser, make_fuser
 from essp.evaluation.scoring import ScoredVideo, score_local
 from essp.lifecycle.model_registry import ModelRegistry, ModelVersion, registry_names
-from essp.lifecycle.pipeline import RunSpec, stream_scores
+from essp.lifecycle.params import PredictParams, RunParams, parse_params
+from essp.lifecycle.pipeline import stream_scores
 from essp.settings import Settings
 from essp.training.artifacts import load_checkpoint_uri
 from essp.training.models import build_model
@@ -55,12 +59,12 @@ def resolve_model(settings: Settings, registry: str, version: int | None) -> Mod
     return production
 
 
-def load_models(settings: Settings, model: ModelVersion, spec: RunSpec) -> dict[str, torch.nn.Module]:
+def load_models(settings: Settings, model: ModelVersion) -> dict[str, torch.nn.Module]:
+    """Each stream's network with its registered checkpoint, in eval mode."""
     loaded = {}
     for stream, uri in model.streams.items():
         state = load_checkpoint_uri(settings, uri)
-        net = build_model(state["arch"], stream, num_classes=int(state["num_classes"]), length=int(state["length"]),
-                          dropout=spec.streams[stream].dropout if stream in spec.streams else None)
+        net = build_model(state["arch"], stream, num_classes=int(state["num_classes"]), length=int(state["length"]))
         net.load_state_dict(state["model"])
         loaded[stream] = net.eval()
     return loaded
@@ -92,9 +96,9 @@ def predict_videos(settings: Settings, sources: list[tuple[str, bytes]], *, regi
     """Top classes of each video (name, bytes) with the registered model; see the module's doc."""
     registry = resolve_registry(settings, registry)
     model = resolve_model(settings, registry, version)
-    spec = RunSpec.model_validate(model.params)
+    spec: RunParams = parse_params(model.params)
     strategy, fuser = load_fuser(settings, model, fusion)
-    nets = load_models(settings, model, spec)
+    nets = load_models(settings, model)
     results: list[dict[str, Any]] = [{"video": name} for name, _ in sources]
     usable: list[tuple[ScoredVideo, bytes]] = []
     index: dict[str, int] = {}
@@ -111,7 +115,7 @@ def predict_videos(settings: Settings, sources: list[tuple[str, bytes]], *, regi
         index[f"{i:05d}"] = i
     if usable:
         with torch.no_grad():
-            scores, _ = score_local(nets, usable, features={s: dict(spec.streams[s].options) for s in nets},
+            scores, _ = score_local(nets, usable, features={s: dict(spec.stream(s).options) for s in nets},
                                     length=spec.length, height=spec.size, width=spec.size,
                                     snippets=snippets or spec.snippets)
         view = stream_scores(scores)
@@ -124,3 +128,68 @@ def predict_videos(settings: Settings, sources: list[tuple[str, bytes]], *, regi
                 s: model.class_names[int(np.argmax(view.scores[s][row]))] for s in view.scores}
     return {"registry": registry, "version": model.version, "run": model.run, "fusion": strategy,
             "videos": results}
+
+
+def _prefix_location(settings: Settings, prefix: str) -> tuple[str, str]:
+    if prefix.startswith("s3://"):
+        location = S3Uri.parse(prefix if "/" in prefix[5:] else prefix + "/")
+        return location.bucket, location.key
+    return settings.bucket_videos, prefix.lstrip("/")
+
+
+def list_videos(settings: Settings, prefix: str, limit: int | None = None) -> list[str]:
+    """The s3:// URIs of the videos under ``prefix`` (an s3:// URI or a key prefix in the videos bucket),
+    oldest first, at most ``limit``."""
+    from essp.datasets.ingest import VIDEO_EXTENSIONS
+
+    bucket, key_prefix = _prefix_location(settings, prefix)
+    try:
+        objects = [o for o in ObjectStore(settings).list_objects(bucket, key_prefix)
+                   if "." + o.key.rsplit(".", 1)[-1].lower() in VIDEO_EXTENSIONS]
+    except ObjectNotFound:
+        raise PredictionError(f"predict: bucket {bucket!r} of {prefix} does not exist") from None
+    objects.sort(key=lambda o: (o.last_modified, o.key))  # in time order: oldest first
+    if not objects:
+        raise PredictionError(f"predict: no video (extensions {', '.join(sorted(VIDEO_EXTENSIONS))}) under "
+                              f"s3://{bucket}/{key_prefix}")
+    return [f"s3://{bucket}/{o.key}" for o in objects[:limit]]
+
+
+def predictions_csv(result: dict[str, Any]) -> bytes:
+    """One row per video and ranked class (a failed video: one row with its error), one column per stream's
+    own top class."""
+    streams: list[str] = []
+    for video in result["videos"]:
+        streams += [s for s in video.get("streams", {}) if s not in streams]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["video", "class", "score", "rank", "error", *[f"stream_{s}" for s in streams]])
+    for video in result["videos"]:
+        own = [video.get("streams", {}).get(s, "") for s in streams]
+        if "error" in video:
+            writer.writerow([video["video"], "", "", "", video["error"], *own])
+            continue
+        for rank, top in enumerate(video["top"], 1):
+            writer.writerow([video["video"], top["class"], f"{top['score']:.6f}", rank, "", *own])
+    return buffer.getvalue().encode()
+
+
+def predict_prefix(settings: Settings, params: PredictParams, tag: str) -> dict[str, Any]:
+    """Score every video under ``params.prefix``, oldest first, with the production model of the registry
+    (or ``params.version``) and its fusion (or ``params.fusion``); write predictions.json and
+    predictions.csv under ``s3://<runs bucket>/predictions/<registry>/<tag>/``."""
+    store = ObjectStore(settings)
+    uris = list_videos(settings, params.prefix, params.limit)
+    sources = [(uri, store.get_bytes(S3Uri.parse(uri).bucket, S3Uri.parse(uri).key)) for uri in uris]
+    registry = resolve_registry(settings, params.registry)
+    result = predict_videos(settings, sources, registry=registry, version=params.version, fusion=params.fusion,
+                            top=params.top)
+    out_prefix = f"predictions/{registry}/{tag}"
+    store.ensure_bucket(settings.bucket_runs)
+    json_uri = store.put_json(settings.bucket_runs, f"{out_prefix}/predictions.json",
+                              {**result, "prefix": params.prefix})
+    csv_uri = store.put_bytes(settings.bucket_runs, f"{out_prefix}/predictions.csv", predictions_csv(result),
+                              content_type="text/csv; charset=utf-8")
+    failed = [v["video"] for v in result["videos"] if "error" in v]
+    return {"registry": registry, "version": result["version"], "fusion": result["fusion"],
+            "videos": len(result["videos"]), "failed": failed, "json": str(json_uri), "csv": str(csv_uri)}

@@ -1,4 +1,4 @@
-"""Round-trip checks of the three services, run as stages by the `essp_smoke` DAG."""
+"""Round-trip checks of the three services: the stages of the `essp_smoke` DAG, each named after its task."""
 
 from __future__ import annotations
 
@@ -17,19 +17,19 @@ from essp.orchestration.stages import stage
 from essp.settings import Settings
 
 
-def _token(params: dict[str, Any]) -> str:
-    return str(params.get("token") or secrets.token_hex(8))
+def _token(token: str | None) -> str:
+    return token or secrets.token_hex(8)
 
 
 def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 2)
 
 
-@stage("smoke-kafka")
-def smoke_kafka(settings: Settings, params: dict[str, Any]) -> dict[str, Any]:
+@stage
+def smoke_kafka(settings: Settings, token: str | None = None) -> dict[str, Any]:
     """Publish a ping and read that very record back from its partition and offset."""
     topic = Topics(settings.topic_prefix).smoke
-    token = _token(params)
+    token = _token(token)
     ensure_topics(settings, [topic], partitions=1)
     start = time.perf_counter()
     with MessageProducer(settings) as producer:
@@ -56,11 +56,11 @@ def smoke_kafka(settings: Settings, params: dict[str, Any]) -> dict[str, Any]:
                     "not be read back within 30 s")
 
 
-@stage("smoke-redis")
-def smoke_redis(settings: Settings, params: dict[str, Any]) -> dict[str, Any]:
+@stage
+def smoke_redis(settings: Settings, token: str | None = None) -> dict[str, Any]:
     """Write a payload with a TTL, read it back, delete it."""
     client = check_redis(settings)
-    token = _token(params)
+    token = _token(token)
     key = RedisKeys(settings.redis_prefix).smoke(token)
     payload = secrets.token_bytes(64 * 1024)
     start = time.perf_counter()
@@ -76,11 +76,11 @@ def smoke_redis(settings: Settings, params: dict[str, Any]) -> dict[str, Any]:
             "round_trip_ms": _ms(start)}
 
 
-@stage("smoke-s3")
-def smoke_s3(settings: Settings, params: dict[str, Any]) -> dict[str, Any]:
+@stage
+def smoke_s3(settings: Settings, token: str | None = None) -> dict[str, Any]:
     """Put an object in the runs bucket, read it back, delete it."""
     store = ObjectStore(settings)
-    token = _token(params)
+    token = _token(token)
     bucket, key = settings.bucket_runs, f"smoke/{token}.bin"
     payload = secrets.token_bytes(256 * 1024)
     start = time.perf_counter()

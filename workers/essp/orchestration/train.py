@@ -1,113 +1,158 @@
-"""The steps of a training run as stages (`essp stage NAME`): what the `essp_train` DAG's tasks run,
-as local processes or pods. Each takes small JSON params and returns small JSON (URIs, metrics);
-everything large stays in S3 under the run's folder (see essp.training.artifacts)."""
+"""The stages of a training run, as the `essp_train` and `essp_nightly_retrain` DAGs run them: each
+function has its task's name (task ``verify_manifest`` -> stage ``verify-manifest`` -> :func:`verify_manifest`)
+and takes small JSON params, typed; everything large stays in S3 under the run's folder.
+
+validate_params (a Python task: the run's params checked, its id fixed) -> verify_manifest ->
+ensure_workers -> train (the operator essp.operators.training.TrainStreamOperator, one task per stream,
+deferring between epochs) -> release_trainers -> score_test, score_train -> fuse_and_report ->
+register_model -> report_summary (a Python task) ; release_workers at the end, however the run ended.
+The stages that run models import torch (essp.lifecycle.pipeline) when they run, so that the others
+start in a fraction of a second.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel
+
+from essp.deploy import fleet
 from essp.errors import EsspError
+from essp.evaluation.metrics import SUMMARY_METRICS
+from essp.lifecycle import epochs
+from essp.lifecycle.params import RunParams, parse_params
+from essp.orchestration.links import run_id_for, save_link
 from essp.orchestration.stages import stage
 from essp.settings import Settings
-from essp.training.epochs import load_run, prepare_run
-from essp.training.params import parse_spec
-
-# The stages that run models import essp.lifecycle.pipeline (torch) when they run, so that the others (prepare,
-# ensure, release) start in a fraction of a second.
 
 
-def _run(params: dict[str, Any]) -> str:
-    run = params.get("run")
-    if not isinstance(run, str) or not run:
-        raise EsspError(f"stage params need the run id as 'run', got {params!r}")
-    return run
+class DagRun(BaseModel):
+    """The Airflow DAG run that drives an ESSP run (recorded so that the UI finds the run's report)."""
+
+    dag_id: str
+    dag_run_id: str
 
 
-@stage("train-prepare")
-def prepare_stage(settings: Settings, params: dict[str, Any]) -> dict[str, Any]:
-    """Validate the run's params against its manifest and write spec.json (params: a RunSpec, plus
-    optionally ``airflow``: {dag_id, dag_run_id}, recorded so that the UI finds the run's report)."""
-    params = dict(params)
-    airflow = params.pop("airflow", None)
-    spec = parse_spec(params)
-    facts = prepare_run(settings, spec)
-    if airflow:
-        from essp.orchestration.links import save_link
+class Fused(BaseModel):
+    """What :func:`fuse_and_report` returns and :func:`register_model` needs of it."""
 
-        save_link(settings, airflow["dag_id"], airflow["dag_run_id"], spec.run)
+    run: str
+    metrics: dict[str, Any]
+    fusion_state: str
+
+
+def validate_params(params: dict[str, Any], *, dag_id: str, dag_run_id: str) -> dict[str, Any]:
+    """The DAG run's params checked (errors name the param) and its run id fixed (the ``run`` param, else one
+    derived from the DAG run): what the DAG's tasks take, as small JSON."""
+    spec = parse_params(dict(params))
+    if spec.run is None:
+        spec = spec.model_copy(update={"run": run_id_for(dag_id, dag_run_id)})
+    return plan_run(spec, DagRun(dag_id=dag_id, dag_run_id=dag_run_id))
+
+
+def plan_run(spec: RunParams, dag_run: DagRun) -> dict[str, Any]:
+    """A checked run as the training tasks take it: its id, its streams (the train task is mapped over
+    them), its params (verify_manifest writes them to spec.json) and its DAG run."""
+    return {"run": spec.run_id(), "streams": list(spec.streams), "spec": spec.model_dump(mode="json"),
+            "dag_run": dag_run.model_dump()}
+
+
+@stage
+def verify_manifest(settings: Settings, spec: RunParams, dag_run: DagRun | None = None) -> dict[str, Any]:
+    """Check the run's params against its manifest and write spec.json; record the DAG run that drives it."""
+    facts = epochs.verify_manifest(settings, spec)
+    if dag_run is not None:
+        save_link(settings, dag_run.dag_id, dag_run.dag_run_id, spec.run_id())
     out = {key: facts[key] for key in ("manifest_uri", "dataset", "classes", "train_videos", "test_videos",
                                        "samples_per_epoch")}
-    return {"run": spec.run, "streams": list(spec.streams), **out}
+    return {"run": spec.run_id(), "streams": list(spec.streams), **out}
 
 
-@stage("workers-ensure")
-def ensure_stage(settings: Settings, params: dict[str, Any]) -> dict[str, Any]:
-    """Scale the shared data workers to ``replicas`` ({kind: n}) and start the run's trainers (params:
-    run, replicas, trainer_procs, gpus)."""
-    from essp.deploy.fleet import ensure_workers
-
-    spec, _ = load_run(settings, _run(params))
-    replicas = params.get("replicas") or {}
-    if not isinstance(replicas, dict):
-        raise EsspError(f"workers-ensure: 'replicas' must map worker kinds to counts, got {replicas!r}")
-    return ensure_workers(settings, spec.run, list(spec.streams), replicas, trainer_procs=spec.trainer_procs,
-                          gpus=bool(params.get("gpus", settings.k8s_trainer_gpus and spec.device != "cpu")))
+@stage
+def ensure_workers(settings: Settings, run: str, gpus: bool | None = None) -> dict[str, Any]:
+    """Scale the shared data workers to the run's ``replicas`` and start its trainers (a GPU each in
+    Kubernetes unless the run's device is the CPU or ``gpus`` is false)."""
+    spec, _ = epochs.load_run(settings, run)
+    wanted = settings.k8s_trainer_gpus and spec.device != "cpu" if gpus is None else gpus
+    return fleet.ensure_workers(settings, run, spec.streams, spec.workers(), trainer_procs=spec.trainer_procs,
+                                gpus=wanted)
 
 
-@stage("workers-release")
-def release_stage(settings: Settings, params: dict[str, Any]) -> dict[str, Any]:
-    """Stop the run's trainers (their checkpoints are in S3); with ``data_workers`` ({kind: n}) also
-    scale the shared data workers (params: run, streams, data_workers)."""
-    from essp.deploy.fleet import release_workers
-
-    streams = params.get("streams")
-    if not streams:
-        streams = list(load_run(settings, _run(params))[0].streams)
-    return release_workers(settings, _run(params), list(streams), data_workers=params.get("data_workers") or None)
+@stage
+def release_trainers(settings: Settings, run: str) -> dict[str, Any]:
+    """Stop the run's trainers (their checkpoints are in S3), so that scoring has the cores."""
+    spec, _ = epochs.load_run(settings, run)
+    return fleet.release_trainers(settings, run, spec.streams)
 
 
-@stage("train-epoch")
-def epoch_stage(settings: Settings, params: dict[str, Any]) -> dict[str, Any]:
-    """Plan, publish and train one epoch on every stream (params: run, epoch); resident trainers must run."""
-    spec, _ = load_run(settings, _run(params))
-    if not isinstance(params.get("epoch"), int) or params["epoch"] < 0:
-        raise EsspError(f"train-epoch needs 'epoch' as an integer >= 0, got {params.get('epoch')!r}")
-    from essp.lifecycle.pipeline import train_epoch
-
-    return {"epoch": params["epoch"], "streams": train_epoch(settings, spec, params["epoch"])}
+@stage
+def release_workers(settings: Settings, run: str) -> dict[str, Any]:
+    """The teardown: stop the run's trainers and, with the run's ``stop_data_workers``, the shared data
+    workers too."""
+    spec, _ = epochs.load_run(settings, run)
+    stop = {kind: 0 for kind in spec.workers()} if spec.stop_data_workers else None
+    return fleet.release_workers(settings, run, spec.streams, data_workers=stop)
 
 
-@stage("train-score")
-def score_stage(settings: Settings, params: dict[str, Any]) -> dict[str, Any]:
-    """Score every video of a split per stream (params: run, split = test | train)."""
-    spec, _ = load_run(settings, _run(params))
+@stage
+def train_epoch(settings: Settings, run: str, epoch: int) -> dict[str, Any]:
+    """Plan, publish and train one epoch on every stream, blocking (a run's step for a shell or a custom DAG;
+    essp_train defers instead); the resident trainers must run."""
+    if epoch < 0:
+        raise EsspError(f"train-epoch needs 'epoch' as an integer >= 0, got {epoch!r}")
+    from essp.lifecycle.pipeline import train_epoch as train
+
+    spec, _ = epochs.load_run(settings, run)
+    return {"epoch": epoch, "streams": train(settings, spec, epoch)}
+
+
+@stage
+def score_test(settings: Settings, run: str) -> dict[str, Any]:
+    """Score every test video per stream with its final checkpoint."""
+    return _score(settings, run, "test")
+
+
+@stage
+def score_train(settings: Settings, run: str) -> dict[str, Any]:
+    """Score every training video per stream (what the learned fusions are fitted on)."""
+    return _score(settings, run, "train")
+
+
+def _score(settings: Settings, run: str, split: str) -> dict[str, Any]:
     from essp.lifecycle.pipeline import score_split
 
-    split = params.get("split", "test")
+    spec, _ = epochs.load_run(settings, run)
     return {"split": split, "scores": score_split(settings, spec, split)}
 
 
-@stage("train-fuse-report")
-def fuse_report_stage(settings: Settings, params: dict[str, Any]) -> dict[str, Any]:
-    """Every fusion side by side, the requested one kept, the report written (params: run)."""
-    spec, _ = load_run(settings, _run(params))
-    from essp.lifecycle.pipeline import fuse_and_report
+@stage
+def fuse_and_report(settings: Settings, run: str) -> dict[str, Any]:
+    """Every fusion side by side, the requested one kept, the report written."""
+    from essp.lifecycle import pipeline
 
-    outcome = fuse_and_report(settings, spec)
-    metrics = {k: outcome["metrics"][k] for k in ("videos", "top1", "top5", "mean_class_accuracy", "mAP")}
-    return {"run": spec.run, "selected": outcome["selected"], "metrics": metrics,
+    spec, _ = epochs.load_run(settings, run)
+    outcome = pipeline.fuse_and_report(settings, spec)
+    metrics = {k: outcome["metrics"][k] for k in ("videos", *SUMMARY_METRICS)}
+    return {"run": run, "selected": outcome["selected"], "metrics": metrics,
             "fusion_state": outcome["fusion_state"], "report": outcome["report"]["report.json"],
             "summary": outcome["summary"]}
 
 
-@stage("train-register")
-def register_stage(settings: Settings, params: dict[str, Any]) -> dict[str, Any]:
-    """Register the run's model, promoted only if better (params: run, and either ``fused`` (the result
-    of train-fuse-report) or its ``metrics`` and ``fusion_state``)."""
-    spec, _ = load_run(settings, _run(params))
-    fused = params.get("fused") or params
-    if not isinstance(fused.get("metrics"), dict) or not fused.get("fusion_state"):
-        raise EsspError("train-register needs 'metrics' and 'fusion_state' (the result of train-fuse-report)")
-    from essp.lifecycle.pipeline import register_run
+@stage
+def register_model(settings: Settings, run: str, fused: Fused) -> dict[str, Any]:
+    """Register the run's model (``fused``: what fuse_and_report returned), promoted only if better."""
+    from essp.lifecycle import pipeline
 
-    return {"run": spec.run, **register_run(settings, spec, fused["metrics"], fusion_state=fused["fusion_state"])}
+    spec, _ = epochs.load_run(settings, run)
+    return {"run": run, **pipeline.register_model(settings, spec, fused.metrics, fusion_state=fused.fusion_state)}
+
+
+def report_summary(settings: Settings, fused: dict[str, Any], registered: dict[str, Any]) -> list[str]:
+    """The lines the report_summary task logs: the report's summary and what the registry did."""
+    from essp.evaluation.report import read_report, summary_lines
+
+    report = read_report(settings, fused["run"])
+    outcome = "promoted to production" if registered["promoted"] else "not promoted"
+    return [f"ESSP report of run {fused['run']}: {fused['report']}",
+            *(f"  {line}" for line in summary_lines(report)),
+            f"  registry {registered['registry']} v{registered['version']}: {outcome} ({registered['reason']})"]

@@ -115,6 +115,10 @@ class AirflowStack:
 
     def up(self) -> dict[str, str]:
         """Migrate the database and start the processes that are not running yet."""
+        dags = self.settings.dags_folder
+        if dags is None or not (dags / "essp_train.py").is_file():
+            raise AirflowError(f"no ESSP DAGs in {dags}: run from the checkout's root, or set ESSP_PROJECT_DIR (the "
+                               "folder holding dags/ and plugins/) or ESSP_DAGS_FOLDER")
         env = airflow_env(self.settings)
         migrate(self.settings, env)
         actions = {}
