@@ -208,3 +208,18 @@ def test_ddp_on_two_gloo_processes_keeps_replicas_identical_with_uneven_shares(t
                       "data_wait_s": s0["data_wait_s"], "data_wait": s0["data_wait"]}
         assert s0["samples"] == 26  # every sample of the epoch but the one left alone in the last step
         assert s0["steps"] == 4
+
+
+class _RunsCode:
+    """An object whose unpickling would call a function: what a hostile checkpoint would carry."""
+
+    def __reduce__(self):
+        return (print, ("this ran while loading a checkpoint",))
+
+
+def test_a_checkpoint_that_carries_code_is_refused(capsys):
+    buffer = __import__("io").BytesIO()
+    torch.save({"model": {}, "payload": _RunsCode()}, buffer)
+    with pytest.raises(TrainingError, match="s3://b/evil.pt: not a readable checkpoint"):
+        checkpoint_from_bytes(buffer.getvalue(), "s3://b/evil.pt")
+    assert "this ran" not in capsys.readouterr().out

@@ -419,7 +419,8 @@ def checkpoint_bytes(state: dict[str, Any]) -> bytes:
 
 def checkpoint_from_bytes(data: bytes, source: str) -> dict[str, Any]:
     try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+        # weights_only: a checkpoint from S3 is data (tensors and plain values), never code to run.
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear error
         raise TrainingError(f"{source}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(state, dict) or "model" not in state:
