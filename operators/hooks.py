@@ -20,11 +20,6 @@ from essp.settings import Settings
 class EsspHook(BaseHook):
     """Settings from the ESSP connections (see the module's doc)."""
 
-    conn_name_attr = "redis_conn_id"
-    default_conn_name = REDIS_CONN_ID
-    conn_type = "generic"
-    hook_name = "ESSP"
-
     def __init__(self, conn_ids: tuple[str, ...] = CONN_IDS, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.conn_ids = tuple(conn_ids)

@@ -15,13 +15,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from essp.connections import REDIS_CONN_ID
 from essp.contract import RedisKeys, TrainerState, epoch_progress
+from essp.deploy.local import trainer_name
 from essp.operators.hooks import redis_client
+from essp.stack.procs import ProcessTable
 
 POLL_S = 1.0
 MIN_FIRE_S = 8.0
@@ -58,22 +61,17 @@ class EpochDoneTrigger(BaseTrigger):
                  "redis_conn_id": self.redis_conn_id, "timeout_s": self.timeout_s, "state_dir": self.state_dir,
                  "poll_s": self.poll_s, "started": self.started, "carry": self.carry})
 
-    def _gone(self) -> dict[str, str]:
+    def _gone(self, table: ProcessTable | None) -> dict[str, str]:
         """The streams whose local trainer process is gone, with the end of its log."""
-        if not self.state_dir:
+        if table is None:
             return {}
-        from pathlib import Path
-
-        from essp.deploy.fleet import LocalFleet
-        from essp.settings import Settings
-
-        fleet = LocalFleet(Settings(state_dir=Path(self.state_dir)))
-        found = {stream: fleet.gone_trainer(self.essp_run, stream) for stream in self.streams}
+        found = {stream: table.exited_tail(trainer_name(self.essp_run, stream)) for stream in self.streams}
         return {stream: tail for stream, tail in found.items() if tail is not None}
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         client, prefix = await redis_client(self.redis_conn_id)
         keys = RedisKeys(prefix)
+        table = ProcessTable(Path(self.state_dir)) if self.state_dir else None
         base = {"run": self.essp_run, "epoch": self.epoch, "carry": self.carry}
         paused_s = 0.0
         try:
@@ -87,8 +85,8 @@ class EpochDoneTrigger(BaseTrigger):
                     continue
                 states = {s: TrainerState.parse(raw) for s, raw in zip(self.streams, raws, strict=True)}
                 overdue = time.time() - self.started - paused_s > self.timeout_s
-                progress = epoch_progress(self.essp_run, self.epoch, states, run_state=run_state, gone=self._gone(),
-                                          overdue_s=self.timeout_s if overdue else None)
+                progress = epoch_progress(self.essp_run, self.epoch, states, run_state=run_state,
+                                          gone=self._gone(table), overdue_s=self.timeout_s if overdue else None)
                 if progress.status == "done":
                     # Not sooner than MIN_FIRE_S after the task deferred: Airflow's scheduler fails a task
                     # whose resumed run is already going when the report of its deferring run arrives

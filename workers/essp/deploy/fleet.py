@@ -117,15 +117,6 @@ class LocalFleet:
     def trainer(self, run: str, stream: str) -> LocalProcess | None:
         return self.processes.find(trainer_name(run, stream))
 
-    def gone_trainer(self, run: str, stream: str) -> str | None:
-        """The end of the log of the run's trainer of ``stream`` if this state folder started it and it is
-        gone, else None (alive, or never started here: Kubernetes, another machine)."""
-        table = self.processes.table
-        name = trainer_name(run, stream)
-        if not table.pidfile(name).exists() or table.record(name) is not None:
-            return None
-        return table.tail(name, 30)
-
     def release_trainer(self, run: str, stream: str) -> bool:
         found = self.trainer(run, stream)
         if found is None:

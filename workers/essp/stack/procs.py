@@ -124,6 +124,13 @@ class ProcessTable:
         self.pidfile(name).unlink(missing_ok=True)
         return True
 
+    def exited_tail(self, name: str, lines: int = 30) -> str | None:
+        """The end of the log of ``name`` if this table started it and it is gone, else None (it runs, or
+        it was never started here: Kubernetes, another machine)."""
+        if not self.pidfile(name).exists() or self.record(name) is not None:
+            return None
+        return self.tail(name, lines)
+
     def tail(self, name: str, lines: int = 25) -> str:
         try:
             text = self.log(name).read_text(errors="replace")
