@@ -4,6 +4,7 @@ two gloo processes with uneven sample counts, the schedule, data-wait accounting
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import time
 from dataclasses import dataclass
@@ -189,6 +190,12 @@ def _ddp_rank(rank: int, world: int, port: int, out_dir: str) -> None:
                     "iteration": trainer.iteration, "lr": trainer.current_lr(),
                     "momentum": [trainer.optimizer.state[p]["momentum_buffer"] for p in trainer.model.parameters()]},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        # Tear down in order: every rank done, the DDP model (its reducer) freed while the process group
+        # lives, then the group. Left to the interpreter, the group's destructor can join a gloo thread that
+        # waits for the GIL to free a finished work's tensors: both ranks hang (seen under load).
+        dist.barrier()
+        del trainer
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
