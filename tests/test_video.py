@@ -4,13 +4,16 @@ index (so every decoded frame can be checked), the real bikes.mp4, and broken fi
 from __future__ import annotations
 
 import importlib.util
+import io
 import re
 from pathlib import Path
 
 import av
+import cv2
 import numpy as np
 import pytest
 
+from essp.datasets.synth import synthesize
 from essp.datasets.video import VideoError, decode_segment, probe_video
 
 W, H, BITS = 64, 48, 6
@@ -229,3 +232,111 @@ def test_truncated_avi(noisy):
         probe_video(data[:int(len(data) * 0.6)], "cut.avi")
     with pytest.raises(VideoError, match="truncated AVI: the RIFF header declares"):
         probe_video(data[:3000], "cut.avi")
+
+
+# ---------------------------------------------------------------------------------------------
+# the lean decode: grey output, work counts (stats), one container per call
+
+
+def luma(rgb: np.ndarray) -> np.ndarray:
+    return np.stack([cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) for frame in rgb]).astype(int)
+
+
+@pytest.mark.parametrize("size", [None, (32, 40)])
+def test_gray_is_the_luma_of_the_rgb_path(clip, size):
+    """Same frames, same size; grey differs from cv2's luma of the RGB by swscale's fast YUV->RGB (which reads
+    ~1.5 levels dark), never by more than a few levels. The grey frames are exact after seeks too."""
+    name, data = clip
+    for offset in (0, 5, 8, 17, 29):
+        rgb = decode_segment(data, name, offset, 11, size)
+        gray = decode_segment(data, name, offset, 11, size, pix_fmt="gray")
+        assert gray.shape == rgb.shape[:3] and gray.dtype == np.uint8
+        difference = np.abs(gray.astype(int) - luma(rgb))
+        assert difference.mean() < 2.5 and difference.max() <= 4, (offset, difference.mean(), difference.max())
+        if size is None:
+            assert [read_index(f) for f in gray] == list(range(offset, offset + 11)), f"offset {offset}"
+
+
+def test_gray_is_the_decoders_luma_plane_at_full_range(tmp_path):
+    """Unscaled, grey is the decoder's Y plane taken from video range (16..235) to 0..255, exactly."""
+    data = encode(tmp_path / "v.mp4", [index_frame(i) for i in range(FRAMES)], fmt="mp4", codec="libx264")
+    with av.open(io.BytesIO(data)) as container:  # MP4: frames come out in display order
+        planes = [frame.to_ndarray(format="yuv420p")[:H] for frame in container.decode(video=0)]
+    expected = np.clip(np.round((np.stack(planes).astype(float) - 16) * 255 / 219), 0, 255)
+    assert len(planes) == FRAMES and expected.std() > 10  # a picture, not a flat field
+    for offset in (0, 3, 8, 20):
+        gray = decode_segment(data, "v.mp4", offset, 11, pix_fmt="gray")
+        assert np.array_equal(gray, expected[offset:offset + 11]), f"offset {offset}"
+
+
+def test_scaled_gray_is_cv2_area_of_the_full_gray(bikes):
+    """One swscale pass (AREA) scales about as cv2.INTER_AREA does: within a grey level on average."""
+    full = decode_segment(bikes, "bikes.mp4", 60, 4, pix_fmt="gray")
+    scaled = decode_segment(bikes, "bikes.mp4", 60, 4, (112, 160), pix_fmt="gray")
+    reference = np.stack([cv2.resize(f, (160, 112), interpolation=cv2.INTER_AREA) for f in full]).astype(int)
+    assert scaled.shape == (4, 112, 160)
+    assert np.abs(scaled - reference).mean() < 0.5
+    rgb = decode_segment(bikes, "bikes.mp4", 60, 4, (112, 160))
+    assert rgb.shape == (4, 112, 160, 3) and np.abs(scaled - luma(rgb)).mean() < 2.5
+
+
+@pytest.fixture(scope="module")
+def synth_keyint_12(tmp_path_factory) -> bytes:
+    result = synthesize(tmp_path_factory.mktemp("synth"), classes=2, videos_per_class=2, frames=36, height=48,
+                        width=64, keyint=12, seed=0)
+    return (result.out_dir / result.train[0]).read_bytes()
+
+
+@pytest.mark.parametrize("pix_fmt, size", [("rgb24", None), ("gray", None), ("rgb24", (32, 40)), ("gray", (32, 40))])
+def test_stats_count_the_work(synth_keyint_12, pix_fmt, size):
+    """From a keyframe, exactly the frames used are decoded; 5 frames after one, those 5 more; one container."""
+    data = synth_keyint_12
+    assert probe_video(data, "s.mp4").keyframe_interval == 12
+    for offset, decoded in ((0, 11), (12, 11), (24, 11), (25, 12), (17, 16), (23, 22)):
+        stats: dict[str, int] = {}
+        segment = decode_segment(data, "s.mp4", offset, 11, size, pix_fmt=pix_fmt, stats=stats)
+        assert stats == {"decoded": decoded, "used": 11, "opens": 1}, offset
+        assert segment.shape[:3] == (11, *(size or (48, 64)))
+    stats = {"decoded": 100, "other": 1}
+    decode_segment(data, "s.mp4", 12, 11, size, pix_fmt=pix_fmt, stats=stats)
+    decode_segment(data, "s.mp4", 17, 11, size, pix_fmt=pix_fmt, stats=stats)
+    assert stats == {"decoded": 127, "used": 22, "opens": 2, "other": 1}  # added to what the dict holds
+
+
+def test_one_container_and_no_frame_beyond_the_segment(clip):
+    """Every clip and offset: one open, and at most a GOP of frames decoded ahead of the first one used
+    (AVI's B-frames and seeks that land late included: those retries are decided before decoding)."""
+    name, data = clip
+    info = probe_video(data, name)
+    for offset in range(info.frames - 5 + 1):
+        stats: dict[str, int] = {}
+        decode_segment(data, name, offset, 5, stats=stats)
+        assert stats["opens"] == 1 and stats["used"] == 5, (offset, stats)
+        if "bframes" in name:  # open GOPs: the keyframes are shown at irregular positions
+            assert stats["decoded"] <= 5 + GOP + 2, (offset, stats)
+        elif name.endswith(".ts"):  # MPEG-TS is decoded from the start
+            assert stats["decoded"] == 5 + offset, (offset, stats)
+        else:  # from the keyframe at or before the first frame, and not a frame past the last
+            assert stats["decoded"] == 5 + offset % GOP, (offset, stats)
+
+
+def test_raw_stream_is_decoded_from_one_container(tmp_path):
+    data = encode(tmp_path / "raw.h264", [index_frame(i) for i in range(20)], fmt="h264", codec="libx264")
+    stats: dict[str, int] = {}
+    assert [read_index(f) for f in decode_segment(data, "raw.h264", 12, 4, stats=stats)] == [12, 13, 14, 15]
+    assert stats == {"decoded": 16, "used": 4, "opens": 1}
+
+
+def test_bad_pix_fmt(clip):
+    name, data = clip
+    with pytest.raises(VideoError, match=rf"^video {re.escape(name)}: bad pixel format 'bgr24': expected one of "
+                                         r"'rgb24', 'gray'$"):
+        decode_segment(data, name, 0, 1, pix_fmt="bgr24")
+
+
+def test_failed_decode_still_counts_its_work(clip):
+    name, data = clip
+    stats: dict[str, int] = {}
+    with pytest.raises(VideoError, match="only 40 frames decodable"):
+        decode_segment(data, name, 36, 5, stats=stats)
+    assert stats["used"] == 0 and stats["opens"] == 1 and stats["decoded"] >= 4
