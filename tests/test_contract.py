@@ -7,6 +7,7 @@ import pytest
 from essp.contract import (
     ControlCommand,
     DeadLetter,
+    DecodeChunk,
     DecodeJob,
     FeatureReady,
     FramesReady,
@@ -25,8 +26,9 @@ JOB = DecodeJob(run="r1", epoch=2, sample_id="e2-00017", video="s3://essp-videos
 
 @pytest.mark.parametrize("message", [
     JOB,
-    FramesReady(job=JOB, key="k", shape=[11, 224, 224, 3]),
-    FeatureReady(job=JOB, extractor="flow", stream="flow", key="k", shape=[20, 224, 224], dtype="uint8"),
+    DecodeChunk(jobs=[JOB, JOB.model_copy(update={"sample_id": "e2-00018"})]),
+    FramesReady(jobs=[JOB], pix_fmt="gray"),
+    FeatureReady(jobs=[JOB], extractor="flow", stream="flow"),
     ControlCommand(command="pause", run="r1"),
     WorkerEvent(event="heartbeat", worker_id="decode-1", worker_kind="decode", counters={"jobs": 3}),
     DeadLetter(reason="moov atom not found", source_topic="essp.r1.decode", payload_b64="eA=="),
@@ -61,9 +63,11 @@ def test_a_valid_message_of_the_wrong_kind_is_malformed_on_that_topic():
 
 def test_topic_and_key_names_come_from_one_place():
     topics, keys = Topics("essp"), RedisKeys("essp")
-    assert topics.decode("r1") == "essp.r1.decode"
-    assert topics.ready("r1", "temporal") == "essp.r1.ready.temporal"
+    assert topics.decode("r1", 3) == "essp.r1.e0003.decode"
+    assert topics.ready("r1", "temporal", 12) == "essp.r1.e0012.ready.temporal"
     assert topics.run_dead("r1") == "essp.r1.dead"
+    assert topics.run_topics("r1", ["rgb"], 0) == ["essp.r1.e0000.decode", "essp.r1.e0000.frames",
+                                                   "essp.r1.e0000.ready.rgb", "essp.r1.dead"]
     assert set(topics.shared()) == {"essp.control", "essp.events", "essp.dead", "essp.smoke"}
     assert keys.frames("r1", "s9") == "essp:r1:frames:s9"
     assert keys.feature("r1", "flow-dis", "s9") == "essp:r1:feat:flow-dis:s9"
@@ -72,7 +76,25 @@ def test_topic_and_key_names_come_from_one_place():
 @pytest.mark.parametrize("run", ["", "has space", "a.b", "-lead", "x" * 65, "r/1"])
 def test_unsafe_run_ids_are_refused(run):
     with pytest.raises(ValueError, match="run id"):
-        Topics().decode(run)
+        Topics().decode(run, 0)
+
+
+@pytest.mark.parametrize("epoch", [-1, 1.5, True, "3"])
+def test_bad_epochs_are_refused_in_topic_names(epoch):
+    with pytest.raises(ValueError, match="epoch"):
+        Topics().decode("r1", epoch)
+
+
+def test_a_chunk_holds_one_epoch_of_one_run_and_each_sample_once():
+    other_epoch = JOB.model_copy(update={"epoch": 3, "sample_id": "e3-00001"})
+    with pytest.raises(ValueError, match="one epoch of one run"):
+        DecodeChunk(jobs=[JOB, other_epoch])
+    with pytest.raises(ValueError, match="names each sample once"):
+        FramesReady(jobs=[JOB, JOB])
+    with pytest.raises(ValueError, match="at least 1"):
+        FeatureReady(jobs=[], extractor="flow", stream="flow")
+    chunk = DecodeChunk(jobs=[JOB, JOB.model_copy(update={"sample_id": "e2-00018"})])
+    assert (chunk.run, chunk.epoch, chunk.sample_ids()) == ("r1", 2, ["e2-00017", "e2-00018"])
 
 
 def test_decode_job_checks_its_run_its_streams_and_its_range():
@@ -89,11 +111,24 @@ def test_patterns_match_run_topics_only():
     import re
 
     topics = Topics("tp")
-    assert re.match(topics.decode_pattern(), topics.decode("run-1"))
-    assert not re.match(topics.decode_pattern(), topics.frames("run-1"))
-    assert not re.match(topics.decode_pattern(), "other.run-1.decode")
-    assert re.match(topics.decode_pattern("run-1"), topics.decode("run-1"))
-    assert not re.match(topics.decode_pattern("run-1"), topics.decode("run-2"))
-    assert topics.run_of(topics.ready("run-1", "flow")) == "run-1"
+    assert re.match(topics.decode_pattern(), topics.decode("run-1", 0))
+    assert re.match(topics.decode_pattern(), topics.decode("run-1", 12345))
+    assert not re.match(topics.decode_pattern(), topics.frames("run-1", 0))
+    assert not re.match(topics.decode_pattern(), "other.run-1.e0000.decode")
+    assert not re.match(topics.decode_pattern(), "tp.run-1.decode")
+    assert re.match(topics.decode_pattern("run-1"), topics.decode("run-1", 4))
+    assert not re.match(topics.decode_pattern("run-1"), topics.decode("run-2", 4))
+    # A consumer of one stream reads that stream's ready topics of every epoch, and the run's dead letters.
+    ready = topics.ready_pattern("run-1", "flow")
+    assert re.match(ready, topics.ready("run-1", "flow", 0)) and re.match(ready, topics.ready("run-1", "flow", 7))
+    assert re.match(ready, topics.run_dead("run-1"))
+    assert not re.match(ready, topics.ready("run-1", "rgb", 0))
+    assert not re.match(ready, topics.ready("run-12", "flow", 0))
+    assert not re.match(ready, topics.run_dead("run-2"))
+    assert topics.run_of(topics.ready("run-1", "flow", 3)) == "run-1"
+    assert topics.epoch_of(topics.ready("run-1", "flow", 3)) == 3
+    assert topics.epoch_of(topics.run_dead("run-1")) is None
+    assert topics.is_run_topic(topics.frames("run-1", 0), "run-1")
+    assert not topics.is_run_topic(topics.frames("run-12", 0), "run-1")
     with pytest.raises(ValueError):
         topics.run_of("tp.control")

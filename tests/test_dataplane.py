@@ -225,7 +225,7 @@ def test_a_feature_written_but_never_announced_is_announced_when_redelivered(pla
                       width=SIZE, samples=6)
     job = next(j for j in plan.jobs if j.video not in damaged.values())
     topics = Topics(settings.topic_prefix)
-    ensure_topics(settings, topics.run_topics(run, ["flow"]))
+    ensure_topics(settings, topics.run_topics(run, ["flow"], 0))
     store = SampleStore(settings, run)
     frames = np.zeros((L + 1, SIZE, SIZE, 3), np.uint8)
     assert store.put_frames(job.sample_id, frames, ["flow"]) == 1
@@ -233,8 +233,7 @@ def test_a_feature_written_but_never_announced_is_announced_when_redelivered(pla
     with SampleStream(settings, run, "flow") as stream:
         time.sleep(1.0)
         with MessageProducer(settings) as producer:  # the redelivered frames notice
-            producer.publish(topics.frames(run), FramesReady(job=job, key=store.frames_key(job.sample_id),
-                                                             shape=list(frames.shape)), key=job.sample_id)
+            producer.publish(topics.frames(run, 0), FramesReady(jobs=[job]), key=job.sample_id)
         got = list(stream.epoch(0, 1, timeout_s=60))
     assert [s.sample_id for s in got] == [job.sample_id]
     assert int(got[0].array.max()) == 7  # the stored feature, not a new extraction

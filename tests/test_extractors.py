@@ -224,7 +224,10 @@ def test_bad_frames_are_rejected(kind: str) -> None:
     with pytest.raises(ValueError, match="uint8"):
         extractor.extract(np.zeros((3, 8, 8, 3), np.float32))
     with pytest.raises(ValueError, match=r"\(L\+1, H, W, 3\)"):
-        extractor.extract(np.zeros((3, 8, 8), np.uint8))
+        extractor.extract(np.zeros((3, 8, 8, 2), np.uint8))
+    if extractor.input_format != "gray":  # a grey stack is only for the extractors that ask for one
+        with pytest.raises(ValueError, match=r"\(L\+1, H, W, 3\)"):
+            extractor.extract(np.zeros((3, 8, 8), np.uint8))
     with pytest.raises(ValueError, match=r"\(L\+1, H, W, 3\)"):
         extractor.output_shape((3, 8, 8, 4))
     if kind != "rgb":  # one frame has no pair
@@ -424,3 +427,26 @@ def test_load_extractor_plugins(tmp_path: Any, monkeypatch: pytest.MonkeyPatch, 
 
     with pytest.raises(ExtractorPluginError, match="'essp_no_such_plugin_xyz'.*ModuleNotFoundError"):
         load_extractor_plugins(["essp_no_such_plugin_xyz"])
+
+
+def test_grey_extractors_give_the_same_feature_from_a_grey_stack() -> None:
+    import cv2
+
+    frames = _random_frames(4, 40, 60)
+    gray = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames])
+    for kind in BUILTIN:
+        extractor = create_extractor(kind)
+        if extractor.input_format != "gray":
+            continue
+        np.testing.assert_array_equal(extractor.extract(gray), extractor.extract(frames))
+        assert extractor.output_shape(gray.shape) == extractor.output_shape(frames.shape)
+
+
+def test_the_decoder_stores_grey_only_when_no_extractor_needs_colour() -> None:
+    from essp.dataplane.extractors import frames_format
+
+    assert frames_format({"flow": {"method": "dis_fast"}}) == "gray"
+    assert frames_format({"flow": {}, "framediff": {}}) == "gray"
+    assert frames_format({"rgb": {}, "flow": {}}) == "rgb24"
+    assert frames_format({"not_registered_here": {}}) == "rgb24"  # a plugin kind: colour, which all accept
+    assert frames_format({}) == "rgb24"

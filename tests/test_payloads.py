@@ -94,3 +94,47 @@ def test_abandon_frees_the_slot_and_the_payloads(store):
     assert store.take("rgb", "half").status == "taken"
     assert store.inflight() == 0
     assert store.clear() >= 1
+
+
+def test_a_chunk_moves_in_one_round_trip_each_way_and_stays_per_sample(store):
+    ids = [f"c{i}" for i in range(5)]
+    assert store.acquire_many(ids, limit=8) == 5
+    gray = [np.random.default_rng(i).integers(0, 255, (3, 8, 8), dtype=np.uint8) for i in range(5)]
+    assert store.put_frames_many([(i, g, ["flow"]) for i, g in zip(ids, gray, strict=True)]) == [1] * 5
+    for got, want in zip(store.get_frames_many(ids), gray, strict=True):
+        np.testing.assert_array_equal(got, want)  # a grey stack keeps its shape: the payload says it
+    assert store.stream_states(ids, "flow") == [TO_EXTRACT] * 5
+    feats = [np.full((4, 8, 8), i, np.uint8) for i in range(5)]
+    assert store.put_features("flow", list(zip(ids, feats, strict=True))) == [TO_EXTRACT] * 5
+    assert store.get_frames_many(ids) == [None] * 5  # no stream needs them any more
+    assert store.feature_meta("flow", "c3") == ([4, 8, 8], "uint8")
+    store.redis.delete(store.feature_key("flow", "c1"))  # one payload of the chunk lost
+    taken = store.take_many("flow", ids)
+    assert [t.status for t in taken] == ["taken", "lost", "taken", "taken", "taken"]
+    assert [int(t.array[0, 0, 0]) for t in taken if t.array is not None] == [0, 2, 3, 4]
+    assert [t.status for t in store.take_many("flow", ["c0", "c2"])] == ["duplicate", "duplicate"]
+    assert store.inflight() == 1  # only the lost sample still holds its slot (it will be redone)
+
+
+def test_slots_are_granted_in_order_up_to_the_bound(store):
+    assert store.acquire_many(["a", "b", "c", "d", "e"], limit=3) == 3
+    assert store.acquire_many(["c", "d"], limit=3) == 1  # c holds its slot already, d finds the run full
+    store.abandon("a", ["flow"])
+    assert store.acquire_many(["d", "e"], limit=3) == 1
+    assert store.inflight() == 3
+    assert store.acquire_many([], limit=3) == 0
+
+
+def test_payloads_are_self_describing_and_foreign_bytes_are_refused():
+    from essp.dataplane.payloads import PayloadError, decode_array, encode_array
+
+    for array in (np.arange(24, dtype=np.uint8).reshape(2, 3, 4), np.ones((5,), np.float32),
+                  np.zeros((2, 0, 3), np.uint8), np.asfortranarray(np.arange(6, dtype=np.int16).reshape(2, 3))):
+        out = decode_array(encode_array(array))
+        assert out.dtype == array.dtype and out.shape == array.shape
+        np.testing.assert_array_equal(out, array)
+    for bad in (b"", b"xx", b"EA\xff\xff\x00\x00", b"\x00" * 64):
+        with pytest.raises(PayloadError):
+            decode_array(bad)
+    with pytest.raises(PayloadError, match="head says shape"):
+        decode_array(encode_array(np.ones((2, 3), np.uint8))[:-1])

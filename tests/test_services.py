@@ -52,7 +52,7 @@ def test_s3_round_trip_in_its_own_bucket(settings):
 
 def test_kafka_round_trip_through_a_consumer_group_with_manual_commit(settings):
     topics = Topics(settings.topic_prefix)
-    topic = topics.decode("r1")
+    topic = topics.decode("r1", 0)
     ensure_topics(settings, [topic, topics.run_dead("r1")], partitions=3)
     assert topic_partitions(settings, topic) == 3
     with MessageProducer(settings) as producer:
@@ -71,7 +71,7 @@ def test_kafka_round_trip_through_a_consumer_group_with_manual_commit(settings):
 
 def test_uncommitted_messages_are_delivered_again(settings):
     topics = Topics(settings.topic_prefix)
-    topic = topics.decode("r1")
+    topic = topics.decode("r1", 0)
     ensure_topics(settings, [topic, topics.run_dead("r1")], partitions=1)
     with MessageProducer(settings) as producer:
         for i in range(3):
@@ -85,7 +85,7 @@ def test_uncommitted_messages_are_delivered_again(settings):
 
 def test_malformed_message_goes_to_the_dead_letter_topic_and_the_consumer_goes_on(settings):
     topics = Topics(settings.topic_prefix)
-    topic, dead = topics.decode("r1"), topics.run_dead("r1")
+    topic, dead = topics.decode("r1", 0), topics.run_dead("r1")
     ensure_topics(settings, [topic, dead], partitions=1)
     with MessageProducer(settings) as producer:
         producer.publish(topic, _job(1))

@@ -34,6 +34,12 @@ def check_run_id(run: str) -> str:
     return run
 
 
+def _epoch_part(epoch: int) -> str:
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise ValueError(f"epoch {epoch!r} is not valid: an integer >= 0")
+    return f"e{epoch:04d}"
+
+
 def _check_stream(stream: str) -> str:
     if not STREAM_PATTERN.match(stream):
         raise ValueError(f"stream name {stream!r} is not valid: lower-case letters, digits and '_'")
@@ -66,14 +72,18 @@ class Topics:
         """Round-trip checks of the `essp_smoke` DAG."""
         return f"{self.prefix}.smoke"
 
-    def decode(self, run: str) -> str:
-        return f"{self.prefix}.{check_run_id(run)}.decode"
+    # The data plane's topics are per epoch (``<prefix>.<run>.e<epoch>.<leaf>``): an epoch's jobs and notices
+    # live in topics of their own, which the planner deletes two epochs later, so that what the broker
+    # keeps (and reads through: a fetch lists a partition's stored batches) stays the size of one epoch
+    # however long the run is. Dead letters stay per run.
+    def decode(self, run: str, epoch: int) -> str:
+        return f"{self.prefix}.{check_run_id(run)}.{_epoch_part(epoch)}.decode"
 
-    def frames(self, run: str) -> str:
-        return f"{self.prefix}.{check_run_id(run)}.frames"
+    def frames(self, run: str, epoch: int) -> str:
+        return f"{self.prefix}.{check_run_id(run)}.{_epoch_part(epoch)}.frames"
 
-    def ready(self, run: str, stream: str) -> str:
-        return f"{self.prefix}.{check_run_id(run)}.ready.{_check_stream(stream)}"
+    def ready(self, run: str, stream: str, epoch: int) -> str:
+        return f"{self.prefix}.{check_run_id(run)}.{_epoch_part(epoch)}.ready.{_check_stream(stream)}"
 
     def run_dead(self, run: str) -> str:
         return f"{self.prefix}.{check_run_id(run)}.dead"
@@ -85,9 +95,15 @@ class Topics:
     def frames_pattern(self, run: str | None = None) -> str:
         return self._pattern("frames", run)
 
+    def ready_pattern(self, run: str, stream: str) -> str:
+        """Regex of one stream's ready topics of every epoch of a run, and of the run's dead letters: what
+        one consumer of the stream reads."""
+        leaf = rf"(e[0-9]{{4,}}\.ready\.{re.escape(_check_stream(stream))}|dead)"
+        return rf"^{re.escape(self.prefix)}\.{re.escape(check_run_id(run))}\.{leaf}$"
+
     def _pattern(self, leaf: str, run: str | None) -> str:
         middle = re.escape(check_run_id(run)) if run else r"[A-Za-z0-9][A-Za-z0-9_-]*"
-        return rf"^{re.escape(self.prefix)}\.{middle}\.{leaf}$"
+        return rf"^{re.escape(self.prefix)}\.{middle}\.e[0-9]{{4,}}\.{leaf}$"
 
     def run_of(self, topic: str) -> str:
         """The run id inside a per-run topic name."""
@@ -96,9 +112,23 @@ class Topics:
             raise ValueError(f"topic {topic!r} is not a per-run topic under prefix {self.prefix!r}")
         return check_run_id(topic[len(head):].split(".", 1)[0])
 
-    def run_topics(self, run: str, streams: list[str]) -> list[str]:
-        """Every topic one run uses: decode jobs, frames notices, one ready topic per stream, dead letters."""
-        return [self.decode(run), self.frames(run), *(self.ready(run, s) for s in streams), self.run_dead(run)]
+    def epoch_of(self, topic: str) -> int | None:
+        """The epoch of a per-epoch topic, None for a per-run one (dead letters)."""
+        self.run_of(topic)
+        part = topic[len(self.prefix) + 1:].split(".")[1]
+        return int(part[1:]) if re.fullmatch(r"e[0-9]{4,}", part) else None
+
+    def is_run_topic(self, topic: str, run: str) -> bool:
+        """Whether ``topic`` is one of the run's own topics (any epoch, or its dead letters)."""
+        return topic.startswith(f"{self.prefix}.{check_run_id(run)}.")
+
+    def epoch_topics(self, run: str, epoch: int, streams: list[str]) -> list[str]:
+        """The topics of one epoch of a run: decode jobs, frames notices, one ready topic per stream."""
+        return [self.decode(run, epoch), self.frames(run, epoch), *(self.ready(run, s, epoch) for s in streams)]
+
+    def run_topics(self, run: str, streams: list[str], epoch: int) -> list[str]:
+        """The topics an epoch of a run uses: its own (:meth:`epoch_topics`) and the run's dead letters."""
+        return [*self.epoch_topics(run, epoch, streams), self.run_dead(run)]
 
     def shared(self) -> list[str]:
         """Topics that exist independently of any run (created by `essp infra init`)."""
@@ -202,25 +232,67 @@ class DecodeJob(Message):
         return self
 
 
-class FramesReady(Message):
-    """The decoded frames of ``job`` are in Redis under ``key`` (uint8, ``shape`` = (L+1, H, W, 3))."""
+# Frame formats a decode worker stores: "rgb24" (L+1, H, W, 3) or "gray" (L+1, H, W), uint8.
+FRAME_FORMATS = ("rgb24", "gray")
+# The most samples one chunk message carries (see essp.dataplane.plan.chunk_size for the default).
+MAX_CHUNK = 256
+
+
+def _one_epoch(jobs: list[DecodeJob], what: str) -> None:
+    first = jobs[0]
+    for job in jobs[1:]:
+        if (job.run, job.epoch) != (first.run, first.epoch):
+            raise ValueError(f"a {what} holds samples of one epoch of one run: {job.sample_id} is of run "
+                             f"{job.run} epoch {job.epoch}, {first.sample_id} of run {first.run} epoch {first.epoch}")
+    ids = [job.sample_id for job in jobs]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"a {what} names each sample once; repeated: {sorted({i for i in ids if ids.count(i) > 1})}")
+
+
+class _Chunk(Message):
+    """Samples of one epoch of one run that travel together: the protocol pays per chunk (one message,
+    one commit), while Redis keys, progress and redos stay per sample."""
+
+    jobs: list[DecodeJob] = Field(min_length=1, max_length=MAX_CHUNK)
+
+    @model_validator(mode="after")
+    def _same_epoch(self) -> _Chunk:
+        _one_epoch(self.jobs, self.kind)  # type: ignore[attr-defined]
+        return self
+
+    @property
+    def run(self) -> str:
+        return self.jobs[0].run
+
+    @property
+    def epoch(self) -> int:
+        return self.jobs[0].epoch
+
+    def sample_ids(self) -> list[str]:
+        return [job.sample_id for job in self.jobs]
+
+
+class DecodeChunk(_Chunk):
+    """Decode jobs of consecutive samples of one epoch (the planner's chunk, or the samples of a redo)."""
+
+    kind: Literal["decode_chunk"] = "decode_chunk"
+
+
+class FramesReady(_Chunk):
+    """The decoded frames of each job are in Redis (``RedisKeys.frames``; self-describing arrays in
+    ``pix_fmt``: see essp.dataplane.payloads)."""
 
     kind: Literal["frames_ready"] = "frames_ready"
-    job: DecodeJob
-    key: str
-    shape: list[int]
+    pix_fmt: Literal["rgb24", "gray"] = "rgb24"
 
 
-class FeatureReady(Message):
-    """The feature of ``job`` computed by ``extractor`` is in Redis under ``key``, for ``stream``."""
+class FeatureReady(_Chunk):
+    """The feature of each job computed by ``extractor`` is in Redis (``RedisKeys.feature``), for ``stream``."""
 
     kind: Literal["feature_ready"] = "feature_ready"
-    job: DecodeJob
     extractor: str
     stream: str
-    key: str
-    shape: list[int]
-    dtype: str
+
 
 class ControlCommand(Message):
     kind: Literal["control"] = "control"
@@ -360,13 +432,14 @@ def epoch_progress(run: str, epoch: int, states: dict[str, TrainerState | None],
 
 
 AnyMessage = Annotated[
-    DecodeJob | FramesReady | FeatureReady | ControlCommand | WorkerEvent | DeadLetter | SmokePing,
+    DecodeJob | DecodeChunk | FramesReady | FeatureReady | ControlCommand | WorkerEvent | DeadLetter | SmokePing,
     Field(discriminator="kind"),
 ]
 _ANY = TypeAdapter(AnyMessage)
 KINDS: dict[str, type[Message]] = {
     cls.model_fields["kind"].default: cls
-    for cls in (DecodeJob, FramesReady, FeatureReady, ControlCommand, WorkerEvent, DeadLetter, SmokePing)
+    for cls in (DecodeJob, DecodeChunk, FramesReady, FeatureReady, ControlCommand, WorkerEvent, DeadLetter,
+                SmokePing)
 }
 
 

@@ -124,7 +124,7 @@ def measure_streaming(settings: Settings, manifest: Manifest, options: BenchOpti
             run = f"bench-{tag}-w{count}"
             # The run's topics exist before the workers' next metadata refresh (3 s): they join them
             # while the consumer joins its group, and the warm-up epoch absorbs both.
-            ensure_topics(settings, topics.run_topics(run, ["flow"]))
+            ensure_topics(settings, topics.run_topics(run, ["flow"], 0))
             say(f"streaming: {count} decode + {count} flow worker(s) serving after {startup_s:.1f}s; run {run}")
             by_kind = {"decode": [w.pid for w in workers if w.name.startswith(worker_name("decode", 0)[:-1])],
                        "flow": [w.pid for w in workers if w.name.startswith(worker_name("flow", 0)[:-1])],

@@ -155,6 +155,7 @@ def measure_streaming(settings: Settings, options: TrainerBenchOptions, scratch:
 
     from essp.clients.kafka import delete_topics, ensure_topics
     from essp.contract import Topics
+    from essp.dataplane.plan import run_topic_names
     from essp.deploy.local import LocalProcess, LocalProcesses, worker_args, worker_name
 
     manifest = _dataset(settings, options, scratch)
@@ -178,7 +179,7 @@ def measure_streaming(settings: Settings, options: TrainerBenchOptions, scratch:
                     rows.append(row)
                     say(f"streaming {stream:<5} {arch:<9} {count} worker(s) of each kind: "
                         f"{row['samples_per_s']:.1f} samples/s, data wait {100 * row['data_wait']:.1f}%")
-                    delete_topics(settings, topics.run_topics(run, [stream]))
+                    delete_topics(settings, run_topic_names(settings, run))
         finally:
             for worker in workers:
                 worker.stop()

@@ -55,7 +55,7 @@ def _supervise(argv: list[str], replicas: int, name: str) -> None:
 @worker_app.command("decode")
 def decode_cmd(replicas: Replicas = 1, run: RunFilter = None, worker_id: WorkerId = None,
                verbose: Verbose = False) -> None:
-    """Decode worker: DecodeJob -> frames in Redis + FramesReady."""
+    """Decode worker: DecodeChunk -> each sample's frames in Redis + one FramesReady per chunk."""
     if replicas > 1:
         _supervise(["worker", "decode", *(["--run", run] if run else [])], replicas, "decode")
         return
@@ -73,7 +73,7 @@ def decode_cmd(replicas: Replicas = 1, run: RunFilter = None, worker_id: WorkerI
 def extract_cmd(kind: Annotated[str, typer.Option(help="Extractor kind (= stream): rgb, flow, framediff, ...")],
                 replicas: Replicas = 1, run: RunFilter = None, worker_id: WorkerId = None,
                 verbose: Verbose = False) -> None:
-    """Extractor worker: FramesReady -> one feature in Redis + FeatureReady on its stream.
+    """Extractor worker: FramesReady -> each sample's feature in Redis + one FeatureReady on its stream.
     The extractor's options (e.g. the flow method) come with each job, from the plan."""
     from essp.dataplane.extractors import extractor_kinds, load_extractor_plugins
 

@@ -69,6 +69,16 @@ def ensure_topics(settings: Settings, names: Iterable[str], partitions: int | No
         admin.close()
 
 
+def list_topics(settings: Settings) -> list[str]:
+    admin = kafka_admin(settings)
+    try:
+        return list(admin.list_topics())
+    except KafkaError as exc:
+        raise _unavailable(settings, exc) from None
+    finally:
+        admin.close()
+
+
 def delete_topics(settings: Settings, names: Iterable[str]) -> None:
     admin = kafka_admin(settings)
     try:
@@ -92,7 +102,9 @@ def topic_partitions(settings: Settings, topic: str) -> int:
 
 
 class MessageProducer:
-    """Publishes contract messages; ``publish`` returns once the broker has acknowledged."""
+    """Publishes contract messages. ``publish`` returns once the broker has acknowledged, or at once
+    with ``wait=False``: then :meth:`flush` (before the commit of what the messages answer) waits for
+    every one, so a worker's notices are pipelined and it still never commits a job whose notice is lost."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -101,18 +113,25 @@ class MessageProducer:
                                            max_block_ms=30000)
         except KafkaError as exc:
             raise _unavailable(settings, exc) from None
+        self._pending: list = []  # futures of tracked sends not yet checked by flush()
+        self._lock = threading.Lock()
 
     def publish(self, topic: str, message: Message, key: str | None = None, *,
-                wait: bool = True) -> tuple[int, int] | None:
-        """Send one message; with ``wait``, return its (partition, offset) once acknowledged."""
-        return self.send_raw(topic, encode(message), key, wait=wait)
+                wait: bool = True, tracked: bool = True) -> tuple[int, int] | None:
+        """Send one message; with ``wait``, return its (partition, offset) once acknowledged. Without,
+        a ``tracked`` message is checked by the next :meth:`flush` (an untracked one, such as a
+        heartbeat, may be lost without failing anything)."""
+        return self.send_raw(topic, encode(message), key, wait=wait, tracked=tracked)
 
     def send_raw(self, topic: str, value: bytes, key: str | None = None, *,
-                 wait: bool = True) -> tuple[int, int] | None:
+                 wait: bool = True, tracked: bool = True) -> tuple[int, int] | None:
         """Send bytes as they are: for dead letters of foreign payloads and for tests."""
         try:
             future = self._producer.send(topic, value=value, key=key.encode() if key else None)
             if not wait:
+                if tracked:
+                    with self._lock:
+                        self._pending.append(future)
                 return None
             metadata = future.get(timeout=30)
         except KafkaError as exc:
@@ -133,7 +152,16 @@ class MessageProducer:
         return len(futures)
 
     def flush(self) -> None:
-        self._producer.flush(timeout=30)
+        """Wait until every message sent so far is acknowledged; :class:`ServiceUnavailable` when one
+        tracked message sent without waiting failed (the caller then must not commit what it answers)."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        try:
+            self._producer.flush(timeout=30)
+            for future in pending:
+                future.get(timeout=30)  # done after the flush: raises the send's error, if any
+        except KafkaError as exc:
+            raise _unavailable(self.settings, exc) from None
 
     def close(self) -> None:
         self._producer.close(timeout=10)

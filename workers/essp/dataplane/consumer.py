@@ -1,10 +1,11 @@
 """The trainer's side of the data plane: ready samples of one stream, prefetched in the background.
 
 :class:`SampleStream` is one member of the consumer group of (run, stream): a background thread reads
-the stream's ready notices and the run's dead letters, takes each payload out of Redis (which frees
-the sample's in-flight slot once every stream has it) and queues it, up to ``prefetch`` samples
-ahead. :meth:`SampleStream.epoch` yields the samples of one epoch exactly once each (duplicates from
-at-least-once delivery are dropped), ends when every planned sample has arrived or is known dead,
+the stream's ready notices (chunks of samples, in each epoch's own topic) and the run's dead letters,
+takes a chunk's payloads out of Redis in one round trip (which frees each sample's in-flight slot once
+every stream has it), queues them, up to ``prefetch`` samples ahead, and then commits what it read, only
+for the partitions it read. :meth:`SampleStream.epoch` yields the samples of one epoch exactly once
+each (duplicates from at-least-once delivery are dropped), ends when every planned sample has arrived or is known dead,
 and counts the time the trainer spent waiting for data. Several members of one group split the
 samples between them (under DDP one rank reads and hands sub-batches to the others, see
 essp.training.trainer).
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from essp.clients.kafka import MessageConsumer, MessageProducer, RebalancedDuringWork
-from essp.contract import DeadLetter, DecodeJob, FeatureReady, Topics
+from essp.contract import DeadLetter, DecodeChunk, DecodeJob, FeatureReady, Topics
 from essp.dataplane.payloads import SampleStore
 from essp.errors import EsspError, ServiceUnavailable
 from essp.settings import Settings
@@ -83,7 +84,7 @@ class SampleStream:
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._consumer = MessageConsumer(
-            settings, self.group_id, [self.topics.ready(run, stream), self.topics.run_dead(run)],
+            settings, self.group_id, pattern=self.topics.ready_pattern(run, stream),
             dead_letter_topic=self.topics.dead, expected=(FeatureReady, DeadLetter))
         self._producer = MessageProducer(settings)
         self._thread = threading.Thread(target=self._fill, name=f"essp-prefetch-{stream}", daemon=True)
@@ -93,14 +94,16 @@ class SampleStream:
     def _fill(self) -> None:
         try:
             while not self._stop.is_set():
-                batch = self._consumer.poll(self.poll_s, max_records=self.prefetch)
+                batch = self._consumer.poll(self.poll_s, max_records=1)
+                read: dict[tuple[str, int], int] = {}
                 for received in batch:
-                    item = self._receive(received.message)
-                    if item is not None and not self._put(item):
-                        return
-                if batch:
+                    for item in self._receive(received.message):
+                        if not self._put(item):
+                            return
+                    read[(received.topic, received.partition)] = received.offset + 1
+                if read:
                     try:
-                        self._consumer.commit()
+                        self._consumer.commit(read)
                     except RebalancedDuringWork as exc:
                         log.info("commit refused after a rebalance: %s", exc)
         except BaseException as exc:  # noqa: BLE001 - handed to the iterating thread
@@ -115,33 +118,42 @@ class SampleStream:
                 self._consumer.keep_alive()
         return False
 
-    def _receive(self, message: FeatureReady | DeadLetter) -> Sample | _Dead | None:
+    def _receive(self, message: FeatureReady | DeadLetter) -> list[Sample | _Dead]:
         if isinstance(message, DeadLetter):
             if message.run != self.run or message.sample_id is None or message.epoch is None:
-                return None
+                return []
             if message.stream not in (None, self.stream):
-                return None  # another stream lost it; this one still gets it
-            return _Dead(message.sample_id, message.epoch, message.reason)
-        job = message.job
+                return []  # another stream lost it; this one still gets it
+            return [_Dead(message.sample_id, message.epoch, message.reason)]
+        if message.stream != self.stream:
+            return []
+        jobs = message.jobs
         delay = 0.5
         while True:
             try:
-                taken = self.store.take(self.stream, job.sample_id)
+                taken = self.store.take_many(self.stream, [job.sample_id for job in jobs])
                 break
             except ServiceUnavailable as exc:  # Redis restarting: stall, then go on
                 log.warning("%s; retrying", exc)
                 if self._stop.wait(delay):
-                    return None
+                    return []
                 delay = min(2 * delay, 10.0)
-        if taken.status == "taken":
-            return Sample(job.sample_id, job.epoch, job.label, taken.array, job)
-        if taken.status == "duplicate":
-            self.stats.duplicates += 1
-            return None
-        # Announced but gone (TTL or a Redis restart) and never consumed: have it made again.
-        self._producer.publish(self.topics.decode(self.run), job, key=job.sample_id)
-        self.stats.redone += 1
-        return None
+        items: list[Sample | _Dead] = []
+        lost: list[DecodeJob] = []
+        for job, got in zip(jobs, taken, strict=True):
+            if got.status == "taken":
+                assert got.array is not None
+                items.append(Sample(job.sample_id, job.epoch, job.label, got.array, job))
+            elif got.status == "duplicate":
+                self.stats.duplicates += 1
+            else:
+                lost.append(job)
+        if lost:
+            # Announced but gone (TTL or a Redis restart) and never consumed: have them made again.
+            self._producer.publish(self.topics.decode(self.run, message.epoch), DecodeChunk(jobs=lost),
+                                   key=lost[0].sample_id)
+            self.stats.redone += len(lost)
+        return items
 
     # -- foreground -------------------------------------------------------------------------------
     def epoch(self, epoch: int, expected: int, *, timeout_s: float = 120.0,

@@ -1,11 +1,14 @@
-"""The decode worker: DecodeJob in, L+1 resized frames in Redis and a FramesReady notice out.
+"""The decode worker: a DecodeChunk in, each sample's L+1 resized frames in Redis, a FramesReady notice out.
 
-For each job: take an in-flight slot for the sample (wait while the run is at its bound: producers
-wait, they never drop), fetch the video through an in-memory LRU of bytes, seek and decode the
-frames (essp.datasets.video verifies the first frame's timestamp), store them with a TTL, publish the notice.
-The base class commits the job only after that. A video that cannot be decoded is dead-lettered
-on the run's dead topic with the reason, recorded in the run's quarantine hash, and its sample is
-abandoned (slot freed) so the epoch goes on.
+For each chunk: take in-flight slots for its samples (wait while the run is at its bound: producers
+wait, they never drop), fetch each video through an in-memory LRU of bytes, seek and decode the frames
+(essp.datasets.video verifies the first frame's timestamp) in the format the sample's extractors need
+(grey unless one needs colour: :func:`essp.dataplane.extractors.frames_format`), store them with a TTL
+(one round trip per chunk), publish one notice for the chunk. The base class commits the chunk only after
+that. When the run reaches its bound halfway through a chunk, the samples already decoded are stored and
+announced before the worker waits, so a partial chunk never holds slots that nobody can free. A video that
+cannot be decoded is dead-lettered (that sample only) on the run's dead topic with the reason, recorded
+in the run's quarantine hash, and its sample is abandoned (slot freed) so the epoch goes on.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from typing import ClassVar
 from essp.clients.kafka import Received
 from essp.clients.redis import redis_client
 from essp.clients.s3 import ObjectNotFound, ObjectStore, S3Uri
-from essp.contract import DecodeJob, FramesReady, Message
+from essp.contract import DecodeChunk, DecodeJob, FramesReady, Message
+from essp.dataplane.extractors import frames_format
 from essp.dataplane.payloads import SampleStore
 from essp.dataplane.resident import ResidentWorker, WorkInterrupted
 from essp.datasets.video import VideoError, decode_segment
@@ -63,12 +67,12 @@ class VideoCache:
 class DecodeWorker(ResidentWorker):
     kind = "decode"
     family: ClassVar[str] = "decode"
-    max_records: ClassVar[int] = 2
 
     def __init__(self, settings: Settings, **kwargs) -> None:  # noqa: ANN003
         super().__init__(settings, **kwargs)
         self.cache = VideoCache(ObjectStore(settings), settings.video_cache_mb * 1024 * 1024)
         self._stores: dict[str, SampleStore] = {}
+        self.counters.update({"work_cpu_s": 0.0, "frames": 0, "frames_decoded": 0})
 
     def group_id(self) -> str:
         return f"{self.settings.topic_prefix}.decode"
@@ -77,7 +81,7 @@ class DecodeWorker(ResidentWorker):
         return self.topics.decode_pattern(self.run_filter)
 
     def expected(self) -> tuple[type[Message], ...]:
-        return (DecodeJob,)
+        return (DecodeChunk,)
 
     def store(self, run: str) -> SampleStore:
         if run not in self._stores:
@@ -86,46 +90,69 @@ class DecodeWorker(ResidentWorker):
 
     def skip_stopped(self, received: Received, run: str) -> None:
         super().skip_stopped(received, run)
-        job = received.message
-        assert isinstance(job, DecodeJob)
-        self.store(run).abandon(job.sample_id, list(job.features))
+        chunk = received.message
+        assert isinstance(chunk, DecodeChunk)
+        for job in chunk.jobs:
+            self.store(run).abandon(job.sample_id, list(job.features))
 
     def handle(self, received: Received) -> None:
-        job = received.message
-        assert isinstance(job, DecodeJob)
-        store = self.store(job.run)
-        streams = list(job.features)
-        if not self._wait_for_slot(store, job):
-            raise WorkInterrupted(f"stopping while sample {job.sample_id} waited for a slot")
+        chunk = received.message
+        assert isinstance(chunk, DecodeChunk)
+        store = self.store(chunk.run)
+        todo = list(chunk.jobs)
+        while todo:
+            granted = self._wait_for_slots(store, todo)
+            if not granted:
+                raise WorkInterrupted(f"stopping while sample {todo[0].sample_id} waited for a slot")
+            batch, todo = todo[:granted], todo[granted:]
+            decoded = [(job, frames) for job in batch if (frames := self._decode(received, job, store)) is not None]
+            self._store_and_announce(store, decoded)
+
+    def _decode(self, received: Received, job: DecodeJob, store: SampleStore):  # noqa: ANN202
+        stats: dict[str, int] = {}
+        started = None
         try:
-            data = self.cache.get(job.video)
-            frames = decode_segment(data, job.video, job.offset, job.length + 1, (job.height, job.width))
+            data = self.cache.get(job.video)  # S3 on a miss: the plane's cost, not decode work
+            started = time.thread_time()
+            frames = decode_segment(data, job.video, job.offset, job.length + 1, (job.height, job.width),
+                                    pix_fmt=frames_format(job.features), stats=stats)
         except (VideoError, ObjectNotFound) as exc:
             self._fail(received, job, store, str(exc))
-            return
-        todo = store.put_frames(job.sample_id, frames, streams)
-        if todo:
-            self.publish(self.topics.frames(job.run),
-                         FramesReady(job=job, key=store.frames_key(job.sample_id), shape=list(frames.shape)),
-                         key=job.sample_id)
-        else:
-            self.count("duplicates")  # every stream already has it: a redelivered job
-        self.count("jobs_done")
+            return None
+        finally:
+            if started is not None:  # the work counter: CPU of this thread inside the decode itself
+                self.count("work_cpu_s", time.thread_time() - started)
         self.count("frames", len(frames))
+        self.count("frames_decoded", stats.get("decoded", len(frames)))
+        return frames
 
-    def _wait_for_slot(self, store: SampleStore, job: DecodeJob) -> bool:
-        """Back-pressure: block until the sample holds an in-flight slot (or the worker stops)."""
+    def _store_and_announce(self, store: SampleStore, decoded: list[tuple[DecodeJob, object]]) -> None:
+        if not decoded:
+            return
+        todo = store.put_frames_many([(job.sample_id, frames, list(job.features)) for job, frames in decoded])
+        fresh = [job for (job, _), n in zip(decoded, todo, strict=True) if n]
+        self.count("duplicates", len(decoded) - len(fresh))  # every stream already had it: a redelivered job
+        self.count("jobs_done", len(decoded))
+        if fresh:
+            first = fresh[0]
+            self.publish(self.topics.frames(first.run, first.epoch),
+                         FramesReady(jobs=fresh, pix_fmt=frames_format(first.features)), key=first.sample_id)
+
+    def _wait_for_slots(self, store: SampleStore, jobs: list[DecodeJob]) -> int:
+        """Back-pressure: block until the first samples hold in-flight slots (or the worker stops: 0);
+        returns how many do."""
         started = None
-        while not store.acquire(job.sample_id, job.max_inflight):
+        limit = jobs[0].max_inflight
+        while not (granted := store.acquire_many([job.sample_id for job in jobs], limit)):
             if started is None:
                 started = time.monotonic()
             if self.stopping.wait(0.05):
-                return False
+                return 0
             if self.consumer is not None:
                 self.consumer.keep_alive()
         if started is not None:
             self.count("waited_s", time.monotonic() - started)
-        return True
+        return granted
 
     def _fail(self, received: Received, job: DecodeJob, store: SampleStore, reason: str) -> None:
         log.warning("sample %s of run %s: %s", job.sample_id, job.run, reason)
@@ -133,4 +160,4 @@ class DecodeWorker(ResidentWorker):
         redis_client(self.settings).hset(self.keys.quarantine(job.run), job.video, reason)
         store.abandon(job.sample_id, list(job.features))
         self.dead_letter(received, reason, run=job.run, epoch=job.epoch, sample_id=job.sample_id,
-                         video=job.video)
+                         video=job.video, payload=job)

@@ -1,21 +1,25 @@
-"""The extractor worker: FramesReady in, one feature in Redis and a FeatureReady notice out.
+"""The extractor worker: a FramesReady chunk in, each sample's feature in Redis, one FeatureReady out.
 
 One process serves one extractor kind (= stream) for every run; each kind is its own consumer
-group on the frames topics, so every kind sees every sample. A notice for a sample that does not
-ask for this kind is committed without work. The options of the extractor (e.g. the flow method)
-travel with the job, and one instance per distinct options is kept. When the frames are gone from
-Redis (expired, or Redis restarted) and the feature was never made, the decode job is published
-again: at-least-once, never a lost sample.
+group on the frames topics, so every kind sees every sample. Samples of a chunk that do not ask for
+this kind are skipped. The options of the extractor (e.g. the flow method) travel with the job, and
+one instance per distinct options is kept. A chunk costs three Redis round trips (the samples' states,
+their frames in one MGET, their features in one MULTI) and one notice. When a sample's frames are gone
+from Redis (expired, or Redis restarted) and its feature was never made, its decode job is published
+again, alone: at-least-once, never a lost sample, and the rest of the chunk goes on.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import ClassVar
 
+import numpy as np
+
 from essp.clients.kafka import Received
-from essp.contract import DecodeJob, FeatureReady, FramesReady, Message
+from essp.contract import DecodeChunk, DecodeJob, FeatureReady, FramesReady, Message
 from essp.dataplane.extractors import FeatureExtractor, create_extractor, extractor_kinds
 from essp.dataplane.payloads import CONSUMED, EXTRACTED, SampleStore
 from essp.dataplane.resident import ResidentWorker
@@ -26,7 +30,6 @@ log = logging.getLogger("essp.extract")
 
 class ExtractWorker(ResidentWorker):
     family: ClassVar[str] = "extract"
-    max_records: ClassVar[int] = 2
 
     def __init__(self, settings: Settings, extractor: str, **kwargs) -> None:  # noqa: ANN003
         if extractor not in extractor_kinds():
@@ -35,6 +38,7 @@ class ExtractWorker(ResidentWorker):
         super().__init__(settings, **kwargs)
         self._extractors: dict[str, FeatureExtractor] = {}
         self._stores: dict[str, SampleStore] = {}
+        self.counters.update({"work_cpu_s": 0.0, "reannounced": 0})
 
     def group_id(self) -> str:
         return f"{self.settings.topic_prefix}.extract.{self.kind}"
@@ -59,53 +63,62 @@ class ExtractWorker(ResidentWorker):
     def handle(self, received: Received) -> None:
         notice = received.message
         assert isinstance(notice, FramesReady)
-        job = notice.job
-        if self.kind not in job.features:
-            return  # the sample does not feed this stream
-        store = self.store(job.run)
-        state = store.stream_state(job.sample_id, self.kind)
-        if state == CONSUMED:
-            self.count("duplicates")
-            return
-        if state == EXTRACTED:
-            # The feature is in Redis, but the worker that wrote it may have died before its notice was
-            # acknowledged: announce it again (the trainer's take counts a second notice as a duplicate).
-            meta = store.feature_meta(self.kind, job.sample_id)
-            if meta is not None:
-                self._announce(job, store, *meta)
+        mine = [job for job in notice.jobs if self.kind in job.features]
+        if not mine:
+            return  # the samples do not feed this stream
+        store = self.store(notice.run)
+        states = store.stream_states([job.sample_id for job in mine], self.kind)
+        todo: list[DecodeJob] = []
+        ready: list[DecodeJob] = []  # extracted before (a redelivered notice): announced again
+        for job, state in zip(mine, states, strict=True):
+            if state == CONSUMED:
+                self.count("duplicates")
+            elif state == EXTRACTED and store.feature_meta(self.kind, job.sample_id) is not None:
+                # The worker that wrote it may have died before its notice was acknowledged.
+                ready.append(job)
                 self.count("reannounced")
-                return
+            else:
+                todo.append(job)
+        redo: list[DecodeJob] = []
+        features: list[tuple[str, np.ndarray]] = []
+        made: list[DecodeJob] = []
+        for job, frames in zip(todo, store.get_frames_many([job.sample_id for job in todo]), strict=True):
+            if frames is None:
+                redo.append(job)  # frames expired or lost before this stream was extracted: decode again
+                continue
+            feature = self._extract(received, store, job, frames)
+            if feature is not None:
+                features.append((job.sample_id, feature))
+                made.append(job)
+        store.put_features(self.kind, features)
+        self.count("jobs_done", len(made))
+        if redo:
+            self.publish(self.topics.decode(notice.run, notice.epoch), DecodeChunk(jobs=redo), key=redo[0].sample_id)
+            self.count("redone", len(redo))
+        if made or ready:
+            jobs = made + ready
+            self.publish(self.topics.ready(notice.run, self.kind, notice.epoch),
+                         FeatureReady(jobs=jobs, extractor=self.kind, stream=self.kind), key=jobs[0].sample_id)
+
+    def _extract(self, received: Received, store: SampleStore, job: DecodeJob, frames: np.ndarray):  # noqa: ANN202
         try:
             extractor = self.extractor(job.features[self.kind])
         except ValueError as exc:
-            self._fail(received, store, f"extractor {self.kind} options {job.features[self.kind]}: {exc}")
-            return
-        frames = store.get_frames(job.sample_id)
-        if frames is None:
-            # Frames expired or Redis lost them before this stream was extracted: decode again.
-            self.publish(self.topics.decode(job.run), job, key=job.sample_id)
-            self.count("redone")
-            return
+            self._fail(received, store, job, f"extractor {self.kind} options {job.features[self.kind]}: {exc}")
+            return None
+        started = time.thread_time()
         try:
-            feature = extractor.extract(frames)
+            return extractor.extract(frames)
         except Exception as exc:  # noqa: BLE001 - a sample the extractor cannot handle is dead-lettered
-            self._fail(received, store, f"extractor {self.kind} failed on {job.video} "
-                                        f"frames {job.offset}..{job.offset + job.length}: {exc}")
-            return
-        store.put_feature(self.kind, job.sample_id, feature)
-        self._announce(job, store, list(feature.shape), str(feature.dtype))
-        self.count("jobs_done")
+            self._fail(received, store, job, f"extractor {self.kind} failed on {job.video} "
+                                             f"frames {job.offset}..{job.offset + job.length}: {exc}")
+            return None
+        finally:
+            self.count("work_cpu_s", time.thread_time() - started)
 
-    def _announce(self, job: DecodeJob, store: SampleStore, shape: list[int], dtype: str) -> None:
-        self.publish(self.topics.ready(job.run, self.kind),
-                     FeatureReady(job=job, extractor=self.kind, stream=self.kind,
-                                  key=store.feature_key(self.kind, job.sample_id), shape=shape, dtype=dtype),
-                     key=job.sample_id)
-
-    def _fail(self, received: Received, store: SampleStore, reason: str) -> None:
-        job = received.message.job  # type: ignore[attr-defined]
+    def _fail(self, received: Received, store: SampleStore, job: DecodeJob, reason: str) -> None:
         log.warning("sample %s of run %s: %s", job.sample_id, job.run, reason)
         self.count("failures")
         store.abandon(job.sample_id, list(job.features), stream=self.kind)
         self.dead_letter(received, reason, run=job.run, epoch=job.epoch, sample_id=job.sample_id,
-                         video=job.video, stream=self.kind)
+                         video=job.video, stream=self.kind, payload=job)

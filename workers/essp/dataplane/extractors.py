@@ -3,7 +3,7 @@
 An extractor turns one decoded frame stack, uint8 RGB of shape ``(L+1, H, W, 3)``, into one
 feature array: uint8, C-contiguous, channels first. Its registry name (``kind``) is also the name
 of the stream the feature is delivered on: the payload goes to Redis under
-``<prefix>:<run>:feat:<kind>:<sample>`` and the notice to Kafka ``<prefix>.<run>.ready.<kind>``
+``<prefix>:<run>:feat:<kind>:<sample>`` and the notice to Kafka ``<prefix>.<run>.e<epoch>.ready.<kind>``
 (see :mod:`essp.contract`). Adding an extractor is a registration, not a change in the pipeline:
 
     @register_extractor
@@ -202,10 +202,15 @@ class ExtractorDeployment:
 
 
 class FeatureExtractor(ABC):
-    """Turns a frame stack (L+1, H, W, 3) uint8 RGB into a uint8 C-contiguous channels-first feature."""
+    """Turns a frame stack (L+1, H, W, 3) uint8 RGB into a uint8 C-contiguous channels-first feature.
+
+    An extractor that only looks at luma sets ``input_format = "gray"``: it then also accepts a grey stack
+    (L+1, H, W), which is what the decode worker stores when no extractor of the sample needs colour (a
+    third of the bytes, and the decoder's own Y plane scaled: no colour conversion at all)."""
 
     kind: ClassVar[str]  # registry name and stream name
     description: ClassVar[str]
+    input_format: ClassVar[str] = "rgb24"  # "rgb24" or "gray": the least the extractor needs
     option_specs: ClassVar[Mapping[str, OptionSpec]] = {}
     min_frames: ClassVar[int] = 2  # L+1 >= 2: every stack has at least one frame pair
     # The master's table entry for this kind (see ExtractorDeployment).
@@ -250,11 +255,13 @@ class FeatureExtractor(ABC):
                                    memory=cls.memory, gpu=cls.gpu)
 
     def check_frames_shape(self, frames_shape: tuple[int, ...]) -> tuple[int, int, int]:
-        """Validate ``(L+1, H, W, 3)`` and return ``(L, H, W)``."""
+        """Validate ``(L+1, H, W, 3)`` (or ``(L+1, H, W)`` for a grey extractor) and return ``(L, H, W)``."""
         shape = tuple(frames_shape)
-        if (len(shape) != 4 or shape[3] != 3 or shape[0] < self.min_frames or shape[1] < 1
-                or shape[2] < 1):
-            raise ValueError(f"extractor {self.kind!r}: frames must have shape (L+1, H, W, 3) with "
+        gray_ok = self.input_format == "gray" and len(shape) == 3
+        if (not (gray_ok or (len(shape) == 4 and shape[3] == 3)) or shape[0] < self.min_frames
+                or shape[1] < 1 or shape[2] < 1):
+            grey = " or (L+1, H, W) grey" if self.input_format == "gray" else ""
+            raise ValueError(f"extractor {self.kind!r}: frames must have shape (L+1, H, W, 3){grey} with "
                              f"L+1 >= {self.min_frames}, got {shape}")
         return shape[0] - 1, shape[1], shape[2]
 
@@ -380,8 +387,23 @@ def resolve_image(image: str, settings: Settings) -> str:
 # Built-in extractors
 
 
-def _gray(frames: np.ndarray) -> list[np.ndarray]:
+def _gray(frames: np.ndarray) -> list[np.ndarray] | np.ndarray:
+    if frames.ndim == 3:  # already grey (the decoder's luma)
+        return frames
     return [cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) for frame in frames]
+
+
+def frames_format(features: Mapping[str, Any]) -> str:
+    """The frame format a decode worker stores for a sample feeding these extractors: "gray" when none
+    of them needs colour, else "rgb24". A kind not registered here (a plugin only the extractor
+    workers load) gets colour, which every extractor accepts."""
+    for kind in features:
+        try:
+            if extractor_class(kind).input_format != "gray":
+                return "rgb24"
+        except EsspError:
+            return "rgb24"
+    return "gray" if features else "rgb24"
 
 
 @register_extractor
@@ -451,6 +473,7 @@ class FlowExtractor(FeatureExtractor):
     """The temporal stream's input: dense optical flow of the L consecutive frame pairs."""
 
     kind = "flow"
+    input_format = "gray"
     description = ("optical flow of the L frame pairs (t -> t+1, grayscale) as (2L, H, W) uint8 stacked "
                    "x1, y1, x2, y2, ..., quantised around 128 within ±bound pixels")
     option_specs = {
@@ -497,6 +520,7 @@ class FrameDiffExtractor(FeatureExtractor):
     """A cheap motion stream: differences of consecutive grayscale frames."""
 
     kind = "framediff"
+    input_format = "gray"
     description = ("differences gray(t+1) - gray(t) of the L frame pairs as (L, H, W) uint8, quantised "
                    "around 128 within ±bound gray levels")
     option_specs = {
@@ -513,7 +537,7 @@ class FrameDiffExtractor(FeatureExtractor):
 
     def extract(self, frames: np.ndarray) -> np.ndarray:
         frames = self.check_frames(frames)
-        gray = np.stack(_gray(frames)).astype(np.int16)
+        gray = np.asarray(_gray(frames)).astype(np.int16)
         return np.ascontiguousarray(quantise(np.diff(gray, axis=0), self._options["bound"]))
 
 

@@ -3,23 +3,30 @@ in-flight bound that gives back-pressure.
 
 Per sample ``s`` of run ``r`` there are three kinds of keys (names in :class:`essp.contract.RedisKeys`):
 
-* ``frames:s`` — the decoded frames (hash: ``data``, ``shape``, ``dtype``), deleted as soon as every
-  extractor the sample needs has run;
+* ``frames:s`` — the decoded frames, deleted as soon as every extractor the sample needs has run;
 * ``feat:<kind>:s`` — one feature per extractor kind (= stream), deleted when the consumer takes it;
 * ``state:s`` — one field per stream, ``k:<stream>`` = 0 (to extract), 1 (extracted, waiting for its
   consumer) or 2 (consumed); it makes every step idempotent, so a redone job (at-least-once delivery)
   never double counts, and tells a consumer that finds no payload whether it is a duplicate notice or a
   lost payload (expired, or Redis restarted) that must be decoded again.
 
+Payloads are plain strings written with SET and read with GET/MGET, pipelined a chunk at a time: a
+self-describing array (:func:`encode_array`: a 6-byte head, ``dtype;shape``, then the C-order bytes),
+so that megabytes never pass through a Lua script (which copies them into and out of the script's
+interpreter). Only the small state logic runs in Lua, in the same MULTI/EXEC as the payload command,
+so a payload and its state change together; one round trip moves a whole chunk.
+
 The run's ``inflight`` sorted set holds the samples between decode and consumption. A decode worker
-adds its sample before it decodes and waits while the set is full (:meth:`SampleStore.acquire`); the
-consumer removes it when the last of its streams is taken. Entries older than the payload TTL are
-dropped, since their payloads have expired anyway. Every key has the TTL, so an abandoned run cleans
-itself up. All state changes are Lua scripts: atomic, and one round trip each.
+adds its samples before it decodes them and waits while the set is full (:meth:`SampleStore.acquire_many`);
+the consumer removes a sample when the last of its streams is taken. Entries older than the payload TTL
+are dropped, since their payloads have expired anyway. Every key has the TTL, so an abandoned run cleans
+itself up.
 """
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,41 +39,38 @@ from essp.settings import Settings
 
 TO_EXTRACT, EXTRACTED, CONSUMED = 0, 1, 2
 
-# KEYS: frames, state. ARGV: ttl, data, shape, dtype, stream...
-# Marks new streams "to extract" (a redo keeps what already progressed) and stores the frames only
-# if some stream still needs them. Returns how many streams still need extraction.
-_PUT_FRAMES = """
+# KEYS: state. ARGV: ttl, stream...
+# Marks new streams "to extract" (a redo keeps what already progressed). Returns how many streams still
+# need extraction (0: the frames just stored are not needed, and the caller deletes them).
+_MARK_FRAMES = """
 local ttl = tonumber(ARGV[1])
 local todo = 0
-for i = 5, #ARGV do
+for i = 2, #ARGV do
   local field = 'k:' .. ARGV[i]
-  local st = redis.call('HGET', KEYS[2], field)
+  local st = redis.call('HGET', KEYS[1], field)
   if not st then
-    redis.call('HSET', KEYS[2], field, 0)
+    redis.call('HSET', KEYS[1], field, 0)
     st = '0'
   end
   if st == '0' then todo = todo + 1 end
 end
-redis.call('HSET', KEYS[2], 'streams', table.concat(ARGV, ',', 5))
-redis.call('EXPIRE', KEYS[2], ttl)
-if todo > 0 then
-  redis.call('HSET', KEYS[1], 'data', ARGV[2], 'shape', ARGV[3], 'dtype', ARGV[4])
-  redis.call('EXPIRE', KEYS[1], ttl)
-end
+redis.call('HSET', KEYS[1], 'streams', table.concat(ARGV, ',', 2))
+redis.call('EXPIRE', KEYS[1], ttl)
 return todo
 """
 
-# KEYS: feature, state, frames. ARGV: ttl, stream, data, shape, dtype.
-# Stores the feature and moves the stream to "extracted" unless it already moved on (a redo of a
-# consumed sample stores nothing). Deletes the frames once no stream needs them. Returns the stream's
-# state before the call (nil -> -1).
-_PUT_FEATURE = """
+# KEYS: feature, state, frames. ARGV: ttl, stream.
+# Runs right after the SET of the feature: moves the stream to "extracted" unless it already moved on
+# (a redo of a consumed sample: the feature just stored is deleted again), and deletes the frames once
+# no stream needs them. Returns the stream's state before the call (nil -> -1).
+_MARK_FEATURE = """
 local ttl = tonumber(ARGV[1])
 local field = 'k:' .. ARGV[2]
 local st = redis.call('HGET', KEYS[2], field)
-if st == '2' then return 2 end
-redis.call('HSET', KEYS[1], 'data', ARGV[3], 'shape', ARGV[4], 'dtype', ARGV[5])
-redis.call('EXPIRE', KEYS[1], ttl)
+if st == '2' then
+  redis.call('DEL', KEYS[1])
+  return 2
+end
 redis.call('HSET', KEYS[2], field, 1)
 redis.call('EXPIRE', KEYS[2], ttl)
 local streams = redis.call('HGET', KEYS[2], 'streams') or ''
@@ -80,15 +84,14 @@ return tonumber(st)
 """
 
 # KEYS: feature, state, inflight, frames. ARGV: stream, sample_id.
-# Takes (reads and deletes) the feature, marks the stream consumed, and frees the in-flight slot when
-# every stream of the sample is consumed. Returns {status, data, shape, dtype}: status 1 = taken,
-# 2 = already consumed (duplicate notice), 0 = lost (no payload and not consumed).
+# Runs right after the GET of the feature (same MULTI): deletes it, marks the stream consumed, and frees
+# the in-flight slot when every stream of the sample is consumed. Returns 1 = taken, 2 = already consumed
+# (a duplicate notice), 0 = lost (no payload and not consumed).
 _TAKE = """
 local field = 'k:' .. ARGV[1]
-local vals = redis.call('HMGET', KEYS[1], 'data', 'shape', 'dtype')
-if not vals[1] then
-  if redis.call('HGET', KEYS[2], field) == '2' then return {2} end
-  return {0}
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if redis.call('HGET', KEYS[2], field) == '2' then return 2 end
+  return 0
 end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[2], field, 2)
@@ -101,22 +104,26 @@ if live == 0 then
   redis.call('ZREM', KEYS[3], ARGV[2])
   redis.call('DEL', KEYS[4])
 end
-return {1, vals[1], vals[2], vals[3]}
+return 1
 """
 
-# KEYS: inflight. ARGV: sample_id, limit, ttl. Returns 1 when the sample holds a slot (a redo keeps
-# its slot), 0 when the run is at its bound.
+# KEYS: inflight. ARGV: limit, ttl, sample_id... Gives slots to the samples in order (a redo keeps its
+# slot) and stops at the first that finds the run at its bound. Returns how many hold a slot.
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 1 end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3]))
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
-  redis.call('ZADD', KEYS[1], now, ARGV[1])
-  redis.call('EXPIRE', KEYS[1], ARGV[3])
-  return 1
+local limit = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+local granted = 0
+for i = 3, #ARGV do
+  if not redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    if redis.call('ZCARD', KEYS[1]) >= limit then break end
+    redis.call('ZADD', KEYS[1], now, ARGV[i])
+  end
+  granted = granted + 1
 end
-return 0
+if granted > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return granted
 """
 
 # KEYS: state, inflight, frames, feature... ARGV: sample_id, stream or '' (every stream), ttl.
@@ -146,25 +153,46 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 return live
 """
 
+_MAGIC = b"EA"  # "ESSP array"; then a u32 head length, the head "dtype;d0,d1,...", then the data
+_HEAD = struct.Struct("<2sI")
+
+
+class PayloadError(ValueError):
+    """Bytes in a payload key that are not an array written by :func:`encode_array`."""
+
+
+def encode_array(array: np.ndarray) -> bytes:
+    """One self-describing payload: head (dtype and shape) then the array's C-order bytes."""
+    array = np.ascontiguousarray(array)
+    head = f"{array.dtype.str};{','.join(str(d) for d in array.shape)}".encode()
+    return b"".join((_HEAD.pack(_MAGIC, len(head)), head, memoryview(array.reshape(-1).view(np.uint8))))
+
+
+def _parse_head(data: bytes) -> tuple[np.dtype, tuple[int, ...], int]:
+    if len(data) < _HEAD.size:
+        raise PayloadError(f"payload of {len(data)} bytes is shorter than its head")
+    magic, size = _HEAD.unpack_from(data)
+    if magic != _MAGIC or len(data) < _HEAD.size + size:
+        raise PayloadError("payload does not start with an ESSP array head")
+    dtype_s, _, shape_s = data[_HEAD.size:_HEAD.size + size].decode("ascii").partition(";")
+    return np.dtype(dtype_s), tuple(int(d) for d in shape_s.split(",") if d), _HEAD.size + size
+
+
+def decode_array(data: bytes) -> np.ndarray:
+    """The array of a payload (a read-only view of ``data``: nothing is copied)."""
+    dtype, shape, start = _parse_head(data)
+    array = np.frombuffer(data, dtype=dtype, offset=start)
+    if array.size != int(np.prod(shape)):
+        raise PayloadError(f"payload holds {array.size} values, its head says shape {shape}")
+    return array.reshape(shape)
+
 
 @dataclass(frozen=True)
 class Taken:
-    """What :meth:`SampleStore.take` found: the array, or why there is none."""
+    """What :meth:`SampleStore.take_many` found for one sample: the array, or why there is none."""
 
     status: str  # "taken" | "duplicate" | "lost"
     array: np.ndarray | None = None
-
-
-def _encode_array(array: np.ndarray) -> tuple[bytes, str, str]:
-    array = np.ascontiguousarray(array)
-    return array.tobytes(), ",".join(str(d) for d in array.shape), array.dtype.str
-
-
-def _decode_array(data: bytes, shape: bytes | str, dtype: bytes | str) -> np.ndarray:
-    shape_s = shape.decode() if isinstance(shape, bytes) else shape
-    dtype_s = dtype.decode() if isinstance(dtype, bytes) else dtype
-    dims = tuple(int(d) for d in shape_s.split(",") if d)
-    return np.frombuffer(data, dtype=np.dtype(dtype_s)).reshape(dims)
 
 
 class SampleStore:
@@ -176,8 +204,8 @@ class SampleStore:
         self.keys = RedisKeys(settings.redis_prefix)
         self.ttl_s = ttl_s or settings.payload_ttl_s
         self.redis = redis_client(settings)
-        self._put_frames = self.redis.register_script(_PUT_FRAMES)
-        self._put_feature = self.redis.register_script(_PUT_FEATURE)
+        self._mark_frames = self.redis.register_script(_MARK_FRAMES)
+        self._mark_feature = self.redis.register_script(_MARK_FEATURE)
         self._take = self.redis.register_script(_TAKE)
         self._acquire = self.redis.register_script(_ACQUIRE)
         self._abandon = self.redis.register_script(_ABANDON)
@@ -188,6 +216,12 @@ class SampleStore:
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise ServiceUnavailable("Redis", f"{self.settings.redis_host}:{self.settings.redis_port}",
                                      exc) from None
+
+    def _transaction(self, build) -> list:  # noqa: ANN001
+        """Run the commands ``build(pipe)`` queues as one MULTI/EXEC (one round trip)."""
+        pipe = self.redis.pipeline(transaction=True)
+        build(pipe)
+        return self._call(pipe.execute)
 
     # -- keys -------------------------------------------------------------------------------------
     def frames_key(self, sample_id: str) -> str:
@@ -200,56 +234,119 @@ class SampleStore:
         return self.keys.sample_state(self.run, sample_id)
 
     # -- in flight --------------------------------------------------------------------------------
+    def acquire_many(self, sample_ids: Sequence[str], limit: int) -> int:
+        """Take in-flight slots for the samples in order (idempotent per sample); returns how many of
+        the first ones hold a slot (fewer than asked when the run reached ``limit``)."""
+        if not sample_ids:
+            return 0
+        keys = [self.keys.inflight(self.run)]
+        return int(self._call(self._acquire, keys=keys, args=[limit, self.ttl_s, *sample_ids]))
+
     def acquire(self, sample_id: str, limit: int) -> bool:
         """Take an in-flight slot for the sample (idempotent); False when the run is at ``limit``."""
-        keys = [self.keys.inflight(self.run)]
-        return bool(self._call(self._acquire, keys=keys, args=[sample_id, limit, self.ttl_s]))
+        return self.acquire_many([sample_id], limit) == 1
 
     def inflight(self) -> int:
         return int(self._call(self.redis.zcard, self.keys.inflight(self.run)))
 
     # -- frames -----------------------------------------------------------------------------------
+    def put_frames_many(self, items: Sequence[tuple[str, np.ndarray, list[str]]]) -> list[int]:
+        """Store the frames of several samples (sample id, frames, streams) in one round trip; returns,
+        per sample, how many of its streams still need the frames (0: a redelivered job, nothing stored)."""
+        if not items:
+            return []
+
+        def build(pipe: redis.client.Pipeline) -> None:
+            for sample_id, frames, streams in items:
+                pipe.set(self.frames_key(sample_id), encode_array(frames), ex=self.ttl_s)
+                self._mark_frames(keys=[self.state_key(sample_id)], args=[self.ttl_s, *streams], client=pipe)
+
+        results = self._transaction(build)
+        todo = [int(n) for n in results[1::2]]
+        unneeded = [self.frames_key(sample_id) for (sample_id, _, _), n in zip(items, todo, strict=True) if not n]
+        if unneeded:
+            self._call(self.redis.delete, *unneeded)
+        return todo
+
     def put_frames(self, sample_id: str, frames: np.ndarray, streams: list[str]) -> int:
         """Store the frames for the streams that still need them; returns how many do."""
-        data, shape, dtype = _encode_array(frames)
-        keys = [self.frames_key(sample_id), self.state_key(sample_id)]
-        return int(self._call(self._put_frames, keys=keys, args=[self.ttl_s, data, shape, dtype, *streams]))
+        return self.put_frames_many([(sample_id, frames, streams)])[0]
+
+    def get_frames_many(self, sample_ids: Sequence[str]) -> list[np.ndarray | None]:
+        """The frames of several samples in one MGET (None where they are gone)."""
+        if not sample_ids:
+            return []
+        values = self._call(self.redis.mget, [self.frames_key(i) for i in sample_ids])
+        return [None if value is None else decode_array(value) for value in values]
 
     def get_frames(self, sample_id: str) -> np.ndarray | None:
-        values = self._call(self.redis.hmget, self.frames_key(sample_id), "data", "shape", "dtype")
-        if values[0] is None:
-            return None
-        return _decode_array(*values)
+        return self.get_frames_many([sample_id])[0]
+
+    def stream_states(self, sample_ids: Sequence[str], stream: str) -> list[int | None]:
+        """Each sample's state for ``stream`` (TO_EXTRACT, EXTRACTED, CONSUMED, or None), one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for sample_id in sample_ids:
+            pipe.hget(self.state_key(sample_id), f"k:{stream}")
+        return [None if value is None else int(value) for value in self._call(pipe.execute)]
 
     def stream_state(self, sample_id: str, stream: str) -> int | None:
-        value = self._call(self.redis.hget, self.state_key(sample_id), f"k:{stream}")
-        return None if value is None else int(value)
+        return self.stream_states([sample_id], stream)[0]
 
     # -- features ---------------------------------------------------------------------------------
     def feature_meta(self, stream: str, sample_id: str) -> tuple[list[int], str] | None:
-        """Shape and dtype of a stored feature (not its bytes), or None when it is not in Redis."""
-        shape, dtype = self._call(self.redis.hmget, self.feature_key(stream, sample_id), ["shape", "dtype"])
-        if shape is None or dtype is None:
+        """Shape and dtype of a stored feature (read from its head, not its bytes), or None when it is
+        not in Redis."""
+        head = self._call(self.redis.getrange, self.feature_key(stream, sample_id), 0, 255)
+        if not head:
             return None
-        shape_s = shape.decode() if isinstance(shape, bytes) else shape
-        return [int(d) for d in shape_s.split(",") if d], dtype.decode() if isinstance(dtype, bytes) else dtype
+        dtype, shape, _ = _parse_head(head)
+        return list(shape), dtype.name
+
+    def put_features(self, stream: str, items: Sequence[tuple[str, np.ndarray]]) -> list[int | None]:
+        """Store one stream's features of several samples in one round trip; returns each stream's
+        previous state (None if unknown)."""
+        if not items:
+            return []
+
+        def build(pipe: redis.client.Pipeline) -> None:
+            for sample_id, feature in items:
+                keys = [self.feature_key(stream, sample_id), self.state_key(sample_id), self.frames_key(sample_id)]
+                pipe.set(keys[0], encode_array(feature), ex=self.ttl_s)
+                self._mark_feature(keys=keys, args=[self.ttl_s, stream], client=pipe)
+
+        before = [int(n) for n in self._transaction(build)[1::2]]
+        return [None if n < 0 else n for n in before]
 
     def put_feature(self, stream: str, sample_id: str, feature: np.ndarray) -> int | None:
         """Store one stream's feature; returns the stream's previous state (None if unknown)."""
-        data, shape, dtype = _encode_array(feature)
-        keys = [self.feature_key(stream, sample_id), self.state_key(sample_id), self.frames_key(sample_id)]
-        before = int(self._call(self._put_feature, keys=keys, args=[self.ttl_s, stream, data, shape, dtype]))
-        return None if before < 0 else before
+        return self.put_features(stream, [(sample_id, feature)])[0]
+
+    def take_many(self, stream: str, sample_ids: Sequence[str]) -> list[Taken]:
+        """Read and delete one stream's feature of several samples (one MULTI/EXEC), releasing each
+        sample's slot when it is the last of its streams."""
+        if not sample_ids:
+            return []
+        inflight = self.keys.inflight(self.run)
+
+        def build(pipe: redis.client.Pipeline) -> None:
+            for sample_id in sample_ids:
+                keys = [self.feature_key(stream, sample_id), self.state_key(sample_id), inflight,
+                        self.frames_key(sample_id)]
+                pipe.get(keys[0])
+                self._take(keys=keys, args=[stream, sample_id], client=pipe)
+
+        results = self._transaction(build)
+        taken = []
+        for data, status in zip(results[0::2], results[1::2], strict=True):
+            if int(status) == 1 and data is not None:
+                taken.append(Taken("taken", decode_array(data)))
+            else:
+                taken.append(Taken("duplicate" if int(status) == 2 else "lost"))
+        return taken
 
     def take(self, stream: str, sample_id: str) -> Taken:
         """Read and delete one stream's feature of the sample, releasing its slot when it is the last."""
-        keys = [self.feature_key(stream, sample_id), self.state_key(sample_id),
-                self.keys.inflight(self.run), self.frames_key(sample_id)]
-        result = self._call(self._take, keys=keys, args=[stream, sample_id])
-        status = int(result[0])
-        if status == 1:
-            return Taken("taken", _decode_array(result[1], result[2], result[3]))
-        return Taken("duplicate" if status == 2 else "lost")
+        return self.take_many(stream, [sample_id])[0]
 
     def abandon(self, sample_id: str, streams: list[str], stream: str | None = None) -> None:
         """Give up a sample for one stream (or all): its payloads go and its slot is freed when no
@@ -284,7 +381,7 @@ class SampleStore:
         total = 0
         for pattern in (f"{self.keys.prefix}:{self.run}:frames:*", f"{self.keys.prefix}:{self.run}:feat:*"):
             for key in self.redis.scan_iter(match=pattern, count=1000):
-                total += int(self.redis.hstrlen(key, "data") or 0)
+                total += int(self.redis.strlen(key) or 0)
         return total
 
     def clear(self) -> int:

@@ -3,9 +3,10 @@ per-run pause/stop, heartbeats with counters, and a clean shutdown.
 
 A worker serves every run: it subscribes to a topic pattern (``essp.<any run>.decode``), so a new
 run's topics are picked up without a restart, and a new worker process takes partitions over by
-rebalance (elasticity). Offsets are committed per record after :meth:`ResidentWorker.handle` has
-returned, i.e. after the Redis write and the notice: a worker killed mid-job leaves that job, uncommitted,
-to the next owner of its partition.
+rebalance (elasticity). A record is a chunk of samples (see essp.dataplane.plan). Notices are sent
+without waiting for the broker, and the producer is flushed (every notice acknowledged) before the
+offsets of the records they answer are committed, once per poll and only for the partitions read: a
+worker killed mid-chunk leaves that chunk, uncommitted, to the next owner of its partition.
 
 Control (topic ``essp.control``): every worker reads every command (no consumer group, from the end)
 and obeys those whose ``target`` is ``*``, its kind or its id. Without a run, pause / resume / stop
@@ -215,7 +216,7 @@ class ResidentProcess(ABC):
                               epoch=epoch, counters=values, detail=detail)
         try:
             if self.producer is not None:
-                self.producer.publish(self.topics.events, message, key=self.worker_id, wait=False)
+                self.producer.publish(self.topics.events, message, key=self.worker_id, wait=False, tracked=False)
             redis_client(self.settings).set(self.keys.worker(self.worker_id), encode(message),
                                             ex=max(10, int(self.settings.heartbeat_s * 3)))
         except Exception as exc:  # noqa: BLE001 - an event never kills a resident process
@@ -266,7 +267,7 @@ class ResidentWorker(ResidentProcess):
     message; this class does the loop, the commits and the run controls, :class:`ResidentProcess` the rest."""
 
     family: ClassVar[str]  # decode | extract
-    max_records: ClassVar[int] = 4
+    max_records: ClassVar[int] = 1  # chunks per poll: each is several samples of work
 
     def __init__(self, settings: Settings, *, worker_id: str | None = None, run: str | None = None) -> None:
         super().__init__(settings, worker_id=worker_id or f"{self.kind}-{socket.gethostname()}-{os.getpid()}")
@@ -276,6 +277,7 @@ class ResidentWorker(ResidentProcess):
         self.paused = False
         self.consumer: MessageConsumer | None = None
         self._lock = threading.Lock()
+        self._first_offsets: dict[tuple[str, int], int] = {}
 
     # -- what subclasses define -------------------------------------------------------------------
     @abstractmethod
@@ -301,15 +303,18 @@ class ResidentWorker(ResidentProcess):
             self.counters[name] = self.counters.get(name, 0) + amount
 
     def publish(self, topic: str, message: Message, key: str | None = None) -> None:
+        """Send without waiting; the loop flushes before it commits (see the module's doc)."""
         assert self.producer is not None
-        self.producer.publish(topic, message, key=key)
+        self.producer.publish(topic, message, key=key, wait=False)
 
     def dead_letter(self, received: Received, reason: str, *, run: str | None, epoch: int | None = None,
-                    sample_id: str | None = None, video: str | None = None, stream: str | None = None) -> None:
+                    sample_id: str | None = None, video: str | None = None, stream: str | None = None,
+                    payload: Message | None = None) -> None:
+        """Publish a dead letter for the record, or for one sample of it (``payload``: its job)."""
         letter = DeadLetter(reason=reason, source_topic=received.topic, source_partition=received.partition,
                             source_offset=received.offset, run=run, epoch=epoch, sample_id=sample_id,
                             video=video, stream=stream,
-                            payload_b64=base64.b64encode(encode(received.message)).decode())
+                            payload_b64=base64.b64encode(encode(payload or received.message)).decode())
         topic = self.topics.run_dead(run) if run else self.topics.dead
         self.publish(topic, letter, key=sample_id)
         self.count("dead_lettered")
@@ -373,6 +378,9 @@ class ResidentWorker(ResidentProcess):
         assert self.consumer is not None
         self.consumer.pause_only(self._paused_partitions())
         batch = self.consumer.poll(timeout_s=0.5, max_records=self.max_records)
+        self._first_offsets = {}
+        for received in batch:
+            self._first_offsets.setdefault((received.topic, received.partition), received.offset)
         done: dict[tuple[str, int], int] = {}
         held: set[tuple[str, int]] = set()
         for received in batch:
@@ -387,11 +395,15 @@ class ResidentWorker(ResidentProcess):
             done[tp] = received.offset + 1
         if done:
             try:
+                assert self.producer is not None
+                self.producer.flush()  # every notice of these records acknowledged before their commit
                 self.consumer.commit(done)
             except RebalancedDuringWork as exc:
                 log.info("commit refused after a rebalance (the new owner redoes the work): %s", exc)
             except ServiceUnavailable as exc:
-                log.warning("commit failed, the jobs will be redone: %s", exc)
+                log.warning("notices or commit failed, the jobs will be redone: %s", exc)
+                for topic, partition in done:  # read them again here (idempotent per sample)
+                    self.consumer.rewind(topic, partition, self._first_offsets[(topic, partition)])
 
     def _decide(self, received: Received) -> str:
         """process / hold (worker or run paused, or stopping)."""

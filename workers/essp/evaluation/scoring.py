@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from essp.clients.kafka import delete_topics
-from essp.contract import DecodeJob, Topics, check_run_id
+from essp.contract import DecodeJob, check_run_id
 from essp.dataplane.consumer import SampleStream
 from essp.dataplane.payloads import SampleStore
-from essp.dataplane.plan import EpochPlan, publish_plan
+from essp.dataplane.plan import EpochPlan, publish_plan, run_topic_names
 from essp.datasets.manifest import Manifest
 from essp.errors import EsspError
 from essp.evaluation.metrics import DEFAULT_SNIPPETS
@@ -213,7 +213,7 @@ def score_split(settings: Settings, models: dict[str, StreamModel], videos: list
         for thread in threads:
             thread.join()
         store.clear()
-        delete_topics(settings, Topics(settings.topic_prefix).run_topics(score_run, list(models)))
+        delete_topics(settings, run_topic_names(settings, score_run))
     if errors:
         raise errors[0]
     return {stream: acc.result() for stream, acc in accumulators.items()}, plan

@@ -163,8 +163,8 @@ class TrainWorker(ResidentProcess):
             self.trainer.load_checkpoint(self.runs.load_checkpoint(resumed), source=resumed)
             log.info("resumed %s at epoch %d, iteration %d from %s", spec.stream, self.trainer.epoch,
                      self.trainer.iteration, resumed)
-        ensure_topics(self.settings, [self.topics.control, self.topics.events,
-                                      *self.topics.run_topics(spec.run, [spec.stream])])
+        # The stream reads its ready topics by pattern (one per epoch, created by the planner).
+        ensure_topics(self.settings, [self.topics.control, self.topics.events, self.topics.run_dead(spec.run)])
         if self.leader:  # under DDP rank 0 reads the stream and hands each rank its slice
             self.source = SampleStream(self.settings, spec.run, spec.stream, prefetch=spec.prefetch)
         self._set_state("ready", resumed_from=resumed)
