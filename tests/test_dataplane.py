@@ -279,3 +279,45 @@ def test_heartbeats_carry_counters_and_sigterm_stops_cleanly(plane):
             stopped |= {r.message.worker_id for r in consumer.poll(1.0)
                         if isinstance(r.message, WorkerEvent) and r.message.event == "stopped"}
         assert {ROLES["rgb-a"], ROLES["decode-b"]} <= stopped
+
+
+def test_a_long_run_keeps_a_few_epochs_of_topics_and_deleted_ones_stay_deleted(plane):
+    # Per-epoch topics keep the broker's log the size of a few epochs: after epoch e the run has the
+    # topics of epochs e-2 .. e+1 only, and no worker or consumer brings a deleted one back (Tansu
+    # re-creates a topic a client names; kafka-python's producer names every topic it ever wrote to).
+    from essp.dataplane.plan import run_topic_names
+
+    settings, manifest, damaged, _ = plane
+    run, topics = "r-epochs", Topics(settings.topic_prefix)
+    good = manifest.model_copy(update={"videos": [v for v in manifest.videos if v.uri not in damaged.values()]})
+    for epoch in range(6):
+        plan, results, stats = run_epoch(settings, good, run, epoch=epoch, samples=8,
+                                         features={"flow": FEATURES["flow"]})
+        assert set(results["flow"]) == set(plan.sample_ids()) and stats["flow"].dead == 0
+    time.sleep(4)  # past every client's metadata refresh: a topic named by someone would be back by now
+    epochs = sorted({topics.epoch_of(t) for t in run_topic_names(settings, run)} - {None})
+    assert epochs == [3, 4, 5, 6]
+    assert topics.run_dead(run) in run_topic_names(settings, run)
+
+
+def test_a_producer_forgets_the_partitions_of_deleted_topics(plane):
+    # Its sender would otherwise ask for metadata in a loop once the topic is gone from the metadata
+    # (the workers' CPU per sample tripled once old epochs were deleted).
+    from essp.clients.kafka import delete_topics
+    from essp.contract import SmokePing
+
+    settings = plane[0]
+    topic, other = f"{settings.topic_prefix}.gone", f"{settings.topic_prefix}.other"
+    ensure_topics(settings, [topic, other])
+    with MessageProducer(settings) as producer:
+        producer.publish(topic, SmokePing(token="x"))
+        delete_topics(settings, [topic])
+        producer.publish(other, SmokePing(token="y"))
+        metadata, accumulator = producer._producer._metadata, producer._producer._accumulator
+        deadline = time.monotonic() + 15
+        while topic in metadata.topics() and time.monotonic() < deadline:
+            metadata.request_update()
+            time.sleep(0.2)
+        assert topic not in metadata.topics()
+        _, _, unknown_leaders = accumulator.ready(metadata)
+        assert not unknown_leaders and not any(tp.topic == topic for tp in accumulator._batches)

@@ -18,7 +18,7 @@ from kafka.admin import NewTopic
 from kafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError, UnknownTopicOrPartitionError
 from kafka.structs import OffsetAndMetadata
 
-from essp.contract import DeadLetter, Message, decode, encode
+from essp.contract import DeadLetter, Message, Topics, decode, encode
 from essp.errors import MalformedMessage, ServiceUnavailable
 from essp.settings import Settings
 
@@ -40,6 +40,47 @@ def _unavailable(settings: Settings, exc: Exception) -> ServiceUnavailable:
 
 def _common(settings: Settings) -> dict:
     return {"bootstrap_servers": settings.kafka_bootstrap, "bootstrap_timeout_ms": BOOTSTRAP_TIMEOUT_MS}
+
+
+# Clients never create topics by asking for them: the planner deletes an epoch's topics once it is over,
+# and a client that still names one would bring it back, empty (measured: a run's topics grew by an
+# epoch's worth every epoch). Tansu creates a topic named in a metadata request whatever the request's
+# allow_auto_topic_creation says, and kafka-python's producer names every topic it ever sent to in each
+# metadata request (on every new topic, i.e. every epoch); so our clients also ask for the metadata of
+# all topics, which names none (_all_topics_metadata).
+NO_AUTO_CREATE = {"allow_auto_create_topics": False}
+
+
+def _forget_idle_partitions(producer: KafkaProducer) -> None:
+    """kafka-python 3.x keeps an (empty) batch queue for every partition a producer ever sent to, and
+    its sender asks for fresh metadata on every loop while one of them has no leader: once an epoch's
+    topics are deleted, each producer that wrote to them spun on metadata requests (measured: the
+    workers' CPU per sample tripled, and the broker's with it). Before each readiness check, drop the
+    queues that are empty, under the partition's lock (an append re-creates its queue under that lock)."""
+    accumulator = getattr(producer, "_accumulator", None)
+    if accumulator is None or not hasattr(accumulator, "_batches") or not hasattr(accumulator, "_tp_lock"):
+        return
+    ready = accumulator.ready
+
+    def ready_without_idle(cluster, now=None):  # noqa: ANN001, ANN202
+        for tp in list(accumulator._batches):
+            with accumulator._tp_lock(tp):
+                if not accumulator._batches.get(tp, True):
+                    del accumulator._batches[tp]
+        return ready(cluster, now)
+
+    accumulator.ready = ready_without_idle
+
+
+def _all_topics_metadata(client: KafkaProducer | KafkaConsumer) -> None:
+    """Make the client's metadata requests ask for every topic instead of naming the ones it knows."""
+    cluster = getattr(client, "_metadata", None) or getattr(client, "_cluster", None)  # kafka-python 3.x
+    if cluster is not None and hasattr(cluster, "need_all_topic_metadata"):
+        cluster.need_all_topic_metadata = True
+# A member following per-epoch topics by pattern reads only each run's EPOCH_WINDOW newest epochs. Tansu
+# brings a deleted topic back while a member still fetches from it (whatever the flag above says), so
+# the planner deletes only epochs that every member let go of one epoch earlier (essp.dataplane.plan).
+EPOCH_WINDOW = 3
 
 
 def kafka_admin(settings: Settings) -> KafkaAdminClient:
@@ -109,10 +150,12 @@ class MessageProducer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         try:
-            self._producer = KafkaProducer(**_common(settings), acks="all", linger_ms=2, retries=5,
-                                           max_block_ms=30000)
+            self._producer = KafkaProducer(**_common(settings), **NO_AUTO_CREATE, acks="all", linger_ms=2,
+                                           retries=5, max_block_ms=30000)
         except KafkaError as exc:
             raise _unavailable(settings, exc) from None
+        _all_topics_metadata(self._producer)
+        _forget_idle_partitions(self._producer)
         self._pending: list = []  # futures of tracked sends not yet checked by flush()
         self._lock = threading.Lock()
 
@@ -195,7 +238,7 @@ class MessageConsumer:
                  dead_letter_topic: str, expected: tuple[type[Message], ...] = (),
                  pattern: str | None = None, auto_offset_reset: str = "earliest",
                  max_poll_interval_ms: int = MAX_POLL_INTERVAL_MS, metadata_max_age_ms: int = 3000,
-                 membership: str | None = None) -> None:
+                 membership: str | None = None, epoch_window: int | None = EPOCH_WINDOW) -> None:
         self.settings = settings
         self.group_id = group_id
         self.expected = expected
@@ -211,7 +254,8 @@ class MessageConsumer:
             raise ValueError("give either topics or a pattern")
         try:
             self._consumer = KafkaConsumer(
-                *(self._topics if self.membership == "group" else ()), **_common(settings), group_id=group_id,
+                *(self._topics if self.membership == "group" else ()), **_common(settings), **NO_AUTO_CREATE,
+                group_id=group_id,
                 enable_auto_commit=False, auto_offset_reset=auto_offset_reset,
                 session_timeout_ms=settings.kafka_session_timeout_ms,
                 heartbeat_interval_ms=max(1000, settings.kafka_session_timeout_ms // 3),
@@ -219,9 +263,13 @@ class MessageConsumer:
             )
         except KafkaError as exc:
             raise _unavailable(settings, exc) from None
+        if self.membership == "lease":  # assigned partitions: their topics would be named in metadata requests
+            _all_topics_metadata(self._consumer)
         # A pattern is resolved here rather than by the client's regex subscription: the matching
         # topics are listed every few seconds and followed by name.
         self._pattern = re.compile(pattern) if pattern else None
+        self._epoch_window = epoch_window
+        self._naming = Topics(settings.topic_prefix)
         self._topics_every_s = metadata_max_age_ms / 1000
         self._topics_checked = 0.0
         self._subscribed: set[str] = set()
@@ -233,7 +281,25 @@ class MessageConsumer:
     def _current_topics(self) -> set[str]:
         if self._pattern is None:
             return set(self._topics)
-        return {t for t in self._consumer.topics() if self._pattern.match(t)}
+        found = {t for t in self._consumer.topics() if self._pattern.match(t)}
+        return self._newest_epochs(found) if self._epoch_window else found
+
+    def _newest_epochs(self, names: set[str]) -> set[str]:
+        """Per run, the topics of its ``epoch_window`` newest epochs (and its per-run topics): a member
+        lets go of an old epoch's topics before the planner deletes them (see EPOCH_WINDOW)."""
+        newest: dict[str, int] = {}
+        epochs: dict[str, tuple[str, int | None]] = {}
+        for name in names:
+            try:
+                run, epoch = self._naming.run_of(name), self._naming.epoch_of(name)
+            except ValueError:
+                run, epoch = name, None
+            epochs[name] = (run, epoch)
+            if epoch is not None:
+                newest[run] = max(newest.get(run, epoch), epoch)
+        assert self._epoch_window is not None
+        return {name for name, (run, epoch) in epochs.items()
+                if epoch is None or epoch > newest[run] - self._epoch_window}
 
     def _refresh(self) -> None:
         """Follow the topics (pattern) and, with leases, take this member's share of partitions."""
@@ -261,6 +327,7 @@ class MessageConsumer:
         mine = set(self._lease.share(partitions))
         if mine != self._consumer.assignment():
             self._consumer.assign(sorted(mine))
+            _all_topics_metadata(self._consumer)  # assign() (and unassigning all) resets it
 
     def poll(self, timeout_s: float = 1.0, max_records: int = 100) -> list[Received]:
         self._last_poll = time.monotonic()

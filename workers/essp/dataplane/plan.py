@@ -20,9 +20,11 @@ of added latency per hop at 12-25 ms of work per sample, and at most 16 samples 
 
 **Topics per epoch.** Publishing epoch ``e`` creates the topics of ``e`` and ``e + 1`` (so the workers,
 which follow topic patterns, already read the next epoch's topics when it is published) and deletes
-the run's topics of epochs before ``e - 1``: the broker keeps at most three epochs of a run, so its cost
+the run's topics of epochs before ``e - 2``: the broker keeps at most four epochs of a run, so its cost
 per sample does not grow with the run (Tansu has no DeleteRecords; a fetch there lists every stored batch
-of the partition).
+of the partition). Members follow only a run's three newest epochs (``EPOCH_WINDOW``), so when ``e + 1``
+appears they let go of ``e - 2``, which is deleted one epoch later: Tansu re-creates a deleted topic that
+a member still fetches from, and deleting only what nobody reads keeps it deleted.
 """
 
 from __future__ import annotations
@@ -133,13 +135,13 @@ def plan_epoch(manifest: Manifest, *, run: str, epoch: int, features: dict[str, 
 
 def publish_plan(settings: Settings, plan: EpochPlan, *, chunk: int | None = None) -> int:
     """Create the epoch's topics (and the next epoch's), delete the run's topics of epochs before
-    ``epoch - 1``, and publish every job in chunks keyed by their first sample id (a redo of a chunk
+    ``epoch - 2``, and publish every job in chunks keyed by their first sample id (a redo of a chunk
     lands on the same partition). Returns the number of jobs published."""
     topics = Topics(settings.topic_prefix)
     streams = plan.streams
     ensure_topics(settings, [*topics.run_topics(plan.run, streams, plan.epoch),
                              *topics.epoch_topics(plan.run, plan.epoch + 1, streams)])
-    drop_epoch_topics(settings, plan.run, before=plan.epoch - 1)
+    drop_epoch_topics(settings, plan.run, before=plan.epoch - 2)
     if not plan.jobs:
         return 0
     size = chunk or chunk_size(settings, plan.jobs[0].max_inflight)

@@ -34,6 +34,7 @@ from kafka.errors import KafkaError
 
 from essp.clients.kafka import (
     BOOTSTRAP_TIMEOUT_MS,
+    NO_AUTO_CREATE,
     MessageConsumer,
     MessageProducer,
     RebalancedDuringWork,
@@ -127,7 +128,7 @@ class ControlListener(threading.Thread):
                 if consumer is None:
                     consumer = KafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap,
                                              bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS, group_id=None,
-                                             enable_auto_commit=False)
+                                             enable_auto_commit=False, **NO_AUTO_CREATE)
                     parts = consumer.partitions_for_topic(self.topic) or {0}
                     consumer.assign([TopicPartition(self.topic, p) for p in parts])
                     consumer.seek_to_end()
