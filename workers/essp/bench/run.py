@@ -5,20 +5,24 @@ One run measures, on the same synthetic dataset (H.264 at 320x240, so that resiz
 size is real work) and the same sampled segments:
 
 1. **Per core**: one process with OpenCV, FFmpeg and BLAS held to one thread decodes L+1 frames at
-   the target size from video bytes in memory (decode only), then computes the L flow fields of the
-   stack with each flow method. Rates are per CPU-second of that process, so other load on the
-   machine does not inflate them, and are set against the paper's 0.04 s per flow frame on one core.
-2. **Streaming**: real `essp worker decode` and `essp worker extract --kind flow` processes (1, then 2
-   of each) serve an epoch that a :class:`~essp.dataplane.consumer.SampleStream` in this process drains: samples/s
-   from the first sample to the last (group joins excluded by a warm-up epoch), the consumer's data
-   wait, and the bytes every process involved wrote to disk during the run (``/proc/<pid>/io``).
-3. **torch DataLoader**: a plain map-style dataset that decodes the same segments and computes the
-   same flow inside ``num_workers`` loader processes (as many processes as the streaming run has).
-4. **Classic**: the two-stream recipe that first writes every frame (JPEG) and the quantised flow
-   (x and y JPEG per pair) of the videos to disk, then reads the stacks back.
+   the target size from video bytes in memory (as the decode worker does for the flow stream), then
+   computes the L flow fields of the stack with each flow method. Rates are per CPU-second of that
+   process, set against the paper's 0.04 s per flow frame on one core; at the pipeline's size and
+   method they give the machine's limit (decode + flow alone on the usable cores).
+2. **Baselines** (:mod:`essp.bench.baselines`, :mod:`essp.bench.classic`): a torch DataLoader running the
+   workers' lean functions, one written as a user would (PyAV + OpenCV frame by frame), two DataLoaders
+   (one per stream) for the two-stream comparison, and the classic pipeline that writes frames and flow
+   to disk first.
+3. **Streaming** (:mod:`essp.bench.streaming`): real `essp worker decode` and `essp worker extract --kind
+   flow` processes serve several drained epochs that a :class:`~essp.dataplane.consumer.SampleStream` in
+   this process takes: samples/s, CPU per sample of every process (services included) split into work
+   and overhead (:mod:`essp.bench.accounting`), the broker's cost per epoch, the data wait, disk writes.
+4. **Two streams** (:mod:`essp.bench.twostreams`): an rgb extractor joins the pool and one decode feeds
+   the rgb and flow streams of one plan, drained by two SampleStreams at once.
 
-Everything is printed in one table and returned (and optionally written) as JSON; ``--write-docs``
-puts the figures into docs/benchmarks.md between the ``bench:dataplane`` markers.
+The ratios of the plane against its baselines (:mod:`essp.bench.ratios`) and everything else are
+printed in one table and returned (and optionally written) as JSON; ``--write-docs`` puts the figures
+into docs/benchmarks.md between the ``bench:dataplane`` markers.
 """
 
 from __future__ import annotations
@@ -40,13 +44,15 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from essp.bench.baselines import measure_classic, measure_dataloader
+from essp.bench.baselines import measure_dataloader, measure_two_dataloaders
+from essp.bench.classic import measure_classic
 from essp.bench.docs import DEFAULT_DOCS, update_docs
 from essp.bench.options import PAPER_S_PER_FRAME, TARGET_SPEEDUP, BenchOptions
 from essp.bench.percore import _per_core_in_child, find_real_clip
 from essp.bench.processes import machine_info
 from essp.bench.report import details, render_markdown, result_table, summarise
 from essp.bench.streaming import _isolated, _plan, cleanup, measure_streaming
+from essp.bench.twostreams import measure_two_streams, two_stream_plan
 from essp.settings import Settings
 
 
@@ -57,14 +63,16 @@ def _canonical_command(options: BenchOptions) -> str:
     args = ["essp", "bench", "dataplane"]
     flags = {"sizes": "--sizes", "methods": "--methods", "length": "--length", "samples": "--samples",
              "tvl1_samples": "--tvl1-samples", "pipeline_samples": "--pipeline-samples", "workers": "--workers",
-             "videos_per_class": "--videos-per-class", "classes": "--classes", "frames": "--frames",
-             "trainer_step_ms": "--trainer-step-ms"}
+             "epochs": "--epochs", "videos_per_class": "--videos-per-class", "classes": "--classes",
+             "frames": "--frames", "trainer_step_ms": "--trainer-step-ms"}
     for name, flag in flags.items():
         value = getattr(options, name)
         if value != getattr(default, name):
             args += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
-    if not options.real_clip:
-        args.append("--no-real-clip")
+    for name, flag in (("real_clip", "--no-real-clip"), ("two_streams", "--no-two-streams"),
+                       ("user_baseline", "--no-user-baseline")):
+        if not getattr(options, name):
+            args.append(flag)
     return shlex.join(args)
 
 
@@ -104,7 +112,7 @@ def bench_dataplane(options: BenchOptions | None = None, *, quick: bool = False,
 
         settings = prepare_settings()
     tag = "bench" + uuid.uuid4().hex[:8]
-    isolated = _isolated(settings, tag)
+    isolated = _isolated(settings, tag, options.heartbeat_s)
     own_scratch = scratch is None
     scratch = Path(scratch or tempfile.mkdtemp(prefix="essp-bench-"))
     scratch.mkdir(parents=True, exist_ok=True)
@@ -143,18 +151,32 @@ def bench_dataplane(options: BenchOptions | None = None, *, quick: bool = False,
                   for v in manifest.videos}
         counts = sorted(set(options.workers))
         plans = {c: _plan(manifest, f"bench-{tag}-w{c}", 1, options.pipeline_samples, options) for c in counts}
+        two_plan = two_stream_plan(manifest, tag, 1, options.pipeline_samples, options)
 
         # The baselines fork their processes: run them before the streaming part starts threads here.
         result["dataloader"] = []
         for count in counts:
-            say(f"torch DataLoader: num_workers={2 * count} (= {count} decode + {count} flow processes)")
+            say(f"torch DataLoader, lean: num_workers={2 * count} (= {count} decode + {count} flow processes)")
             result["dataloader"].append(measure_dataloader(videos, plans[count], options, 2 * count))
+        if options.user_baseline:
+            say(f"torch DataLoader written as a user would: num_workers={2 * counts[0]}")
+            result["dataloader_user"] = measure_dataloader(videos, plans[counts[0]], options, 2 * counts[0],
+                                                           style="user")
+        if options.two_streams:
+            say(f"two torch DataLoaders, one per stream (rgb num_workers={counts[0]}, flow num_workers="
+                f"{2 * counts[0]}), concurrently")
+            result["two_dataloaders"] = measure_two_dataloaders(videos, two_plan, options, counts[0])
         say(f"classic: frames and flow to disk with {2 * counts[0]} processes, then read back")
         result["classic"] = measure_classic(videos, manifest, plans[counts[0]], options, 2 * counts[0], scratch)
 
         log_dir = scratch / "logs"
         log_dir.mkdir(exist_ok=True)
-        result["streaming"] = measure_streaming(isolated, manifest, options, tag, log_dir, say)
+
+        def two_streams(workers: list) -> None:
+            result["two_streams"] = measure_two_streams(isolated, manifest, options, tag, log_dir, workers, say)
+
+        result["streaming"] = measure_streaming(isolated, manifest, options, tag, log_dir, say,
+                                                after_first=two_streams if options.two_streams else None)
     finally:
         try:
             cleanup(isolated)

@@ -279,6 +279,7 @@ class ResidentWorker(ResidentProcess):
         self.consumer: MessageConsumer | None = None
         self._lock = threading.Lock()
         self._first_offsets: dict[tuple[str, int], int] = {}
+        self._worked = False
 
     # -- what subclasses define -------------------------------------------------------------------
     @abstractmethod
@@ -379,6 +380,12 @@ class ResidentWorker(ResidentProcess):
         assert self.consumer is not None
         self.consumer.pause_only(self._paused_partitions())
         batch = self.consumer.poll(timeout_s=0.5, max_records=self.max_records)
+        if not batch and self._worked:
+            # Going idle: an event now carries the counters of the work just finished (a monitor or the
+            # benchmark reads exact figures at an epoch's end without waiting for the next heartbeat).
+            self._worked = False
+            self.event("heartbeat", detail="idle")
+        self._worked = self._worked or bool(batch)
         self._first_offsets = {}
         for received in batch:
             self._first_offsets.setdefault((received.topic, received.partition), received.offset)
