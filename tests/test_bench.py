@@ -126,8 +126,12 @@ def test_quick_run_is_complete_and_keeps_frames_off_disk(base_settings, tmp_path
     assert classic["disk_bytes"] > 0 and classic["file_bytes"] > 0 and classic["samples_per_s"] > 0
     assert classic["files"] == classic["frames"] + 2 * classic["flow_pairs"]
     assert classic["first_batch_s"] > classic["extract_s"] > 0
-    assert stream["disk_bytes"] < classic["disk_bytes"] / 10
-    assert stream["disk_bytes"] < stream["raw_bytes_delivered"] / 20
+    # The workers hold every frame and feature of the plane; this test's own process also counts its
+    # output, which pytest's capture spools to a temporary file (~60 KB of client logs in a full run).
+    workers_disk = sum(v or 0 for k, v in stream["disk_bytes_by_process"].items() if k != "bench")
+    assert workers_disk < classic["disk_bytes"] / 10
+    assert workers_disk < stream["raw_bytes_delivered"] / 20
+    assert stream["disk_bytes"] < stream["raw_bytes_delivered"] / 4
 
     # The ratios, as defined, and the plane's own CPU per sample, with the targets beside them.
     ratios = result["ratios"]

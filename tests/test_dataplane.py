@@ -67,7 +67,7 @@ def plane(base_settings, tmp_path_factory):
 
 
 def run_epoch(settings, manifest, run, *, epoch=0, samples=24, max_inflight=64, features=FEATURES,
-              during=None, consume_delay=0.0):
+              during=None, consume_delay=0.0, chunk=None):
     """Plan and publish one epoch, drain every stream, return {stream: {sample_id: Sample}} and stats."""
     plan = plan_epoch(manifest, run=run, epoch=epoch, features=features, length=L, height=SIZE, width=SIZE,
                       samples=samples, max_inflight=max_inflight)
@@ -91,7 +91,7 @@ def run_epoch(settings, manifest, run, *, epoch=0, samples=24, max_inflight=64, 
     for t in threads:
         t.start()
     time.sleep(1.0)  # let the consumers join their groups before the first notice
-    publish_plan(settings, plan)
+    publish_plan(settings, plan, chunk=chunk)
     for t in threads:
         t.join(200)
     if errors:
@@ -177,8 +177,10 @@ def test_in_flight_bound_holds_while_the_consumer_is_slow(plane):
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
+        # Chunks of 8 against a bound of 4: a decode worker must announce the part of a chunk it holds
+        # slots for before it waits for more, or nothing would ever free a slot.
         plan, results, _ = run_epoch(settings, manifest, run, samples=20, max_inflight=bound,
-                                     features={"flow": {"method": "dis_ultrafast"}}, consume_delay=0.15)
+                                     features={"flow": {"method": "dis_ultrafast"}}, consume_delay=0.15, chunk=8)
     finally:
         done.set()
         watcher.join()

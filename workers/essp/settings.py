@@ -93,8 +93,9 @@ class Settings(BaseSettings):
     # The streaming data plane.
     payload_ttl_s: int = Field(900, ge=10, description="Lifetime of frames and features in Redis.")
     max_inflight: int = Field(64, ge=1, description="Default bound on samples of one run in flight.")
-    chunk_samples: int = Field(16, ge=1, le=256, description="Most samples one job / notice message carries "
-                               "(at most a quarter of a run's in-flight bound; see essp.dataplane.plan.chunk_size).")
+    chunk_samples: int = Field(16, ge=1, le=256, description=(
+        "Most samples one job / notice message carries (at most a quarter of a run's in-flight bound and an "
+        "eighth of the epoch; see essp.dataplane.plan.chunk_size)."))
     video_cache_mb: int = Field(256, ge=0, description="In-memory LRU of video bytes per decode worker.")
     prefetch_depth: int = Field(8, ge=1, description="Samples a consumer holds ready ahead of the trainer.")
     heartbeat_s: float = Field(5.0, gt=0, description="Interval of worker heartbeats on the events topic.")

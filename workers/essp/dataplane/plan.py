@@ -16,7 +16,9 @@ that dies redoes its whole chunk. Back-pressure bounds it too: a run holds at mo
 samples, and the stages only overlap (one chunk decoded while another is extracted, a third consumed, a
 fourth queued) when the bound holds four chunks or more. So the size is ``min(chunk_samples,
 max_inflight // 4)``: 16 by default (64 in flight), i.e. ~2.5 ms of broker CPU per sample, ~0.2-0.4 s
-of added latency per hop at 12-25 ms of work per sample, and at most 16 samples redone per fault.
+of added latency per hop at 12-25 ms of work per sample, and at most 16 samples redone per fault. A small
+epoch is cut in at least eight chunks (``samples // 8``), so that its stages still overlap: with two
+chunks an epoch would be decoded, then extracted, then trained, one after the other.
 
 **Topics per epoch.** Publishing epoch ``e`` creates the topics of ``e`` and ``e + 1`` (so the workers,
 which follow topic patterns, already read the next epoch's topics when it is published) and deletes
@@ -70,10 +72,13 @@ class EpochPlan:
         return [DecodeChunk(jobs=self.jobs[i:i + size]) for i in range(0, len(self.jobs), size)]
 
 
-def chunk_size(settings: Settings, max_inflight: int) -> int:
-    """Samples per chunk message: ``settings.chunk_samples``, at most a quarter of the in-flight bound
-    (see the module's doc for the reasoning)."""
-    return max(1, min(settings.chunk_samples, max_inflight // 4, MAX_CHUNK))
+def chunk_size(settings: Settings, max_inflight: int, samples: int | None = None) -> int:
+    """Samples per chunk message: ``settings.chunk_samples``, at most a quarter of the in-flight bound,
+    and at most an eighth of the epoch (see the module's doc for the reasoning)."""
+    size = min(settings.chunk_samples, max_inflight // 4, MAX_CHUNK)
+    if samples is not None:
+        size = min(size, samples // 8)
+    return max(1, size)
 
 
 def sample_id(epoch: int, index: int) -> str:
@@ -144,7 +149,7 @@ def publish_plan(settings: Settings, plan: EpochPlan, *, chunk: int | None = Non
     drop_epoch_topics(settings, plan.run, before=plan.epoch - 2)
     if not plan.jobs:
         return 0
-    size = chunk or chunk_size(settings, plan.jobs[0].max_inflight)
+    size = chunk or chunk_size(settings, plan.jobs[0].max_inflight, len(plan.jobs))
     with MessageProducer(settings) as producer:
         producer.publish_many(topics.decode(plan.run, plan.epoch),
                               ((c.jobs[0].sample_id, c) for c in plan.chunks(size)))

@@ -39,6 +39,7 @@ from essp.clients.kafka import (
     MessageProducer,
     RebalancedDuringWork,
     Received,
+    ensure_topics,
 )
 from essp.clients.redis import redis_client
 from essp.contract import ControlCommand, DeadLetter, Message, RedisKeys, Topics, WorkerEvent, decode, encode
@@ -233,6 +234,8 @@ class ResidentProcess(ABC):
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop())
+        # The shared topics it reads and writes; clients never create a topic by naming it (clients.kafka).
+        ensure_topics(self.settings, [self.topics.control, self.topics.events, self.topics.dead])
         self.producer = MessageProducer(self.settings)
         self._listener = ControlListener(self.settings, self.on_command, self.stopping)
         self._listener.start()
