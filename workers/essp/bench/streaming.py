@@ -60,12 +60,11 @@ def _plan(manifest: Manifest, run: str, epoch: int, samples: int, options: Bench
 def delivery_unit(settings: Settings, plan: EpochPlan) -> int:
     """Samples that travel together through the plane (one chunk message), so that a rate taken from the
     first arrival counts the samples after the first chunk, as a DataLoader's from its first batch."""
-    from essp.dataplane import plan as planning
+    from essp.dataplane.plan import chunk_size
 
-    chunk_size = getattr(planning, "chunk_size", None)
-    if chunk_size is None or not plan.jobs:
+    if not plan.jobs:
         return 1
-    return max(1, min(int(chunk_size(settings, plan.jobs[0].max_inflight)), len(plan.jobs)))
+    return min(chunk_size(settings, plan.jobs[0].max_inflight, len(plan.jobs)), len(plan.jobs))
 
 
 def expected_shape(stream: str, length: int, size: int) -> tuple[int, ...]:
