@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     chunk_samples: int = Field(16, ge=1, le=256, description=(
         "Most samples one job / notice message carries (at most a quarter of a run's in-flight bound and an "
         "eighth of the epoch; see essp.dataplane.plan.chunk_size)."))
+    commit_interval_s: float = Field(1.0, ge=0, description=(
+        "Longest a worker or consumer holds finished records uncommitted: it commits what it finished at most "
+        "this often, and at once when it goes idle, stops or hands partitions over (0: after every poll)."))
     video_cache_mb: int = Field(256, ge=0, description="In-memory LRU of video bytes per decode worker.")
     prefetch_depth: int = Field(8, ge=1, description="Samples a consumer holds ready ahead of the trainer.")
     heartbeat_s: float = Field(5.0, gt=0, description="Interval of worker heartbeats on the events topic.")

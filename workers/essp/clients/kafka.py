@@ -10,7 +10,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
@@ -273,6 +273,9 @@ class MessageConsumer:
         self._topics_every_s = metadata_max_age_ms / 1000
         self._topics_checked = 0.0
         self._subscribed: set[str] = set()
+        # Called with the partitions about to leave this member (a lease share or a subscription changes),
+        # before they do: a member that commits in batches commits what it finished of them first.
+        self.before_release: Callable[[set[tuple[str, int]]], None] | None = None
         self._lease: PartitionLease | None = None
         if self.membership == "lease":
             self._lease = PartitionLease(settings, group_id)
@@ -311,6 +314,7 @@ class MessageConsumer:
                 return
             found = self._current_topics()
             if found != self._subscribed:
+                self._releasing(self._consumer.assignment())  # a new subscription may rebalance any of them
                 if found:
                     self._consumer.subscribe(topics=sorted(found))
                 else:
@@ -326,8 +330,13 @@ class MessageConsumer:
                 partitions.append(TopicPartition(topic, p))
         mine = set(self._lease.share(partitions))
         if mine != self._consumer.assignment():
+            self._releasing(self._consumer.assignment() - mine)
             self._consumer.assign(sorted(mine))
             _all_topics_metadata(self._consumer)  # assign() (and unassigning all) resets it
+
+    def _releasing(self, partitions: set) -> None:
+        if partitions and self.before_release is not None:
+            self.before_release({(tp.topic, tp.partition) for tp in partitions})
 
     def poll(self, timeout_s: float = 1.0, max_records: int = 100) -> list[Received]:
         self._last_poll = time.monotonic()

@@ -4,8 +4,9 @@
 the stream's ready notices (chunks of samples, in each epoch's own topic) and the run's dead letters,
 takes a chunk's payloads out of Redis in one round trip (which frees each sample's in-flight slot once
 every stream has it), queues them, up to ``prefetch`` samples ahead, and then commits what it read, only
-for the partitions it read. :meth:`SampleStream.epoch` yields the samples of one epoch exactly once
-each (duplicates from at-least-once delivery are dropped), ends when every planned sample has arrived or is known dead,
+for the partitions it read, at most every ``commit_interval_s`` (and at once when it goes idle or stops).
+:meth:`SampleStream.epoch` yields the samples of one epoch exactly once each (duplicates from
+at-least-once delivery are dropped), ends when every planned sample has arrived or is known dead,
 and counts the time the trainer spent waiting for data. Several members of one group split the
 samples between them (under DDP one rank reads and hands sub-batches to the others, see
 essp.training.trainer).
@@ -92,20 +93,35 @@ class SampleStream:
 
     # -- background ---------------------------------------------------------------------------------
     def _fill(self) -> None:
+        read: dict[tuple[str, int], int] = {}  # queued, not yet committed: the next offset per partition
+
+        def commit(partitions: set[tuple[str, int]] | None = None) -> None:
+            todo = {tp: o for tp, o in read.items() if partitions is None or tp in partitions}
+            if not todo:
+                return
+            try:
+                self._consumer.commit(todo)
+            except RebalancedDuringWork as exc:
+                log.info("commit refused after a rebalance: %s", exc)
+            for tp in todo:
+                read.pop(tp, None)
+
+        self._consumer.before_release = commit
+        committed_at = time.monotonic()
         try:
             while not self._stop.is_set():
                 batch = self._consumer.poll(self.poll_s, max_records=1)
-                read: dict[tuple[str, int], int] = {}
                 for received in batch:
                     for item in self._receive(received.message):
                         if not self._put(item):
+                            commit()
                             return
                     read[(received.topic, received.partition)] = received.offset + 1
-                if read:
-                    try:
-                        self._consumer.commit(read)
-                    except RebalancedDuringWork as exc:
-                        log.info("commit refused after a rebalance: %s", exc)
+                # Batched in time like the workers' commits (each costs the local broker S3 writes).
+                if read and (not batch or time.monotonic() - committed_at >= self.settings.commit_interval_s):
+                    commit()
+                    committed_at = time.monotonic()
+            commit()
         except BaseException as exc:  # noqa: BLE001 - handed to the iterating thread
             self._error = exc
 

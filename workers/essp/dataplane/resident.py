@@ -5,8 +5,11 @@ A worker serves every run: it subscribes to a topic pattern (``essp.<any run>.de
 run's topics are picked up without a restart, and a new worker process takes partitions over by
 rebalance (elasticity). A record is a chunk of samples (see essp.dataplane.plan). Notices are sent
 without waiting for the broker, and the producer is flushed (every notice acknowledged) before the
-offsets of the records they answer are committed, once per poll and only for the partitions read: a
-worker killed mid-chunk leaves that chunk, uncommitted, to the next owner of its partition.
+offsets of the records they answer are committed, only for the partitions read. Commits are batched in
+time (``commit_interval_s``; each costs the local broker S3 writes), and made at once when the worker goes
+idle, stops, or is about to hand partitions over: a worker killed mid-chunk leaves what it had not
+committed (at most that interval's chunks) to the next owner of its partition, which redoes it
+(idempotent per sample).
 
 Control (topic ``essp.control``): every worker reads every command (no consumer group, from the end)
 and obeys those whose ``target`` is ``*``, its kind or its id. Without a run, pause / resume / stop
@@ -49,6 +52,10 @@ from essp.settings import Settings
 log = logging.getLogger("essp.worker")
 
 RUN_STATES = ("running", "paused", "stopped")
+# The broker holds a control fetch this long when there is nothing to read: an idle listener costs the
+# local broker a fetch (object-store reads) every 2 s instead of every 0.5 s; a command still arrives
+# within ~0.2 s (Tansu answers a waiting fetch soon after a produce; measured in docs/dataplane.md).
+CONTROL_FETCH_WAIT_MS = 2000
 
 
 def limit_threads() -> None:
@@ -129,7 +136,8 @@ class ControlListener(threading.Thread):
                 if consumer is None:
                     consumer = KafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap,
                                              bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS, group_id=None,
-                                             enable_auto_commit=False, **NO_AUTO_CREATE)
+                                             enable_auto_commit=False, fetch_max_wait_ms=CONTROL_FETCH_WAIT_MS,
+                                             **NO_AUTO_CREATE)
                     parts = consumer.partitions_for_topic(self.topic) or {0}
                     consumer.assign([TopicPartition(self.topic, p) for p in parts])
                     consumer.seek_to_end()
@@ -210,14 +218,16 @@ class ResidentProcess(ABC):
         self.stopping.set()
 
     def event(self, event: str, *, detail: str | None = None, epoch: int | None = None,
-              counters: dict[str, float] | None = None) -> None:
-        """Publish a WorkerEvent and keep it as the live key (expires when heartbeats stop); never raises."""
+              counters: dict[str, float] | None = None, publish: bool = True) -> None:
+        """Publish a WorkerEvent and keep it as the live key (expires when heartbeats stop); never raises.
+        ``publish=False`` only updates the live key (a state that changes often, such as going idle: the
+        next heartbeat tells the events topic)."""
         values = dict(self.event_counters() if counters is None else counters)
         values["uptime_s"] = round(time.monotonic() - self._started, 3)
         message = WorkerEvent(event=event, worker_id=self.worker_id, worker_kind=self.kind, run=self.event_run(),
                               epoch=epoch, counters=values, detail=detail)
         try:
-            if self.producer is not None:
+            if self.producer is not None and publish:
                 self.producer.publish(self.topics.events, message, key=self.worker_id, wait=False, tracked=False)
             redis_client(self.settings).set(self.keys.worker(self.worker_id), encode(message),
                                             ex=max(10, int(self.settings.heartbeat_s * 3)))
@@ -282,6 +292,11 @@ class ResidentWorker(ResidentProcess):
         self.consumer: MessageConsumer | None = None
         self._lock = threading.Lock()
         self._first_offsets: dict[tuple[str, int], int] = {}
+        # Finished but not yet committed, per (topic, partition): the next offset to commit, and the first
+        # offset read since the last commit (where to read again if the notices answering them fail).
+        self._finished: dict[tuple[str, int], int] = {}
+        self._finished_from: dict[tuple[str, int], int] = {}
+        self._committed_at = time.monotonic()
         self._worked = False
 
     # -- what subclasses define -------------------------------------------------------------------
@@ -332,7 +347,9 @@ class ResidentWorker(ResidentProcess):
         return counters
 
     def heartbeat_detail(self) -> str | None:
-        return "paused" if self.paused else None
+        if self.paused:
+            return "paused"
+        return None if self._worked else "idle"  # idle: its last poll found no work
 
     # -- control ------------------------------------------------------------------------------------
     def obey(self, command: ControlCommand) -> None:
@@ -367,6 +384,7 @@ class ResidentWorker(ResidentProcess):
         """Run until stopped (SIGTERM, SIGINT, a stop command, or :meth:`stop`). Returns the counters."""
         self.consumer = MessageConsumer(self.settings, self.group_id(), pattern=self.pattern(),
                                         dead_letter_topic=self.topics.dead, expected=self.expected())
+        self.consumer.before_release = self._commit_finished
         self.start_resident(install_signals=install_signals)
         log.info("%s serving %s as group %s", self.worker_id, self.pattern(), self.group_id())
         if ready is not None:
@@ -375,6 +393,10 @@ class ResidentWorker(ResidentProcess):
             while not self.stopping.is_set():
                 self._step()
         finally:
+            try:
+                self._commit_finished()
+            except Exception as exc:  # noqa: BLE001 - left uncommitted, the next owner redoes it
+                log.warning("final commit failed, the last jobs will be redone: %s", exc)
             self.stop_resident()
             self.consumer.close()
         return dict(self.counters)
@@ -384,10 +406,13 @@ class ResidentWorker(ResidentProcess):
         self.consumer.pause_only(self._paused_partitions())
         batch = self.consumer.poll(timeout_s=0.5, max_records=self.max_records)
         if not batch and self._worked:
-            # Going idle: an event now carries the counters of the work just finished (a monitor or the
-            # benchmark reads exact figures at an epoch's end without waiting for the next heartbeat).
+            # Going idle: the live key now carries the counters of the work just finished (a monitor or the
+            # benchmark reads exact figures at an epoch's end without waiting for the next heartbeat). Not
+            # on the events topic: a worker goes idle between most chunks while it waits for the stage
+            # before it, and each event there costs the local broker S3 writes (measured: a third of the
+            # produce requests of a run); the next heartbeat publishes the counters.
             self._worked = False
-            self.event("heartbeat", detail="idle")
+            self.event("heartbeat", detail="idle", publish=False)
         self._worked = self._worked or bool(batch)
         self._first_offsets = {}
         for received in batch:
@@ -404,17 +429,37 @@ class ResidentWorker(ResidentProcess):
                 held.add(tp)
                 continue
             done[tp] = received.offset + 1
-        if done:
-            try:
-                assert self.producer is not None
-                self.producer.flush()  # every notice of these records acknowledged before their commit
-                self.consumer.commit(done)
-            except RebalancedDuringWork as exc:
-                log.info("commit refused after a rebalance (the new owner redoes the work): %s", exc)
-            except ServiceUnavailable as exc:
-                log.warning("notices or commit failed, the jobs will be redone: %s", exc)
-                for topic, partition in done:  # read them again here (idempotent per sample)
-                    self.consumer.rewind(topic, partition, self._first_offsets[(topic, partition)])
+        for tp, offset in done.items():
+            self._finished[tp] = offset
+            self._finished_from.setdefault(tp, self._first_offsets[tp])
+        # Commits cost the broker S3 writes: batched in time, and at once on going idle or stopping.
+        if self._finished and (not batch or self.stopping.is_set()
+                               or time.monotonic() - self._committed_at >= self.settings.commit_interval_s):
+            self._commit_finished()
+
+    def _commit_finished(self, partitions: set[tuple[str, int]] | None = None) -> None:
+        """Commit the finished records (of ``partitions`` only, when given: those about to leave this member),
+        after every notice they produced is acknowledged. If a notice failed, they are read again here."""
+        todo = {tp: o for tp, o in self._finished.items() if partitions is None or tp in partitions}
+        if not todo or self.consumer is None:
+            return
+        try:
+            assert self.producer is not None
+            self.producer.flush()  # every notice of these records acknowledged before their commit
+            self.consumer.commit(todo)
+        except RebalancedDuringWork as exc:
+            log.info("commit refused after a rebalance (the new owner redoes the work): %s", exc)
+        except ServiceUnavailable as exc:
+            log.warning("notices or commit failed, the jobs will be redone: %s", exc)
+            for topic, partition in todo:  # read them again here (idempotent per sample)
+                if partitions is None:
+                    self.consumer.rewind(topic, partition, self._finished_from[(topic, partition)])
+        finally:
+            for tp in todo:
+                self._finished.pop(tp, None)
+                self._finished_from.pop(tp, None)
+            if partitions is None:
+                self._committed_at = time.monotonic()
 
     def _decide(self, received: Received) -> str:
         """process / hold (worker or run paused, or stopping)."""
