@@ -125,6 +125,19 @@ def test_slots_are_granted_in_order_up_to_the_bound(store):
     assert store.acquire_many([], limit=3) == 0
 
 
+def test_a_chunk_takes_its_slots_all_at_once_or_none(store):
+    assert store.acquire_many(["a", "b", "c"], limit=8) == 3
+    # Five free: a chunk of six asking for all of them gets none, and holds none while it waits.
+    chunk = [f"k{i}" for i in range(6)]
+    assert store.acquire_many(chunk, limit=8, least=6) == 0
+    assert store.inflight() == 3
+    assert store.acquire_many(chunk, limit=8, least=4) == 5  # enough for the least it accepts
+    assert store.inflight() == 8
+    store.abandon("a", ["flow"])
+    assert store.acquire_many(chunk, limit=8, least=6) == 6  # its own five count: it needed one more slot
+    assert store.acquire_many(["late"], limit=8, least=5) == 0  # least shrinks to its one sample: still full
+
+
 def test_payloads_are_self_describing_and_foreign_bytes_are_refused():
     from essp.dataplane.payloads import PayloadError, decode_array, encode_array
 

@@ -107,20 +107,28 @@ end
 return 1
 """
 
-# KEYS: inflight. ARGV: limit, ttl, sample_id... Gives slots to the samples in order (a redo keeps its
-# slot) and stops at the first that finds the run at its bound. Returns how many hold a slot.
+# KEYS: inflight. ARGV: limit, ttl, least, sample_id... Gives slots to the samples in order (a redo keeps
+# its slot) and stops at the first that finds the run at its bound. Fewer than ``least`` granted: none is
+# (the new slots are given back), so that a waiting worker holds nothing. Returns how many hold a slot.
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local limit = tonumber(ARGV[1])
+local least = tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
 local granted = 0
-for i = 3, #ARGV do
+local added = {}
+for i = 4, #ARGV do
   if not redis.call('ZSCORE', KEYS[1], ARGV[i]) then
     if redis.call('ZCARD', KEYS[1]) >= limit then break end
     redis.call('ZADD', KEYS[1], now, ARGV[i])
+    added[#added + 1] = ARGV[i]
   end
   granted = granted + 1
+end
+if granted < least then
+  if #added > 0 then redis.call('ZREM', KEYS[1], unpack(added)) end
+  return 0
 end
 if granted > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 return granted
@@ -234,13 +242,15 @@ class SampleStore:
         return self.keys.sample_state(self.run, sample_id)
 
     # -- in flight --------------------------------------------------------------------------------
-    def acquire_many(self, sample_ids: Sequence[str], limit: int) -> int:
+    def acquire_many(self, sample_ids: Sequence[str], limit: int, *, least: int = 1) -> int:
         """Take in-flight slots for the samples in order (idempotent per sample); returns how many of
-        the first ones hold a slot (fewer than asked when the run reached ``limit``)."""
+        the first ones hold a slot (fewer than asked when the run reached ``limit``), and 0 when fewer
+        than ``least`` would: then none is taken."""
         if not sample_ids:
             return 0
         keys = [self.keys.inflight(self.run)]
-        return int(self._call(self._acquire, keys=keys, args=[limit, self.ttl_s, *sample_ids]))
+        least = max(1, min(least, len(sample_ids)))
+        return int(self._call(self._acquire, keys=keys, args=[limit, self.ttl_s, least, *sample_ids]))
 
     def acquire(self, sample_id: str, limit: int) -> bool:
         """Take an in-flight slot for the sample (idempotent); False when the run is at ``limit``."""
