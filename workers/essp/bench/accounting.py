@@ -4,8 +4,9 @@ extraction: the workers' own ``work_cpu_s`` counters, thread CPU inside ``decode
 ``extractor.extract``) and **overhead** (everything else: Kafka clients and broker, Redis clients and
 server, S3, serialisation, the consumer). The counters come from each worker's last event in Redis
 (``RedisKeys.worker``): a worker writes one (detail ``idle``) as soon as it runs out of work, and its
-heartbeats after that repeat the same counters, so between epochs the snapshot is exact without a fast
-heartbeat (the bench's workers beat at the production rate: their events are part of the broker's cost)."""
+heartbeats after that repeat the same counters (detail ``idle`` too), so between epochs, read once the
+workers have had time to find no work (SETTLE_S), the snapshot is exact without a fast heartbeat (the
+bench's workers beat at the production rate: their events are part of the broker's cost)."""
 
 from __future__ import annotations
 
@@ -47,12 +48,19 @@ def read_workers(settings: Settings, names: list[str]) -> Snapshot:
     return Snapshot(raw, counters, details)
 
 
-def fresh_snapshot(settings: Settings, names: list[str], *, timeout_s: float, since: Snapshot | None = None
-                   ) -> Snapshot:
+# A worker polls for half a second before it finds no work and says so: once every sample of an epoch
+# is delivered, its key says idle with the epoch's last counters within this long. Read earlier, an idle
+# key may be one written while the worker waited for the stage before it, in the middle of the epoch.
+SETTLE_S = 1.0
+
+
+def fresh_snapshot(settings: Settings, names: list[str], *, timeout_s: float, since: Snapshot | None = None,
+                   settle_s: float = 0.0) -> Snapshot:
     """A snapshot whose counters are every worker's latest, idle workers assumed: per worker, its event
     written on going idle (newer than ``since``'s, when given: the work of the epoch in between is in it),
     or else two changes of its key after this call began (the first change may be an event whose counters
-    were read just before)."""
+    were read just before). ``settle_s``: wait that long first (see SETTLE_S)."""
+    time.sleep(settle_s)
     seen = read_workers(settings, names)
     changes = dict.fromkeys(names, 0)
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from essp.bench.accounting import (
+    SETTLE_S,
     counter_deltas,
     cpu_split,
     fresh_snapshot,
@@ -176,7 +177,7 @@ class EpochMeter:
         self.settings, self.workers, self.services = settings, workers, services
         self.names = [w.name for w in workers]
         self.timeout_s = 4 * settings.heartbeat_s + 5
-        self.before = fresh_snapshot(settings, self.names, timeout_s=self.timeout_s)
+        self.before = fresh_snapshot(settings, self.names, timeout_s=self.timeout_s, settle_s=SETTLE_S)
 
     def measure(self, run_epoch: Callable[[], dict[str, Any]], samples_of: Callable[[dict[str, Any]], int]
                 ) -> dict[str, Any]:
@@ -184,7 +185,8 @@ class EpochMeter:
         meter = ProcessMeter(process_roles(self.workers, self.services))
         result = run_epoch()
         cpu_s = {role: d["cpu_s"] for role, d in meter.deltas().items()}
-        after = fresh_snapshot(self.settings, self.names, timeout_s=self.timeout_s, since=self.before)
+        after = fresh_snapshot(self.settings, self.names, timeout_s=self.timeout_s, since=self.before,
+                               settle_s=SETTLE_S)
         deltas = counter_deltas(self.before, after)
         self.before = after
         work_s = work_by_role(deltas, worker_roles(self.workers))
