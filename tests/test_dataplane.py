@@ -27,6 +27,7 @@ from essp.dataplane.resident import publish_control
 from essp.datasets.ingest import ingest_directory
 from essp.datasets.manifest import ManifestStore
 from essp.datasets.synth import synthesize
+from essp.datasets.video import decode_segment
 from essp.deploy.local import LocalProcesses, worker_args, worker_name
 from essp.stack.services import isolated_settings
 
@@ -126,6 +127,14 @@ def test_every_planned_sample_arrives_once_and_bad_videos_are_dead_lettered(plan
         for sample_id, sample in results[stream].items():
             assert sample.label == good[sample_id].label
             assert sample.array.shape == expected_shape and sample.array.dtype == np.uint8
+    # The rgb stream gets exactly the middle frame, in colour, although the decode worker stored only that
+    # frame in colour beside the grey stack flow takes (extractors.frames_layout).
+    store = ObjectStore(settings)
+    for sample in list(results["rgb"].values())[:4]:
+        job = sample.job
+        data = store.get_bytes(S3Uri.parse(job.video).bucket, S3Uri.parse(job.video).key)
+        middle = decode_segment(data, job.video, job.offset + L // 2, 1, (SIZE, SIZE), pix_fmt="rgb24")[0]
+        np.testing.assert_array_equal(sample.array, middle.transpose(2, 0, 1))
     # The flow that arrives is the motion of each class (synth: TranslateLeft/Right/Up).
     mean_flow: dict[str, list] = {}
     for sample in results["flow"].values():

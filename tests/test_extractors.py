@@ -450,3 +450,47 @@ def test_the_decoder_stores_grey_only_when_no_extractor_needs_colour() -> None:
     assert frames_format({"rgb": {}, "flow": {}}) == "rgb24"
     assert frames_format({"not_registered_here": {}}) == "rgb24"  # a plugin kind: colour, which all accept
     assert frames_format({}) == "rgb24"
+
+
+def test_the_decoder_stores_colour_only_for_the_frames_that_need_it() -> None:
+    from essp.dataplane.extractors import frames_layout
+
+    assert frames_layout({"flow": {}}, 11) == (True, [])
+    assert frames_layout({"rgb": {}, "flow": {}}, 11) == (True, [5])  # grey stack + the middle frame
+    assert frames_layout({"rgb": {}}, 11) == (False, [5])  # that frame alone
+    assert frames_layout({"rgb": {}, "framediff": {}}, 4) == (True, [1])
+    assert frames_layout({"rgb": {}, "not_registered_here": {}}, 11) == (False, None)  # a plugin: the colour stack
+    assert frames_layout({}, 11) == (False, None)
+
+
+def test_extractors_give_the_same_feature_from_a_grey_stack_and_colour_frames() -> None:
+    from essp.dataplane.extractors import MixedFrames, frames_layout
+
+    rng = np.random.default_rng(4)
+    rgb_stack = rng.integers(0, 255, (11, 24, 32, 3), dtype=np.uint8)
+    gray = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in rgb_stack])
+    _, at = frames_layout({"rgb": {}, "flow": {}}, 11)
+    mixed = MixedFrames(11, gray, {i: rgb_stack[i] for i in at})
+    rgb, flow = create_extractor("rgb", {}), create_extractor("flow", {"method": "dis_fast"})
+    np.testing.assert_array_equal(rgb.extract_stored(mixed), rgb.extract(rgb_stack))
+    np.testing.assert_array_equal(flow.extract_stored(mixed), flow.extract(gray))
+    np.testing.assert_array_equal(rgb.extract_stored(MixedFrames(11, None, mixed.colour)), rgb.extract(rgb_stack))
+    with pytest.raises(ValueError, match="needs colour frame 5 of 11"):
+        rgb.extract_stored(MixedFrames(11, gray, {}))
+    with pytest.raises(ValueError, match="no grey stack"):
+        flow.extract_stored(MixedFrames(11, None, mixed.colour))
+    with pytest.raises(ValueError, match="needs the whole colour stack"):
+        _whole_stack_extractor().extract_stored(mixed)
+
+
+def _whole_stack_extractor():
+    from essp.dataplane.extractors import FeatureExtractor
+
+    class Everything(FeatureExtractor):  # not registered: reads every frame in colour
+        kind = "everything"
+        description = "test"
+
+        def extract(self, frames):  # noqa: ANN001, ANN202
+            return np.ascontiguousarray(frames.transpose(0, 3, 1, 2).reshape(-1, *frames.shape[1:3]))
+
+    return Everything()

@@ -151,3 +151,23 @@ def test_payloads_are_self_describing_and_foreign_bytes_are_refused():
             decode_array(bad)
     with pytest.raises(PayloadError, match="head says shape"):
         decode_array(encode_array(np.ones((2, 3), np.uint8))[:-1])
+
+
+def test_a_grey_stack_and_its_colour_frames_travel_as_one_payload(store):
+    from essp.dataplane.extractors import MixedFrames
+    from essp.dataplane.payloads import PayloadError, decode_frames, encode_frames
+
+    rng = np.random.default_rng(2)
+    gray = rng.integers(0, 255, (5, 8, 8), dtype=np.uint8)
+    colour = {2: rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)}
+    assert store.put_frames("m1", MixedFrames(5, gray, colour), ["rgb", "flow"]) == 2
+    got = store.get_frames("m1")
+    assert isinstance(got, MixedFrames) and got.count == 5 and sorted(got.colour) == [2]
+    np.testing.assert_array_equal(got.gray, gray)
+    np.testing.assert_array_equal(got.colour[2], colour[2])
+    alone = decode_frames(encode_frames(MixedFrames(5, None, colour)))
+    assert alone.gray is None and sorted(alone.colour) == [2]
+    payload = encode_frames(MixedFrames(5, gray, colour))
+    for broken in (payload[:10], payload[:-7]):
+        with pytest.raises(PayloadError):
+            decode_frames(broken)

@@ -340,3 +340,34 @@ def test_failed_decode_still_counts_its_work(clip):
     with pytest.raises(VideoError, match="only 40 frames decodable"):
         decode_segment(data, name, 36, 5, stats=stats)
     assert stats["used"] == 0 and stats["opens"] == 1 and stats["decoded"] >= 4
+
+
+@pytest.mark.parametrize("size", [None, (32, 40)])
+def test_colour_frames_ride_along_with_the_grey_stack(clip, size):
+    """A grey stack and some of its frames in colour from one decode: the stack is the grey path's, each
+    colour frame the RGB path's, exactly (the same decoded frame, the same swscale conversion)."""
+    name, data = clip
+    for offset in (0, 5, 17):
+        colour: dict[int, np.ndarray] = {}
+        gray = decode_segment(data, name, offset, 11, size, pix_fmt="gray", colour=colour, colour_at=[5, 0, 5])
+        np.testing.assert_array_equal(gray, decode_segment(data, name, offset, 11, size, pix_fmt="gray"))
+        rgb = decode_segment(data, name, offset, 11, size)
+        assert sorted(colour) == [0, 5]
+        for position, frame in colour.items():
+            np.testing.assert_array_equal(frame, rgb[position])
+
+
+def test_colour_frames_in_a_timestamp_gap_hold_the_frame_before(tmp_path):
+    shown = [0, 1, 2, 4, 5, 6, 7, 8, 9, 10, 11]
+    data = encode(tmp_path / "gap.mp4", [index_frame(i) for i in shown], fmt="mp4", codec="libx264", pts=shown)
+    colour: dict[int, np.ndarray] = {}
+    decode_segment(data, "gap.mp4", 1, 5, pix_fmt="gray", colour=colour, colour_at=[2, 3])
+    assert [read_index(colour[p]) for p in (2, 3)] == [2, 4]  # position 2 is the held frame 2
+
+
+def test_bad_colour_frames_are_refused(clip):
+    name, data = clip
+    with pytest.raises(VideoError, match="bad colour frames"):
+        decode_segment(data, name, 0, 4, pix_fmt="gray", colour={}, colour_at=[4])
+    with pytest.raises(VideoError, match="bad colour frames"):
+        decode_segment(data, name, 0, 4, pix_fmt="gray", colour_at=[1])  # nowhere to put them

@@ -279,8 +279,9 @@ class DecodeChunk(_Chunk):
 
 
 class FramesReady(_Chunk):
-    """The decoded frames of each job are in Redis (``RedisKeys.frames``; self-describing arrays in
-    ``pix_fmt``: see essp.dataplane.payloads)."""
+    """The decoded frames of each job are in Redis (``RedisKeys.frames``; self-describing, see
+    essp.dataplane.payloads). ``pix_fmt``: of the stack stored, "gray" also when a few colour frames go
+    with the grey stack (essp.dataplane.extractors.frames_layout)."""
 
     kind: Literal["frames_ready"] = "frames_ready"
     pix_fmt: Literal["rgb24", "gray"] = "rgb24"

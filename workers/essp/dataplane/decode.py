@@ -2,13 +2,13 @@
 
 For each chunk: take in-flight slots for its samples (wait while the run is at its bound: producers
 wait, they never drop), fetch each video through an in-memory LRU of bytes, seek and decode the frames
-(essp.datasets.video verifies the first frame's timestamp) in the format the sample's extractors need
-(grey unless one needs colour: :func:`essp.dataplane.extractors.frames_format`), store them with a TTL
-(one round trip per chunk), publish one notice for the chunk. The base class commits the chunk only after
-that. A chunk waits until the run has room for all of it (chunks are at most a quarter of the bound), so
-chunks keep their size; one larger than that takes the slots that are free, and the samples already
-decoded are stored and announced before the worker waits, so a partial chunk never holds slots that
-nobody can free. A video that
+(essp.datasets.video verifies the first frame's timestamp) in the layout the sample's extractors need
+(:func:`essp.dataplane.extractors.frames_layout`: grey for flow, and only the colour frame rgb takes, from
+the same decode), store them with a TTL (one round trip per chunk), publish one notice for the chunk.
+The base class commits the chunk only after that. A chunk waits until the run has room for all of it
+(chunks are at most a quarter of the bound), so chunks keep their size; one larger than that takes the
+slots that are free, and the samples already decoded are stored and announced before the worker waits,
+so a partial chunk never holds slots that nobody can free. A video that
 cannot be decoded is dead-lettered (that sample only) on the run's dead topic with the reason, recorded
 in the run's quarantine hash, and its sample is abandoned (slot freed) so the epoch goes on.
 """
@@ -21,11 +21,13 @@ import time
 from collections import OrderedDict
 from typing import ClassVar
 
+import numpy as np
+
 from essp.clients.kafka import Received
 from essp.clients.redis import redis_client
 from essp.clients.s3 import ObjectNotFound, ObjectStore, S3Uri
 from essp.contract import DecodeChunk, DecodeJob, FramesReady, Message
-from essp.dataplane.extractors import frames_format
+from essp.dataplane.extractors import MixedFrames, frames_format, frames_layout
 from essp.dataplane.payloads import SampleStore
 from essp.dataplane.resident import ResidentWorker, WorkInterrupted
 from essp.datasets.video import VideoError, decode_segment
@@ -64,6 +66,32 @@ class VideoCache:
                     _, old = self._items.popitem(last=False)
                     self.size -= len(old)
         return data
+
+
+def decode_frames_for(data: bytes, job: DecodeJob, stats: dict[str, int]) -> np.ndarray | MixedFrames:
+    """The frames of one job in the layout its streams need (:func:`frames_layout`): a grey stack, the
+    colour stack, or a grey stack and the few colour frames some stream takes, converted from the same
+    decoded frames; only colour frames (rgb alone): decoded from the keyframe before the first of them."""
+    count, size = job.length + 1, (job.height, job.width)
+    gray, colour_at = frames_layout(job.features, count)
+    if colour_at is None:
+        return decode_segment(data, job.video, job.offset, count, size, pix_fmt="rgb24", stats=stats)
+    if not colour_at:
+        return decode_segment(data, job.video, job.offset, count, size, pix_fmt="gray", stats=stats)
+    colour: dict[int, np.ndarray] = {}
+    if gray:
+        stack = decode_segment(data, job.video, job.offset, count, size, pix_fmt="gray", stats=stats,
+                               colour=colour, colour_at=colour_at)
+        return MixedFrames(count, stack, colour)
+    first, last = colour_at[0], colour_at[-1]
+    span = decode_segment(data, job.video, job.offset + first, last - first + 1, size, pix_fmt="rgb24", stats=stats)
+    return MixedFrames(count, None, {i: span[i - first] for i in colour_at})
+
+
+def stack_format(job: DecodeJob) -> str:
+    """The pixel format of the stack stored for the job: "gray" when there is a grey stack."""
+    gray, colour_at = frames_layout(job.features, job.length + 1)
+    return "gray" if colour_at is not None and (gray or not colour_at) else frames_format(job.features)
 
 
 class DecodeWorker(ResidentWorker):
@@ -116,16 +144,15 @@ class DecodeWorker(ResidentWorker):
         try:
             data = self.cache.get(job.video)  # S3 on a miss: the plane's cost, not decode work
             started = time.thread_time()
-            frames = decode_segment(data, job.video, job.offset, job.length + 1, (job.height, job.width),
-                                    pix_fmt=frames_format(job.features), stats=stats)
+            frames = decode_frames_for(data, job, stats)
         except (VideoError, ObjectNotFound) as exc:
             self._fail(received, job, store, str(exc))
             return None
         finally:
             if started is not None:  # the work counter: CPU of this thread inside the decode itself
                 self.count("work_cpu_s", time.thread_time() - started)
-        self.count("frames", len(frames))
-        self.count("frames_decoded", stats.get("decoded", len(frames)))
+        self.count("frames", stats.get("used", 0))
+        self.count("frames_decoded", stats.get("decoded", 0))
         return frames
 
     def _store_and_announce(self, store: SampleStore, decoded: list[tuple[DecodeJob, object]]) -> None:
@@ -138,7 +165,7 @@ class DecodeWorker(ResidentWorker):
         if fresh:
             first = fresh[0]
             self.publish(self.topics.frames(first.run, first.epoch),
-                         FramesReady(jobs=fresh, pix_fmt=frames_format(first.features)), key=first.sample_id)
+                         FramesReady(jobs=fresh, pix_fmt=stack_format(first)), key=first.sample_id)
 
     def _wait_for_slots(self, store: SampleStore, jobs: list[DecodeJob]) -> int:
         """Back-pressure: block until the first samples hold in-flight slots (or the worker stops: 0);

@@ -20,7 +20,7 @@ import numpy as np
 
 from essp.clients.kafka import Received
 from essp.contract import DecodeChunk, DecodeJob, FeatureReady, FramesReady, Message
-from essp.dataplane.extractors import FeatureExtractor, create_extractor, extractor_kinds
+from essp.dataplane.extractors import FeatureExtractor, MixedFrames, create_extractor, extractor_kinds
 from essp.dataplane.payloads import CONSUMED, EXTRACTED, SampleStore
 from essp.dataplane.resident import ResidentWorker
 from essp.settings import Settings
@@ -100,7 +100,8 @@ class ExtractWorker(ResidentWorker):
             self.publish(self.topics.ready(notice.run, self.kind, notice.epoch),
                          FeatureReady(jobs=jobs, extractor=self.kind, stream=self.kind), key=jobs[0].sample_id)
 
-    def _extract(self, received: Received, store: SampleStore, job: DecodeJob, frames: np.ndarray):  # noqa: ANN202
+    def _extract(self, received: Received, store: SampleStore, job: DecodeJob,  # noqa: ANN202
+                 frames: np.ndarray | MixedFrames):
         try:
             extractor = self.extractor(job.features[self.kind])
         except ValueError as exc:
@@ -108,7 +109,7 @@ class ExtractWorker(ResidentWorker):
             return None
         started = time.thread_time()
         try:
-            return extractor.extract(frames)
+            return extractor.extract_stored(frames)
         except Exception as exc:  # noqa: BLE001 - a sample the extractor cannot handle is dead-lettered
             self._fail(received, store, job, f"extractor {self.kind} failed on {job.video} "
                                              f"frames {job.offset}..{job.offset + job.length}: {exc}")

@@ -201,6 +201,21 @@ class ExtractorDeployment:
             raise ValueError(f"extractor {self.kind!r}: gpu={self.gpu!r} must be an integer >= 0")
 
 
+@dataclass(frozen=True)
+class MixedFrames:
+    """A sample's frames as the decode worker stores them when its streams need colour in a few frames only
+    (:func:`frames_layout`): the grey stack, for the streams that look at luma (None when none of the
+    sample's streams does), and the colour frames some stream takes, by position in the L+1 (``count``)."""
+
+    count: int
+    gray: np.ndarray | None  # (count, H, W) uint8
+    colour: dict[int, np.ndarray]  # position -> (H, W, 3) uint8 RGB
+
+    @property
+    def nbytes(self) -> int:
+        return (0 if self.gray is None else self.gray.nbytes) + sum(f.nbytes for f in self.colour.values())
+
+
 class FeatureExtractor(ABC):
     """Turns a frame stack (L+1, H, W, 3) uint8 RGB into a uint8 C-contiguous channels-first feature.
 
@@ -289,6 +304,27 @@ class FeatureExtractor(ABC):
     @abstractmethod
     def extract(self, frames: np.ndarray) -> np.ndarray:
         """frames: uint8 RGB (L+1, H, W, 3) -> uint8 C-contiguous feature, channels first."""
+
+    @classmethod
+    def colour_frames(cls, count: int) -> list[int] | None:
+        """The positions (of ``count`` = L+1 frames) this extractor reads in colour: none for a grey
+        extractor, all (None) by default. An extractor that takes a few colour frames names them and
+        implements :meth:`extract_colour`: the decode worker then stores only those in colour."""
+        return [] if cls.input_format == "gray" else None
+
+    def extract_colour(self, count: int, colour: Mapping[int, np.ndarray]) -> np.ndarray:
+        """The feature from the colour frames :meth:`colour_frames` names (position -> (H, W, 3))."""
+        raise ValueError(f"extractor {self.kind!r} needs the whole colour stack, not frames {sorted(colour)}")
+
+    def extract_stored(self, frames: np.ndarray | MixedFrames) -> np.ndarray:
+        """The feature from what the decode worker stored: a stack, or :class:`MixedFrames`."""
+        if isinstance(frames, np.ndarray):
+            return self.extract(frames)
+        if self.input_format == "gray":
+            if frames.gray is None:
+                raise ValueError(f"extractor {self.kind!r}: the stored frames hold no grey stack")
+            return self.extract(frames.gray)
+        return self.extract_colour(frames.count, frames.colour)
 
 
 # The open registry of extractors (the paper's section 3.3), by kind.
@@ -406,6 +442,29 @@ def frames_format(features: Mapping[str, Any]) -> str:
     return "gray" if features else "rgb24"
 
 
+def frames_layout(features: Mapping[str, Any], count: int) -> tuple[bool, list[int] | None]:
+    """What a decode worker stores for a sample of ``count`` (= L+1) frames feeding these extractors:
+    (a grey stack?, the positions wanted in colour), or (False, None) for the whole colour stack, which
+    every extractor accepts (a kind not registered here, a plugin only the extractor workers load, or
+    one that reads every frame in colour). With rgb + flow: the grey stack and the rgb stream's one colour
+    frame, from the same decode, instead of L+1 colour frames (a third of the bytes each, and no colour
+    conversion of the other L)."""
+    if not features:
+        return False, None
+    gray, colour = False, set()
+    for kind in features:
+        try:
+            cls = extractor_class(kind)
+        except EsspError:
+            return False, None
+        wanted = cls.colour_frames(count)
+        if wanted is None:
+            return False, None
+        gray = gray or cls.input_format == "gray"
+        colour.update(wanted)
+    return gray, sorted(colour)
+
+
 @register_extractor
 class RgbExtractor(FeatureExtractor):
     """The spatial stream's input: one RGB frame of the stack."""
@@ -430,6 +489,18 @@ class RgbExtractor(FeatureExtractor):
     def extract(self, frames: np.ndarray) -> np.ndarray:
         frames = self.check_frames(frames)
         return np.ascontiguousarray(frames[self.frame_index(frames.shape[0])].transpose(2, 0, 1))
+
+    @classmethod
+    def colour_frames(cls, count: int) -> list[int] | None:
+        return [cls.frame_index(count)]
+
+    def extract_colour(self, count: int, colour: Mapping[int, np.ndarray]) -> np.ndarray:
+        index = self.frame_index(count)
+        frame = colour.get(index)
+        if frame is None or frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+            raise ValueError(f"extractor 'rgb': needs colour frame {index} of {count} as (H, W, 3) uint8, "
+                             f"got {sorted(colour)}")
+        return np.ascontiguousarray(frame.transpose(2, 0, 1))
 
 
 FLOW_METHODS = ("dis_ultrafast", "dis_fast", "dis_medium", "farneback", "tvl1")

@@ -11,7 +11,8 @@ Per sample ``s`` of run ``r`` there are three kinds of keys (names in :class:`es
   lost payload (expired, or Redis restarted) that must be decoded again.
 
 Payloads are plain strings written with SET and read with GET/MGET, pipelined a chunk at a time: a
-self-describing array (:func:`encode_array`: a 6-byte head, ``dtype;shape``, then the C-order bytes),
+self-describing array (:func:`encode_array`: a 6-byte head, ``dtype;shape``, then the C-order bytes), or
+for frames a grey stack and a few colour frames together (:func:`encode_frames`),
 so that megabytes never pass through a Lua script (which copies them into and out of the script's
 interpreter). Only the small state logic runs in Lua, in the same MULTI/EXEC as the payload command,
 so a payload and its state change together; one round trip moves a whole chunk.
@@ -34,6 +35,7 @@ import redis
 
 from essp.clients.redis import redis_client
 from essp.contract import RedisKeys
+from essp.dataplane.extractors import MixedFrames
 from essp.errors import ServiceUnavailable
 from essp.settings import Settings
 
@@ -176,23 +178,71 @@ def encode_array(array: np.ndarray) -> bytes:
     return b"".join((_HEAD.pack(_MAGIC, len(head)), head, memoryview(array.reshape(-1).view(np.uint8))))
 
 
-def _parse_head(data: bytes) -> tuple[np.dtype, tuple[int, ...], int]:
+def _parse_head(data: bytes | memoryview) -> tuple[np.dtype, tuple[int, ...], int]:
     if len(data) < _HEAD.size:
         raise PayloadError(f"payload of {len(data)} bytes is shorter than its head")
     magic, size = _HEAD.unpack_from(data)
     if magic != _MAGIC or len(data) < _HEAD.size + size:
         raise PayloadError("payload does not start with an ESSP array head")
-    dtype_s, _, shape_s = data[_HEAD.size:_HEAD.size + size].decode("ascii").partition(";")
+    dtype_s, _, shape_s = bytes(data[_HEAD.size:_HEAD.size + size]).decode("ascii").partition(";")
     return np.dtype(dtype_s), tuple(int(d) for d in shape_s.split(",") if d), _HEAD.size + size
 
 
-def decode_array(data: bytes) -> np.ndarray:
+def decode_array(data: bytes | memoryview) -> np.ndarray:
     """The array of a payload (a read-only view of ``data``: nothing is copied)."""
     dtype, shape, start = _parse_head(data)
     array = np.frombuffer(data, dtype=dtype, offset=start)
     if array.size != int(np.prod(shape)):
         raise PayloadError(f"payload holds {array.size} values, its head says shape {shape}")
     return array.reshape(shape)
+
+
+# A sample's frames as a grey stack and a few colour frames (essp.dataplane.extractors.MixedFrames):
+# "EF", u32 count (L+1), u8 has-grey, u32 k, k u32 positions, then the grey stack and the (k, H, W, 3)
+# colour frames, each an encode_array payload after its u64 length.
+_MIXED = b"EF"
+_MIXED_HEAD = struct.Struct("<2sIBI")
+_PART = struct.Struct("<Q")
+
+
+def encode_frames(frames: np.ndarray | MixedFrames) -> bytes:
+    """A frames payload: one array (a stack), or a grey stack and some colour frames."""
+    if isinstance(frames, np.ndarray):
+        return encode_array(frames)
+    positions = sorted(frames.colour)
+    parts = [_MIXED_HEAD.pack(_MIXED, frames.count, frames.gray is not None, len(positions)),
+             struct.pack(f"<{len(positions)}I", *positions)]
+    arrays = ([] if frames.gray is None else [frames.gray]) + (
+        [np.stack([frames.colour[i] for i in positions])] if positions else [])
+    for array in arrays:
+        encoded = encode_array(array)
+        parts += [_PART.pack(len(encoded)), encoded]
+    return b"".join(parts)
+
+
+def decode_frames(data: bytes) -> np.ndarray | MixedFrames:
+    """What :func:`encode_frames` wrote (views of ``data``: nothing is copied)."""
+    if data[:2] != _MIXED:
+        return decode_array(data)
+    if len(data) < _MIXED_HEAD.size:
+        raise PayloadError(f"frames payload of {len(data)} bytes is shorter than its head")
+    _, count, has_gray, k = _MIXED_HEAD.unpack_from(data)
+    at = _MIXED_HEAD.size + 4 * k
+    if len(data) < at:
+        raise PayloadError("frames payload is shorter than its list of colour frames")
+    positions = struct.unpack_from(f"<{k}I", data, _MIXED_HEAD.size)
+    view, arrays = memoryview(data), []
+    for _ in range(int(has_gray) + (1 if k else 0)):
+        if len(data) < at + _PART.size:
+            raise PayloadError("frames payload ends before one of its arrays")
+        (size,) = _PART.unpack_from(data, at)
+        arrays.append(decode_array(view[at + _PART.size:at + _PART.size + size]))
+        at += _PART.size + size
+    gray = arrays.pop(0) if has_gray else None
+    colour = arrays[0] if k else np.empty((0,), np.uint8)
+    if k and colour.shape[0] != k:
+        raise PayloadError(f"frames payload names {k} colour frames and holds {colour.shape[0]}")
+    return MixedFrames(count, gray, {p: colour[i] for i, p in enumerate(positions)})
 
 
 @dataclass(frozen=True)
@@ -260,7 +310,7 @@ class SampleStore:
         return int(self._call(self.redis.zcard, self.keys.inflight(self.run)))
 
     # -- frames -----------------------------------------------------------------------------------
-    def put_frames_many(self, items: Sequence[tuple[str, np.ndarray, list[str]]]) -> list[int]:
+    def put_frames_many(self, items: Sequence[tuple[str, np.ndarray | MixedFrames, list[str]]]) -> list[int]:
         """Store the frames of several samples (sample id, frames, streams) in one round trip; returns,
         per sample, how many of its streams still need the frames (0: a redelivered job, nothing stored)."""
         if not items:
@@ -268,7 +318,7 @@ class SampleStore:
 
         def build(pipe: redis.client.Pipeline) -> None:
             for sample_id, frames, streams in items:
-                pipe.set(self.frames_key(sample_id), encode_array(frames), ex=self.ttl_s)
+                pipe.set(self.frames_key(sample_id), encode_frames(frames), ex=self.ttl_s)
                 self._mark_frames(keys=[self.state_key(sample_id)], args=[self.ttl_s, *streams], client=pipe)
 
         results = self._transaction(build)
@@ -278,18 +328,18 @@ class SampleStore:
             self._call(self.redis.delete, *unneeded)
         return todo
 
-    def put_frames(self, sample_id: str, frames: np.ndarray, streams: list[str]) -> int:
+    def put_frames(self, sample_id: str, frames: np.ndarray | MixedFrames, streams: list[str]) -> int:
         """Store the frames for the streams that still need them; returns how many do."""
         return self.put_frames_many([(sample_id, frames, streams)])[0]
 
-    def get_frames_many(self, sample_ids: Sequence[str]) -> list[np.ndarray | None]:
+    def get_frames_many(self, sample_ids: Sequence[str]) -> list[np.ndarray | MixedFrames | None]:
         """The frames of several samples in one MGET (None where they are gone)."""
         if not sample_ids:
             return []
         values = self._call(self.redis.mget, [self.frames_key(i) for i in sample_ids])
-        return [None if value is None else decode_array(value) for value in values]
+        return [None if value is None else decode_frames(value) for value in values]
 
-    def get_frames(self, sample_id: str) -> np.ndarray | None:
+    def get_frames(self, sample_id: str) -> np.ndarray | MixedFrames | None:
         return self.get_frames_many([sample_id])[0]
 
     def stream_states(self, sample_ids: Sequence[str], stream: str) -> list[int | None]:

@@ -21,8 +21,8 @@ import io
 import itertools
 import statistics
 import struct
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import av
@@ -357,7 +357,8 @@ _SWS_OPTIONS: dict[str, int] = {"threads": 1} if int(av.__version__.split(".")[0
 
 def decode_segment(data: bytes, name: str, offset: int, count: int, size: tuple[int, int] | None = None,
                    *, fps: float | None = None, keyframe_interval: int | None = None, pix_fmt: str = "rgb24",
-                   stats: dict[str, int] | None = None) -> np.ndarray:
+                   stats: dict[str, int] | None = None, colour: dict[int, np.ndarray] | None = None,
+                   colour_at: Sequence[int] = ()) -> np.ndarray:
     """Frames ``offset .. offset+count-1`` as uint8: shape (count, H, W, 3) RGB, or (count, H, W) with
     ``pix_fmt="gray"``: the decoder's luma at full range, exactly (cv2's RGB2GRAY of the RGB reads ~1.5
     levels darker, from swscale's fast YUV->RGB).
@@ -367,6 +368,9 @@ def decode_segment(data: bytes, name: str, offset: int, count: int, size: tuple[
     without them the container's rate and a default seek-back apply. `stats`, when given, gets "decoded"
     (frames out of the decoder, up to the last one used), "used" (`count`, once the segment is whole) and
     "opens" (containers opened) added to its counts, so a caller can tell decoded frames per frame used.
+    `colour_at` (positions in the segment) with a `colour` dict: those frames are also converted to RGB,
+    (H, W, 3) each, into `colour[position]` (from the same decoded frame: a grey stack for one stream and
+    the one colour frame another takes cost one decode).
 
     One container serves the call: its first GOP gives the base timestamp, then it seeks to the keyframe at
     or before the first frame and decodes forward, converting only the frames used and stopping at the last.
@@ -380,7 +384,11 @@ def decode_segment(data: bytes, name: str, offset: int, count: int, size: tuple[
         raise VideoError(name, f"bad resize target {size!r}: expected (height, width), both >= 1")
     if pix_fmt not in PIX_FMTS:
         raise VideoError(name, f"bad pixel format {pix_fmt!r}: expected one of {', '.join(map(repr, PIX_FMTS))}")
-    want = _Wanted(name, offset, count, size, pix_fmt)
+    at = tuple(sorted(set(int(i) for i in colour_at)))
+    if at and (colour is None or at[0] < 0 or at[-1] >= count):
+        raise VideoError(name, f"bad colour frames {list(colour_at)}: need a dict for them and positions in "
+                               f"0..{count - 1}")
+    want = _Wanted(name, offset, count, size, pix_fmt, at, colour if at else None)
     tally = _Tally()
     try:
         segment = _decode(data, want, fps, keyframe_interval, tally)
@@ -401,6 +409,8 @@ class _Wanted:
     count: int
     size: tuple[int, int] | None
     pix_fmt: str
+    colour_at: tuple[int, ...] = ()
+    colour: dict[int, np.ndarray] | None = field(default=None, compare=False)  # where colour_at's frames go
 
     @property
     def span(self) -> str:
@@ -508,9 +518,11 @@ class _Segment:
 
     def __init__(self, want: _Wanted) -> None:
         self.count, self.size, self.pix_fmt = want.count, want.size, want.pix_fmt
+        self.colour_at, self.colour = want.colour_at, want.colour
         self.array: np.ndarray | None = None
         self.filled = 0
         self.reformatter = VideoReformatter()
+        self._last: av.VideoFrame | None = None
 
     def put(self, frame: av.VideoFrame) -> None:
         if self.array is None:
@@ -521,12 +533,22 @@ class _Segment:
         converted = self.reformatter.reformat(frame, width, height, self.pix_fmt, interpolation=_INTERPOLATION,
                                               **_SWS_OPTIONS)
         self.array[self.filled] = converted.to_ndarray()
+        self._colour(frame)
+        self._last = frame
         self.filled += 1
 
     def repeat(self) -> None:
-        assert self.array is not None
+        assert self.array is not None and self._last is not None
         self.array[self.filled] = self.array[self.filled - 1]
+        self._colour(self._last)
         self.filled += 1
+
+    def _colour(self, frame: av.VideoFrame) -> None:
+        if self.filled in self.colour_at:
+            assert self.array is not None and self.colour is not None
+            height, width = self.array.shape[1:3]
+            self.colour[self.filled] = self.reformatter.reformat(
+                frame, width, height, "rgb24", interpolation=_INTERPOLATION, **_SWS_OPTIONS).to_ndarray()
 
 
 def _decode_from(stream: av.video.stream.VideoStream, packets: Iterable[av.Packet], clock: _Clock, mode: Mode,
