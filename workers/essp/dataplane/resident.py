@@ -52,9 +52,10 @@ from essp.settings import Settings
 log = logging.getLogger("essp.worker")
 
 RUN_STATES = ("running", "paused", "stopped")
-# The broker holds a control fetch this long when there is nothing to read: an idle listener costs the
-# local broker a fetch (object-store reads) every 2 s instead of every 0.5 s; a command still arrives
-# within ~0.2 s (Tansu answers a waiting fetch soon after a produce; measured in docs/dataplane.md).
+# How long the broker may hold a control fetch that finds nothing. Tansu reads the partition, sleeps half
+# of this, and answers (a produce does not wake it; the next fetch sees the command): an idle listener
+# costs the local broker a fetch (object-store reads) every second instead of four times a second, and a
+# command waits at most about a second (see docs/dataplane.md, "Idle costs").
 CONTROL_FETCH_WAIT_MS = 2000
 
 
@@ -409,8 +410,8 @@ class ResidentWorker(ResidentProcess):
             # Going idle: the live key now carries the counters of the work just finished (a monitor or the
             # benchmark reads exact figures at an epoch's end without waiting for the next heartbeat). Not
             # on the events topic: a worker goes idle between most chunks while it waits for the stage
-            # before it, and each event there costs the local broker S3 writes (measured: a third of the
-            # produce requests of a run); the next heartbeat publishes the counters.
+            # before it, and each event there costs the local broker S3 writes (~8 ms of its CPU); the next
+            # heartbeat publishes the counters.
             self._worked = False
             self.event("heartbeat", detail="idle", publish=False)
         self._worked = self._worked or bool(batch)
