@@ -27,7 +27,7 @@ from essp.clients.kafka import Received
 from essp.clients.redis import redis_client
 from essp.clients.s3 import ObjectNotFound, ObjectStore, S3Uri
 from essp.contract import DecodeChunk, DecodeJob, FramesReady, Message
-from essp.dataplane.extractors import MixedFrames, frames_format, frames_layout
+from essp.dataplane.extractors import MixedFrames, frames_layout
 from essp.dataplane.payloads import SampleStore
 from essp.dataplane.resident import ResidentWorker, WorkInterrupted
 from essp.datasets.video import VideoError, decode_segment
@@ -90,8 +90,8 @@ def decode_frames_for(data: bytes, job: DecodeJob, stats: dict[str, int]) -> np.
 
 def stack_format(job: DecodeJob) -> str:
     """The pixel format of the stack stored for the job: "gray" when there is a grey stack."""
-    gray, colour_at = frames_layout(job.features, job.length + 1)
-    return "gray" if colour_at is not None and (gray or not colour_at) else frames_format(job.features)
+    gray, _ = frames_layout(job.features, job.length + 1)
+    return "gray" if gray else "rgb24"
 
 
 class DecodeWorker(ResidentWorker):
