@@ -165,10 +165,6 @@ class MixedFrames:
     gray: np.ndarray | None  # (count, H, W) uint8
     colour: dict[int, np.ndarray]  # position -> (H, W, 3) uint8 RGB
 
-    @property
-    def nbytes(self) -> int:
-        return (0 if self.gray is None else self.gray.nbytes) + sum(f.nbytes for f in self.colour.values())
-
 
 class FeatureExtractor(ABC):
     """Turns a frame stack (L+1, H, W, 3) uint8 RGB into a uint8 C-contiguous channels-first feature.
@@ -387,13 +383,8 @@ def frames_format(features: Mapping[str, Any]) -> str:
     """The frame format a decode worker stores for a sample feeding these extractors: "gray" when none
     of them needs colour, else "rgb24". A kind not registered here (a plugin only the extractor
     workers load) gets colour, which every extractor accepts."""
-    for kind in features:
-        try:
-            if extractor_class(kind).input_format != "gray":
-                return "rgb24"
-        except EsspError:
-            return "rgb24"
-    return "gray" if features else "rgb24"
+    gray, colour = frames_layout(features, 2)  # whether any frame is wanted in colour does not depend on L
+    return "gray" if gray and colour == [] else "rgb24"
 
 
 def frames_layout(features: Mapping[str, Any], count: int) -> tuple[bool, list[int] | None]:
