@@ -42,3 +42,33 @@ def test_stop_from_another_process_and_pid_reuse(tmp_path):
         time.sleep(0.05)
     assert not pid_alive(record.pid)
     assert table.record("sleeper") is None
+
+
+# The main thread holds a stopping Event's lock (as inside Event.set or Event.wait) when SIGTERM comes,
+# twice, as a DDP rank gets it (its process group's, then its supervisor's forward). A handler that
+# set the Event itself would wait on that lock for ever; the process must stop within seconds.
+SIGNAL_INSIDE_EVENT_SET = """
+import os, signal, sys, threading, time
+from essp.stack.procs import on_stop_signals
+stopping = threading.Event()
+calls = []
+def stop():
+    calls.append(threading.current_thread().name)
+    stopping.set()
+on_stop_signals(stop)
+with stopping._cond:
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)  # the handlers have run, in this thread, while it holds the lock
+    assert not stopping.is_set()
+assert stopping.wait(10), "stop() was never called"
+time.sleep(0.2)
+print(calls)
+"""
+
+
+def test_stop_signals_arriving_while_the_main_thread_holds_the_events_lock_stop_it_once():
+    done = subprocess.run([sys.executable, "-c", SIGNAL_INSIDE_EVENT_SET], capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['essp-stop-signal']"  # once, from its own thread

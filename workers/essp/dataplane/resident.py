@@ -23,7 +23,6 @@ import base64
 import json
 import logging
 import os
-import signal
 import socket
 import threading
 import time
@@ -48,6 +47,7 @@ from essp.clients.redis import redis_client
 from essp.contract import ControlCommand, DeadLetter, Message, RedisKeys, Topics, WorkerEvent, decode, encode
 from essp.errors import MalformedMessage, ServiceUnavailable
 from essp.settings import Settings
+from essp.stack.procs import on_stop_signals
 
 log = logging.getLogger("essp.worker")
 
@@ -242,9 +242,8 @@ class ResidentProcess(ABC):
     def start_resident(self, *, install_signals: bool = True, detail: str | None = None) -> None:
         """Signals, the producer, the control listener and heartbeats; then the "started" event, and the
         launcher is told this process serves."""
-        if install_signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: self.stop())
+        if install_signals:  # SIGTERM/SIGINT call stop(), safely (see on_stop_signals)
+            on_stop_signals(self.stop)
         # The shared topics it reads and writes; clients never create a topic by naming it (clients.kafka).
         ensure_topics(self.settings, [self.topics.control, self.topics.events, self.topics.dead])
         self.producer = MessageProducer(self.settings)

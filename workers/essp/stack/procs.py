@@ -12,7 +12,9 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,3 +161,30 @@ def terminate(pid: int, start: int | None, timeout_s: float = 30.0) -> int | Non
     if child is not None:
         return child.wait(timeout=10)
     return None
+
+
+def on_stop_signals(stop: Callable[[], None], signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
+    """Call ``stop`` once, from a thread of its own, when one of ``signals`` arrives (main thread only).
+
+    A Python signal handler runs in the main thread between two bytecodes, possibly while that thread
+    holds a lock: inside ``Event.set`` or ``Event.wait`` (a ``Condition`` over a plain ``Lock``). A
+    handler that sets an ``Event`` then waits on a lock its own thread holds, for ever. It happened: a
+    DDP rank gets SIGTERM twice (its process group's, and its supervisor's forward), the second one
+    arriving inside the first handler's ``Event.set``; the rank hung until SIGKILL 30 s later. So the
+    handler only writes a byte to a pipe (no lock), and a thread that reads it calls ``stop``."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+
+    def handler(_signum: int, _frame: object) -> None:
+        try:
+            os.write(write_fd, b"s")
+        except BlockingIOError:  # the pipe is full of earlier signals: the stop is under way
+            pass
+
+    def relay() -> None:
+        if os.read(read_fd, 1):
+            stop()
+
+    threading.Thread(target=relay, name="essp-stop-signal", daemon=True).start()
+    for sig in signals:
+        signal.signal(sig, handler)
