@@ -156,7 +156,7 @@ def measure_streaming(settings: Settings, options: TrainerBenchOptions, scratch:
     from essp.clients.kafka import delete_topics, ensure_topics
     from essp.contract import Topics
     from essp.dataplane.plan import run_topic_names
-    from essp.deploy.local import LocalProcess, LocalProcesses, worker_args, worker_name
+    from essp.deploy.local import LocalProcess, LocalProcesses, stop_together, worker_args, worker_name
 
     manifest = _dataset(settings, options, scratch)
     topics = Topics(settings.topic_prefix)
@@ -181,8 +181,7 @@ def measure_streaming(settings: Settings, options: TrainerBenchOptions, scratch:
                         f"{row['samples_per_s']:.1f} samples/s, data wait {100 * row['data_wait']:.1f}%")
                     delete_topics(settings, run_topic_names(settings, run))
         finally:
-            for worker in workers:
-                worker.stop()
+            stop_together(workers)
     return rows
 
 

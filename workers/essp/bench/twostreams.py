@@ -24,7 +24,7 @@ from essp.bench.streaming import (
     rate,
     start_workers,
 )
-from essp.deploy.local import LocalProcess
+from essp.deploy.local import LocalProcess, stop_together
 from essp.settings import Settings
 
 if TYPE_CHECKING:
@@ -112,8 +112,7 @@ def measure_two_streams(settings: Settings, manifest: Manifest, options: BenchOp
     finally:
         for stream in streams.values():
             stream.close()
-        for worker in added:
-            worker.stop()
+        stop_together(added)
     result.update({"run": run, "workers": {"decode": count, "flow": count, "rgb": count}, "processes": 3 * count,
                    "startup_s": startup_s, "warmup": warm, "dead": dead, "features": two_stream_features(options),
                    "payload_bytes_left_in_redis": SampleStore(settings, run).payload_bytes()})

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from essp.cli.dataplane import Verbose, WorkerId, _logging, supervise, worker_app
+from essp.cli.dataplane import Verbose, WorkerId, _logging, exit_served, supervise, worker_app
 from essp.cli.options import given_values, with_model_options
 from essp.lifecycle.params import RunParams, parse_params
 from essp.settings import Settings
@@ -32,14 +32,14 @@ def train_worker_cmd(run: Annotated[str, typer.Option(help="The run (its spec.js
     """Resident trainer of one stream of one run: trains each epoch the master asks for, checkpoints
     to S3, resumes from the latest checkpoint when restarted. With --nproc N (or under torchrun) it
     trains with DistributedDataParallel, one process per GPU."""
-    import torch
-
     if backend not in ("auto", "nccl", "gloo"):
         raise typer.BadParameter(f"--backend {backend!r}: use auto, nccl or gloo")
     if nproc > 1:
         _spawn_ranks(["worker", "train", "--run", run, "--stream", stream, "--threads", str(threads),
                       "--backend", backend, *(["--verbose"] if verbose else [])], nproc, worker_id or f"train-{stream}")
         return
+    import torch
+
     from essp.dataplane.resident import limit_threads
     from essp.lifecycle.pipeline import train_spec
     from essp.training.resident import TrainWorker
@@ -60,6 +60,7 @@ def train_worker_cmd(run: Annotated[str, typer.Option(help="The run (its spec.js
         if distributed:
             torch.distributed.destroy_process_group()
     err.print(f"trainer {stream} of {run} stopped: {json.dumps(state)}")
+    exit_served()
 
 
 def _spawn_ranks(argv: list[str], nproc: int, name: str) -> None:

@@ -21,6 +21,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +123,17 @@ class LocalProcess:
 
     def tail(self, lines: int = 30) -> str:
         return self.table.tail(self.name, lines)
+
+
+def stop_together(processes: list[LocalProcess], timeout_s: float = 30.0) -> None:
+    """Stop them all at once, each as :meth:`LocalProcess.stop` does: the slowest sets the time taken, not
+    the sum (a trainer that checkpoints and a data worker that hands back its chunk take a second or two each)."""
+    threads = [threading.Thread(target=p.stop, kwargs={"timeout_s": timeout_s}, name=f"essp-stop-{p.name}")
+               for p in processes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 class LocalProcesses:

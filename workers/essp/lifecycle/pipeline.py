@@ -25,7 +25,7 @@ from typing import Any
 from essp.dataplane.plan import decode_quarantine
 from essp.datasets.manifest import ManifestStore
 from essp.deploy.fleet import LocalFleet
-from essp.deploy.local import LocalProcess, LocalProcesses, trainer_args, trainer_name
+from essp.deploy.local import LocalProcess, LocalProcesses, stop_together, trainer_args, trainer_name
 from essp.errors import EsspError
 from essp.evaluation.fusion import StreamScores, compare_fusions, make_fuser
 from essp.evaluation.metrics import SUMMARY_METRICS
@@ -201,8 +201,7 @@ def run_training(settings: Settings, spec: RunParams, *, log: Log = print, data_
         workers += processes.start([(trainer_name(run, s), trainer_args(run, s, spec.trainer_procs))
                                     for s in spec.streams])
     except BaseException:
-        for worker in workers:
-            worker.stop()
+        stop_together(workers)
         raise
     timings: dict[str, float] = {}
     epoch = 0
@@ -221,15 +220,13 @@ def run_training(settings: Settings, spec: RunParams, *, log: Log = print, data_
         for epoch in range(first, spec.epochs):
             train_epoch(settings, spec, epoch, log=log, alive=alive)
         timings["train_s"] = time.monotonic() - t0
-        for worker in _trainers(workers, run):  # their checkpoints are in S3: free their cores for scoring
-            worker.stop()
+        stop_together(_trainers(workers, run))  # their checkpoints are in S3: free their cores for scoring
         t0 = time.monotonic()
         score_split(settings, spec, "test", log=log)
         score_split(settings, spec, "train", log=log)
         timings["score_s"] = time.monotonic() - t0
     finally:
-        for worker in workers:
-            worker.stop()
+        stop_together(workers)
     outcome = fuse_and_report(settings, spec, log=log)
     outcome["registry"] = register_model(settings, spec, outcome["metrics"], fusion_state=outcome["fusion_state"],
                                          log=log)
