@@ -243,7 +243,8 @@ class MessageConsumer:
                  dead_letter_topic: str, expected: tuple[type[Message], ...] = (),
                  pattern: str | None = None, auto_offset_reset: str = "earliest",
                  max_poll_interval_ms: int = MAX_POLL_INTERVAL_MS, metadata_max_age_ms: int = 3000,
-                 membership: str | None = None, epoch_window: int | None = EPOCH_WINDOW) -> None:
+                 membership: str | None = None, epoch_window: int | None = EPOCH_WINDOW,
+                 fetch_max_wait_ms: int = 500) -> None:
         self.settings = settings
         self.group_id = group_id
         self.expected = expected
@@ -265,6 +266,7 @@ class MessageConsumer:
                 session_timeout_ms=settings.kafka_session_timeout_ms,
                 heartbeat_interval_ms=max(1000, settings.kafka_session_timeout_ms // 3),
                 max_poll_interval_ms=max_poll_interval_ms, metadata_max_age_ms=metadata_max_age_ms,
+                fetch_max_wait_ms=fetch_max_wait_ms,
             )
         except KafkaError as exc:
             raise _unavailable(settings, exc) from None
