@@ -296,3 +296,53 @@ def test_trainer_bench_refuses_bad_options():
     assert result.exit_code != 0 and "alexnet" in result.output
     result = runner.invoke(bench_app, ["trainer", "--streams", "depth"])
     assert result.exit_code != 0 and "depth" in result.output
+
+
+def _bench_brokers() -> list[str]:
+    from pathlib import Path
+
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"essp-bench" in argv and b"memory://tansu/" in argv:
+            found.append(entry.name)
+    return found
+
+
+def test_broker_memory_runs_the_plane_on_a_broker_of_its_own_and_stops_it(base_settings, tmp_path):
+    from essp.clients.kafka import list_topics
+
+    options = BenchOptions.quick_run(broker="memory", two_streams=False, user_baseline=False,
+                                     methods=("dis_fast",))
+    seen: set[str] = set()
+    done = threading.Event()
+
+    def watch_local_broker() -> None:  # the bench's topics must never appear on the stack's own broker
+        while not done.wait(0.5):
+            seen.update(t for t in list_topics(base_settings) if t.startswith("bench"))
+
+    watcher = threading.Thread(target=watch_local_broker, daemon=True)
+    watcher.start()
+    try:
+        result = bench_dataplane(options, settings=base_settings, scratch=tmp_path / "scratch",
+                                 console=Console(file=io.StringIO(), width=240))
+    finally:
+        done.set()
+        watcher.join(10)
+    assert "in memory" in result["broker"] and "--broker memory" in result["command"]
+    (stream,) = result["streaming"]
+    assert all(e["all_delivered"] for e in stream["epochs"]) and stream["dead"] == 0
+    assert not [t for t in seen if t.startswith(result["tag"])], seen
+    assert _bench_brokers() == []  # stopped at the end
+
+
+def test_broker_option_is_checked_and_memory_figures_stay_out_of_the_docs():
+    runner = CliRunner()
+    result = runner.invoke(bench_app, ["dataplane", "--broker", "kafka"])
+    assert result.exit_code != 0 and "broker 'kafka' is not one of local, memory" in result.output
+    result = runner.invoke(bench_app, ["dataplane", "--broker", "memory", "--write-docs"])
+    words = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code != 0 and "--write-docs: docs/benchmarks.md's block holds the local stack's figures" in words

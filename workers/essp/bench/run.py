@@ -27,6 +27,7 @@ into docs/benchmarks.md between the ``bench:dataplane`` markers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -49,7 +50,7 @@ from essp.bench.classic import measure_classic
 from essp.bench.docs import DEFAULT_DOCS, update_docs
 from essp.bench.options import PAPER_S_PER_FRAME, TARGET_SPEEDUP, BenchOptions
 from essp.bench.percore import _per_core_in_child, find_real_clip
-from essp.bench.processes import machine_info
+from essp.bench.processes import MemoryBroker, machine_info
 from essp.bench.report import details, render_markdown, result_table, summarise
 from essp.bench.streaming import _isolated, _plan, cleanup, measure_streaming
 from essp.bench.twostreams import measure_two_streams, two_stream_plan
@@ -58,7 +59,7 @@ from essp.settings import Settings
 
 def _canonical_command(options: BenchOptions) -> str:
     if options.quick:
-        return "essp bench dataplane --quick"
+        return "essp bench dataplane --quick" + (f" --broker {options.broker}" if options.broker != "local" else "")
     default = BenchOptions()
     args = ["essp", "bench", "dataplane"]
     flags = {"sizes": "--sizes", "methods": "--methods", "length": "--length", "samples": "--samples",
@@ -69,6 +70,8 @@ def _canonical_command(options: BenchOptions) -> str:
         value = getattr(options, name)
         if value != getattr(default, name):
             args += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+    if options.broker != default.broker:
+        args += ["--broker", options.broker]
     for name, flag in (("real_clip", "--no-real-clip"), ("two_streams", "--no-two-streams"),
                        ("user_baseline", "--no-user-baseline")):
         if not getattr(options, name):
@@ -111,11 +114,23 @@ def bench_dataplane(options: BenchOptions | None = None, *, quick: bool = False,
         from essp.stack.services import prepare_settings
 
         settings = prepare_settings()
+    if write_docs and options.broker != "local":
+        raise ValueError(f"the docs' block holds the local stack's figures, not --broker {options.broker}'s")
     tag = "bench" + uuid.uuid4().hex[:8]
-    isolated = _isolated(settings, tag, options.heartbeat_s)
     own_scratch = scratch is None
     scratch = Path(scratch or tempfile.mkdtemp(prefix="essp-bench-"))
     scratch.mkdir(parents=True, exist_ok=True)
+    broker = contextlib.ExitStack()  # closed in the finally below
+    if options.broker == "memory":
+        try:
+            port = broker.enter_context(MemoryBroker(scratch / "tansu-memory.log"))
+        except BaseException:
+            if own_scratch and not keep:
+                shutil.rmtree(scratch, ignore_errors=True)
+            raise
+        settings = settings.model_copy(update={"kafka_port": port})
+        say(f"broker: a Tansu of the bench's own keeping its log in memory, on port {port}")
+    isolated = _isolated(settings, tag, options.heartbeat_s)
     began = time.perf_counter()
     previous_term = None
     if threading.current_thread() is threading.main_thread():
@@ -126,6 +141,8 @@ def bench_dataplane(options: BenchOptions | None = None, *, quick: bool = False,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": command or _canonical_command(options), "machine": machine_info(),
         "options": dataclasses.asdict(options), "paper_s_per_frame": PAPER_S_PER_FRAME,
+        "broker": {"local": f"the local stack's Tansu, its log in S3 (bucket {settings.kafka_storage_bucket})",
+                   "memory": "a Tansu of the bench's own, its log in memory"}[options.broker],
         "target_speedup": TARGET_SPEEDUP,
     }
     try:
@@ -182,6 +199,7 @@ def bench_dataplane(options: BenchOptions | None = None, *, quick: bool = False,
             cleanup(isolated)
         except Exception as exc:  # noqa: BLE001 - report, never mask the benchmark's own error
             say(f"cleanup of {tag} failed: {exc}")
+        broker.close()
         if own_scratch and not keep:
             shutil.rmtree(scratch, ignore_errors=True)
         if previous_term is not None:
