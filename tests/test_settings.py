@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import stat
 
 import pytest
@@ -65,3 +66,35 @@ def test_as_env_round_trips(tmp_path):
     assert env["ESSP_REDIS_PORT"] == "6391" and env["ESSP_S3_SECURE"] == "true"
     rebuilt = Settings(**{k[len(ENV_PREFIX):].lower(): v for k, v in env.items()})
     assert rebuilt.model_dump() == s.model_dump()
+
+
+def test_secret_files_are_private_from_their_first_byte(monkeypatch, tmp_path):
+    """Every byte of a secret is written to a file already 0600 (never written, then chmod-ed), whatever
+    the umask, and a stale temporary file with a wider mode is not reused as it is."""
+    from essp.settings import write_private
+
+    modes = []
+    real_write = os.write
+
+    def spying_write(fd, data):
+        modes.append(stat.S_IMODE(os.fstat(fd).st_mode))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", spying_write)
+    old_umask = os.umask(0)
+    try:
+        stale = tmp_path / f".secrets.env.{os.getpid()}.tmp"
+        stale.write_text("old")
+        stale.chmod(0o666)
+        monkeypatch.setenv("ESSP_STATE_DIR", str(tmp_path))
+        for name in LOCAL_SECRETS:
+            monkeypatch.delenv(f"{ENV_PREFIX}{name.upper()}", raising=False)
+        path = ensure_local_secrets(tmp_path)
+        write_private(tmp_path / "passwords.json", '{"admin": "x"}')
+    finally:
+        os.umask(old_umask)
+    assert modes and set(modes) == {0o600}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "passwords.json").stat().st_mode) == 0o600
+    assert (tmp_path / "passwords.json").read_text() == '{"admin": "x"}'
+    assert not list(tmp_path.glob(".*.tmp"))

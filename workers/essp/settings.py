@@ -233,11 +233,24 @@ def ensure_local_secrets(state_dir: Path | None = None) -> Path:
             existing[key] = ("essp" + secrets.token_hex(6)) if name == "s3_access_key" else secrets.token_urlsafe(18)
             changed = True
     if changed:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(f"{k}={v}\n" for k, v in sorted(existing.items())))
-        tmp.chmod(0o600)
-        tmp.replace(path)
+        write_private(path, "".join(f"{k}={v}\n" for k, v in sorted(existing.items())))
     return path
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by its owner only, from the first byte on: the file is created
+    0600 (whatever the umask), written under a temporary name and renamed over ``path``. Writing it first
+    and chmod-ing it after would leave the secret readable by others in between."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # a stale temporary file keeps its old mode under O_CREAT
+        data = text.encode()
+        while data:
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
 def get_settings(**overrides: object) -> Settings:

@@ -19,7 +19,7 @@ from typing import Any
 
 from essp.connections import connection_env_vars
 from essp.errors import EsspError
-from essp.settings import Settings
+from essp.settings import Settings, write_private
 from essp.stack.procs import ProcessTable
 from essp.stack.services import venv_binary
 
@@ -43,8 +43,7 @@ def airflow_env(settings: Settings, *, sql_alchemy_conn: str | None = None,
     home = home or settings.airflow_home
     home.mkdir(parents=True, exist_ok=True)
     passwords = home / "simple_auth_manager_passwords.json"
-    passwords.write_text(json.dumps({settings.airflow_user: settings.secret("airflow_password")}))
-    passwords.chmod(0o600)
+    write_private(passwords, json.dumps({settings.airflow_user: settings.secret("airflow_password")}))
     jwt_secret = settings.secret("airflow_jwt_secret")
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")},
