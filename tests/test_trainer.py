@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from conftest import free_port_block
 from pydantic import ValidationError
 
-from essp.training.artifacts import RunStore
+from essp.training.artifacts import CheckpointPointerError, RunStore
 from essp.training.params import TrainParams
 from essp.training.trainer import (
     StreamTrainer,
@@ -131,6 +131,19 @@ def test_checkpoints_round_trip_through_s3_and_mismatches_are_refused(settings):
         checkpoint_from_bytes(b"not a checkpoint", "s3://x/y.pt")
     with pytest.raises(Exception, match="has no checkpoint yet"):
         runs.load_checkpoint(stream="rgb")
+
+    # latest.json may only name one of the stream's own checkpoints in the run's bucket
+    pointer = "resume-test/checkpoints/flow/latest.json"
+    elsewhere = ["s3://another-bucket/resume-test/checkpoints/flow/epoch-0000.pt",
+                 f"s3://{runs.bucket}/another-run/checkpoints/flow/epoch-0000.pt",
+                 f"s3://{runs.bucket}/resume-test/checkpoints/flow/../../../another-run/model.pt",
+                 f"s3://{runs.bucket}/resume-test/checkpoints/rgb/epoch-0000.pt", "/etc/passwd"]
+    for bad in elsewhere:
+        runs.store.put_json(runs.bucket, pointer, {"uri": bad, "epoch": 1, "iteration": 6, "finished_epoch": True})
+        with pytest.raises(CheckpointPointerError, match="outside the stream's checkpoints"):
+            runs.load_checkpoint(stream="flow")
+    runs.store.put_json(runs.bucket, pointer, {"uri": uri, "epoch": 1, "iteration": 6, "finished_epoch": True})
+    assert runs.latest_checkpoint_uri("flow") == uri
 
 
 def test_training_learns_and_reports_its_figures():

@@ -27,6 +27,10 @@ from essp.errors import EsspError
 from essp.settings import Settings
 
 
+class CheckpointPointerError(EsspError):
+    """A stream's ``latest.json`` names an object that is not one of its own checkpoints."""
+
+
 class RunArtifactMissing(EsspError, FileNotFoundError):
     """A run's checkpoint, scores or report is not in S3."""
 
@@ -106,8 +110,23 @@ class RunStore:
             return None
 
     def latest_checkpoint_uri(self, stream: str) -> str | None:
+        """Where ``latest.json`` points; only a checkpoint of this run and stream is accepted (a pointer
+        edited to name another bucket or to climb out with ``..`` would have a trainer load any object)."""
         pointer = self.latest_pointer(stream)
-        return None if pointer is None else str(pointer["uri"])
+        if pointer is None:
+            return None
+        uri = str(pointer.get("uri", ""))
+        folder = f"{self.run}/checkpoints/{stream}/"
+        try:
+            location = S3Uri.parse(uri)
+        except ValueError:
+            location = None
+        name = location.key[len(folder):] if location and location.key.startswith(folder) else ""
+        if location is None or location.bucket != self.bucket or "/" in name or name in ("", ".", ".."):
+            raise CheckpointPointerError(
+                f"run {self.run}: {self.uri(f'checkpoints/{stream}/latest.json')} points at {uri!r}, outside the "
+                f"stream's checkpoints (s3://{self.bucket}/{folder}*.pt): not loaded; delete or fix the pointer")
+        return uri
 
     def load_checkpoint(self, uri: str | None = None, *, stream: str | None = None) -> dict[str, Any]:
         """A checkpoint by URI, or the latest of ``stream``."""
