@@ -240,3 +240,37 @@ def test_dataset_commands(settings, tmp_path, monkeypatch):
     assert bad.exit_code == 2 and "--split" in bad.output
     bad = runner.invoke(dataset_app, ["ingest", str(out), "--name", "no spaces"])
     assert bad.exit_code == 2 and "--name" in bad.output
+
+
+def test_links_out_of_the_root_and_surprising_probe_errors_are_quarantined_not_fatal(settings, synth_dir, tmp_path,
+                                                                                     monkeypatch):
+    import essp.datasets.ingest as ingest_module
+
+    root = tmp_path / "linked"
+    shutil.copytree(synth_dir, root)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    secret = outside / "v_TranslateLeft_g50_c01.mp4"
+    shutil.copy(synth_dir / "TranslateLeft" / "v_TranslateLeft_g01_c01.mp4", secret)
+    (root / "TranslateLeft" / "v_TranslateLeft_g51_c01.mp4").symlink_to(secret)  # a file linked out
+    (root / "TranslateRight" / "v_TranslateRight_g52_c01.mp4").symlink_to(  # a link inside the root is fine
+        root / "TranslateRight" / "v_TranslateRight_g01_c01.mp4")
+    (root / "Elsewhere").symlink_to(outside, target_is_directory=True)  # a class folder linked out
+    real_probe = ingest_module.probe_video
+
+    def probe(data, name):  # a decoder's own error, not a VideoError, on one file
+        if name == "TranslateUp/v_TranslateUp_g02_c01.mp4":
+            raise RuntimeError("decoder state corrupted")
+        return real_probe(data, name)
+
+    monkeypatch.setattr(ingest_module, "probe_video", probe)
+    manifest, _ = ingest_directory(settings, root, "linked")
+    reasons = {q.path: q.reason for q in manifest.quarantined}
+    assert reasons["TranslateLeft/v_TranslateLeft_g51_c01.mp4"].startswith(f"a link to {secret}, outside")
+    assert reasons["Elsewhere/"].startswith(f"a link to {outside}, outside")
+    assert reasons["TranslateUp/v_TranslateUp_g02_c01.mp4"] == "probe failed: RuntimeError: decoder state corrupted"
+    assert "Elsewhere" not in manifest.classes and "v_TranslateLeft_g50_c01" not in str(manifest.videos)
+    assert "TranslateRight/v_TranslateRight_g52_c01" in {v.id for v in manifest.videos}
+    assert len(manifest.videos) == 12  # 12 copied - 1 probe failure + 1 link inside
+    keys = ObjectStore(settings).list_keys(settings.bucket_videos, "linked/")
+    assert not any("g50" in k or "g51" in k for k in keys)

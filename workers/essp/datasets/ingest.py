@@ -87,9 +87,21 @@ def _norm(rel: str) -> str:
 
 
 def _video_files(root: Path, classes: list[str] | None) -> tuple[list[str], list[_File], list[QuarantinedVideo]]:
-    """(classes, video files in class folders, files quarantined because they have no class)."""
+    """(classes, video files in class folders, files quarantined because they have no class or are links
+    out of the dataset's root: a symlink may point anywhere on the machine, and ingest uploads what it reads)."""
+    real_root = root.resolve()
+    outside: list[QuarantinedVideo] = []
+
+    def inside(path: Path, rel: str) -> bool:
+        if path.resolve().is_relative_to(real_root):
+            return True
+        outside.append(QuarantinedVideo(uri=path.absolute().as_uri(), path=rel, stage="ingest",
+                                        reason=f"a link to {path.resolve()}, outside the dataset's root "
+                                               f"{real_root}: not followed"))
+        return False
+
     folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
-                     and d.name not in SPLIT_LIST_DIRS)
+                     and d.name not in SPLIT_LIST_DIRS and inside(d, f"{d.name}/"))
 
     def videos(folder: Path) -> list[Path]:
         return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in VIDEO_EXTENSIONS)
@@ -103,15 +115,18 @@ def _video_files(root: Path, classes: list[str] | None) -> tuple[list[str], list
         class_name = canonical.get(folder.name.lower())
         for path in videos(folder):
             rel = f"{folder.name}/{path.name}"
+            if not inside(path, rel):
+                continue
             if class_name is None:
                 orphans.append(QuarantinedVideo(uri=path.resolve().as_uri(), path=rel, stage="ingest",
                                                 reason=f"class folder {folder.name!r} is not in classInd.txt"))
             else:
                 files.append(_File(rel, class_name, path))
     for path in videos(root):
-        orphans.append(QuarantinedVideo(uri=path.resolve().as_uri(), path=path.name, stage="ingest",
-                                        reason="not in a class folder (expected <root>/<Class>/<video>)"))
-    return classes, files, orphans
+        if inside(path, path.name):
+            orphans.append(QuarantinedVideo(uri=path.resolve().as_uri(), path=path.name, stage="ingest",
+                                            reason="not in a class folder (expected <root>/<Class>/<video>)"))
+    return classes, files, orphans + outside
 
 
 def _split_lists(root: Path, split: int, classes: list[str], files: list[_File],
@@ -250,6 +265,8 @@ def _ingest_file(store: ObjectStore, bucket: str, prefix: str, file: _File, labe
         info = probe_video(data, file.rel)
     except VideoError as exc:
         return bad(exc.reason)
+    except Exception as exc:  # noqa: BLE001 - one file's surprise (a decoder's own error) must not end the ingest
+        return bad(f"probe failed: {type(exc).__name__}: {exc}")
     digest = _sha256(data)
     key = f"{prefix}/{file.rel}"
     uploaded, etag = _upload(store, bucket, key, data, digest)
