@@ -142,6 +142,11 @@ def test_predict_uses_the_production_model_and_names_bad_videos(trained):
     ({"epochs": 0}, "epochs"),
     ({"lr_steps": [30, 10]}, "lr_steps"),
     ({"run": "bad run id"}, "run"),
+    # values that would exhaust memory: the master's plan, the run's payloads in Redis
+    ({"samples_per_epoch": 2_000_000}, "samples_per_epoch: Input should be less than or equal to 1000000"),
+    ({"max_inflight": 5000}, "max_inflight: Input should be less than or equal to 4096"),
+    ({"size": 1024, "length": 64}, r"max_inflight, size, length: 64 samples of 1024x1024, L=64, 2 stream\(s\) can "
+                                   r"hold 28.2 GiB in Redis at once \(at most 8 GiB\)"),
 ])
 def test_bad_params_are_refused_with_their_name(values, named):
     with pytest.raises(RunParamsError, match=named):

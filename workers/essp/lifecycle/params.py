@@ -28,6 +28,11 @@ DEFAULT_REPLICAS = {"decode": 2, "flow": 2, "rgb": 1, "framediff": 0}
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
+# Upper bounds of params whose value can exhaust memory: an epoch's plan is held whole by the master,
+# and the run's payloads in flight live in Redis (see RunParams.inflight_bytes).
+MAX_SAMPLES_PER_EPOCH = 1_000_000
+MAX_INFLIGHT_GIB = 8
+
 class RunParamsError(EsspError, ValueError):
     """A training run's params are not valid; the message names the param."""
 
@@ -81,7 +86,8 @@ class RunParams(OptimParams):
         description="Per stream, a file or s3:// URI of weights to start from (torchvision state_dict or an ESSP "
                     "checkpoint), e.g. {\"rgb\": \"s3://essp-models/resnet18-imagenet.pt\"}.")
     # -- Training (besides OptimParams)
-    samples_per_epoch: int | None = knob(None, ge=1, title="Samples per epoch", section="Training",
+    samples_per_epoch: int | None = knob(None, ge=1, le=MAX_SAMPLES_PER_EPOCH, title="Samples per epoch",
+                                         section="Training",
                                          description="Samples drawn per epoch (class, then video, then offset); "
                                                      "empty: the number of training videos.")
     # -- Workers
@@ -94,8 +100,9 @@ class RunParams(OptimParams):
     stop_data_workers: bool = knob(False, title="Stop data workers at the end", section="Workers",
                                    description="Scale the shared decode/extract workers to 0 when the run ends "
                                                "(they are shared by runs: leave off when other runs train).")
-    max_inflight: int = knob(64, ge=1, title="Samples in flight", section="Workers",
-                             description="Back-pressure bound of the run in Redis.")
+    max_inflight: int = knob(64, ge=1, le=4096, title="Samples in flight", section="Workers",
+                             description="Back-pressure bound of the run in Redis (its payloads, at most "
+                                         f"{MAX_INFLIGHT_GIB} GiB in all with the stack size and length).")
     epoch_timeout_s: float = knob(1800, gt=0, title="Epoch timeout (s)", section="Workers",
                                   description="How long to wait for one epoch of every stream (not counted while "
                                               "paused).")
@@ -150,7 +157,23 @@ class RunParams(OptimParams):
                              f"({', '.join(self.streams)})")
         self._check_fusion_weights()
         self._check_replicas()
+        self._check_inflight_bytes()
         return self
+
+    def inflight_bytes(self) -> int:
+        """An upper bound of the run's payloads in Redis at once: ``max_inflight`` samples, each its decoded
+        frames (L+1 frames of size x size, in colour at most) and one feature per stream (at most two bytes
+        per pixel per flow field: L x 2 x size x size)."""
+        pixels = self.size * self.size
+        return self.max_inflight * ((self.length + 1) * 3 * pixels + len(self.streams) * self.length * 2 * pixels)
+
+    def _check_inflight_bytes(self) -> None:
+        limit = MAX_INFLIGHT_GIB * 2**30
+        if self.inflight_bytes() > limit:
+            raise ValueError(f"max_inflight, size, length: {self.max_inflight} samples of {self.size}x{self.size}, "
+                             f"L={self.length}, {len(self.streams)} stream(s) can hold "
+                             f"{self.inflight_bytes() / 2**30:.1f} GiB in Redis at once (at most {MAX_INFLIGHT_GIB} "
+                             "GiB): lower max_inflight, size or length")
 
     def _check_fusion_weights(self) -> None:
         if self.fusion == "weighted" and not self.fusion_weights:
@@ -241,7 +264,8 @@ class NightlyParams(FormParams):
                        description="Epochs of the fine-tuning run.")
     lr_scale: float = knob(0.1, gt=0, le=1, title="Learning-rate scale", section="Training",
                            description="Fine-tuning starts at production's learning rate times this.")
-    samples_per_epoch: int | None = knob(None, ge=1, title="Samples per epoch", section="Training",
+    samples_per_epoch: int | None = knob(None, ge=1, le=MAX_SAMPLES_PER_EPOCH, title="Samples per epoch",
+                                         section="Training",
                                          description="Empty: production's setting.")
     replicas: dict[str, Annotated[int, Field(ge=0, le=256)]] = knob(
         default_factory=lambda: dict(DEFAULT_REPLICAS), title="Worker replicas", section="Workers",
