@@ -371,3 +371,23 @@ def test_bad_colour_frames_are_refused(clip):
         decode_segment(data, name, 0, 4, pix_fmt="gray", colour={}, colour_at=[4])
     with pytest.raises(VideoError, match="bad colour frames"):
         decode_segment(data, name, 0, 4, pix_fmt="gray", colour_at=[1])  # nowhere to put them
+
+
+def _one_frame_mkv(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="matroska") as container:
+        stream = container.add_stream("mjpeg", rate=25)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuvj420p"
+        frame = av.VideoFrame.from_ndarray(np.zeros((height, width, 3), np.uint8), format="rgb24")
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def test_frames_larger_than_8k_are_refused_before_decoding():
+    huge = _one_frame_mkv(7696, 4320)  # 16 pixels wider than 8K UHD: 33.25 megapixels
+    for attempt in (lambda: probe_video(huge, "huge.mkv"), lambda: decode_segment(huge, "huge.mkv", 0, 1)):
+        with pytest.raises(VideoError, match=r"frames of 7696x4320 \(33.25 megapixels\) are larger than ESSP decodes "
+                                             r"\(33.18 megapixels, 7680x4320\): refused before decoding"):
+            attempt()
+    assert probe_video(_one_frame_mkv(640, 360), "small.mkv").width == 640

@@ -20,7 +20,6 @@ from __future__ import annotations
 import io
 import itertools
 import statistics
-import struct
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -29,6 +28,7 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
+from essp.datasets.containers import avi_fourcc, container_diagnosis
 from essp.errors import EsspError
 
 # How far before the target a retry seeks when the keyframe interval is unknown (x264's default GOP).
@@ -72,45 +72,13 @@ class _NoTimestamps(Exception):
 # opening
 
 
-def _container_diagnosis(data: bytes) -> str | None:
-    """Why an MP4/MOV or AVI file would not open or shows no stream, from its own structure; None
-    when the structure looks whole (or the format is another one)."""
-    if data[:4] == b"RIFF" and len(data) >= 12:
-        declared = struct.unpack("<I", data[4:8])[0] + 8
-        if declared > len(data):
-            return f"truncated AVI: the RIFF header declares {declared} bytes, the file has {len(data)}"
-        return None
-    if data[4:8] != b"ftyp":
-        return None
-    pos, found, cut = 0, set(), None
-    while pos + 8 <= len(data):
-        size, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        if size == 1 and pos + 16 <= len(data):
-            size = struct.unpack(">Q", data[pos + 8:pos + 16])[0]
-        elif size == 0:
-            size = len(data) - pos
-        if size < 8:
-            return f"corrupt MP4: box at byte {pos} declares {size} bytes"
-        if pos + size > len(data):
-            cut = (kind.decode("latin-1"), len(data) - pos, size)
-            break
-        found.add(kind)
-        pos += size
-    if b"moov" in found:
-        return None
-    where = f"the file ends {cut[1]} bytes into a {cut[2]}-byte '{cut[0]}' box" if cut else "no 'moov' box"
-    if cut and cut[0] == "moov":
-        return f"moov atom cut short (truncated? {where})"
-    return f"moov atom not found (truncated? {where})"
-
-
 def _open(data: bytes, name: str) -> av.container.InputContainer:
     if not data:
         raise VideoError(name, "empty file (0 bytes)")
     try:
         return av.open(io.BytesIO(data), mode="r")
     except av.FFmpegError as exc:
-        reason = _container_diagnosis(data)
+        reason = container_diagnosis(data)
         if reason:
             raise VideoError(name, reason) from None
         if isinstance(exc, av.EOFError):
@@ -123,7 +91,7 @@ def _open(data: bytes, name: str) -> av.container.InputContainer:
 def _video_stream(container: av.container.InputContainer, name: str, data: bytes) -> av.video.stream.VideoStream:
     if not container.streams.video:
         # A cut-off MP4 header can open with no stream at all: say why rather than "no video stream".
-        reason = _container_diagnosis(data)
+        reason = container_diagnosis(data)
         if reason:
             raise VideoError(name, reason)
         kinds = ", ".join(sorted({s.type for s in container.streams})) or "none"
@@ -131,16 +99,22 @@ def _video_stream(container: av.container.InputContainer, name: str, data: bytes
                                f"(streams: {kinds})")
     stream = container.streams.video[0]
     if stream.codec_context is None:  # PyAV gives no decoder context for a codec FFmpeg cannot decode
-        raise VideoError(name, f"unsupported codec{_fourcc(data)}: this FFmpeg build has no decoder for it")
+        raise VideoError(name, f"unsupported codec{avi_fourcc(data)}: this FFmpeg build has no decoder for it")
+    check_frame_size(stream.codec_context.width, stream.codec_context.height, name)
     return stream
 
 
-def _fourcc(data: bytes) -> str:
-    """The video FourCC of an AVI header, for the error message (PyAV hides it when no decoder exists)."""
-    at = data.find(b"strh", 0, 65536)
-    if data[:4] != b"RIFF" or at < 0 or data[at + 8:at + 12] != b"vids":
-        return ""
-    return f" (FourCC {data[at + 12:at + 16].decode('latin-1')!r})"
+# The largest frame ESSP decodes (8K UHD). One decoded frame of a larger video takes over 100 MB in RGB and a
+# stack holds L+1 of them before they are scaled down: such a video is refused before anything is decoded.
+MAX_FRAME_PIXELS = 7680 * 4320
+
+
+def check_frame_size(width: int, height: int, name: str) -> None:
+    """Refuse frames larger than :data:`MAX_FRAME_PIXELS` (the container's header says their size)."""
+    if width * height > MAX_FRAME_PIXELS:
+        raise VideoError(name, f"frames of {width}x{height} ({width * height / 1e6:.2f} megapixels) are larger than "
+                               f"ESSP decodes ({MAX_FRAME_PIXELS / 1e6:.2f} megapixels, 7680x4320): refused before "
+                               "decoding")
 
 
 def _fps(stream: av.video.stream.VideoStream, name: str) -> float:
@@ -299,6 +273,7 @@ def probe_video(data: bytes, name: str) -> VideoInfo:
             keyframes = [i for i, p in enumerate(readable) if p.is_keyframe]
             frames, tail_error = _probe_tail(stream, readable, clock, "sequence")
         width, height = first.width, first.height
+        check_frame_size(width, height, name)  # a header may leave the size to the first frame
 
     missing = intact < len(packets) or demux_error or (promised and frames < promised)
     if missing or tail_error:
