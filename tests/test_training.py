@@ -178,7 +178,8 @@ def test_a_model_of_other_classes_is_registered_but_never_promoted_automatically
     runs.save_json("spec.json", {"spec": spec.model_dump(mode="json"), "manifest_uri": "s3://b/m.json",
                                  "dataset": "other", "classes": ["A", "B", "D"]})
     runs.store.put_json(settings.bucket_runs, f"{spec.run}/checkpoints/rgb/latest.json",
-                        {"uri": "s3://b/new.pt", "epoch": 1, "iteration": 1, "finished_epoch": True})
+                        {"uri": f"s3://{settings.bucket_runs}/{spec.run}/checkpoints/rgb/epoch-0000.pt", "epoch": 1,
+                         "iteration": 1, "finished_epoch": True})
     result = register_model(settings, spec, metrics, fusion_state="s3://b/f.json", log=lambda _: None)
     assert result["version"] == 2 and result["promoted"] is False
     assert "other classes" in result["reason"]
