@@ -106,7 +106,6 @@ class MemoryBroker:
     def __init__(self, log_path: Path, timeout_s: float = 20.0) -> None:
         self.log_path = log_path
         self.timeout_s = timeout_s
-        self.port: int | None = None
         self._process: Any = None
 
     def __enter__(self) -> int:
@@ -141,7 +140,6 @@ class MemoryBroker:
                     raise InfraError(f"the benchmark's in-memory Tansu broker did not answer on port {port} within "
                                      f"{self.timeout_s:.0f}s; its log: {self.log_path}") from None
                 time.sleep(0.2)
-        self.port = port
         return port
 
     def __exit__(self, *_exc: object) -> None:

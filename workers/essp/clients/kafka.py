@@ -314,7 +314,8 @@ class MessageConsumer:
 
     def _refresh(self) -> None:
         """Follow the topics (pattern) and, with leases, take this member's share of partitions."""
-        relist_every = IDLE_TOPICS_S if self._idle and self._pattern is not None else self._topics_every_s
+        idle = self._idle and self._pattern is not None
+        relist_every = IDLE_TOPICS_S if idle else self._topics_every_s  # how often the topics are listed
         if time.monotonic() - self._topics_checked < min(1.0 if self._lease else self._topics_every_s, relist_every):
             return
         self._topics_checked = time.monotonic()

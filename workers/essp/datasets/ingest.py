@@ -93,11 +93,12 @@ def _video_files(root: Path, classes: list[str] | None) -> tuple[list[str], list
     outside: list[QuarantinedVideo] = []
 
     def inside(path: Path, rel: str) -> bool:
-        if path.resolve().is_relative_to(real_root):
+        target = path.resolve()
+        if target.is_relative_to(real_root):
             return True
         outside.append(QuarantinedVideo(uri=path.absolute().as_uri(), path=rel, stage="ingest",
-                                        reason=f"a link to {path.resolve()}, outside the dataset's root "
-                                               f"{real_root}: not followed"))
+                                        reason=f"a link to {target}, outside the dataset's root {real_root}: "
+                                               "not followed"))
         return False
 
     folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")

@@ -33,6 +33,7 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 MAX_SAMPLES_PER_EPOCH = 1_000_000
 MAX_INFLIGHT_GIB = 8
 
+
 class RunParamsError(EsspError, ValueError):
     """A training run's params are not valid; the message names the param."""
 
