@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.essp-installed
 
-.PHONY: setup demo test lint up down status airflow-up airflow-down clean
+.PHONY: setup demo test faults lint up down status airflow-up airflow-down clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,11 @@ demo: setup
 test: setup
 	$(BIN)/essp infra up
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The whole fault-injection suite (docs/reliability.md): `make test` runs its quick part.
+faults: setup
+	$(BIN)/essp infra up
+	$(BIN)/python -m pytest -m fault $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .
