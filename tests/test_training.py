@@ -147,6 +147,12 @@ def test_predict_uses_the_production_model_and_names_bad_videos(trained):
     ({"max_inflight": 5000}, "max_inflight: Input should be less than or equal to 4096"),
     ({"size": 1024, "length": 64}, r"max_inflight, size, length: 64 samples of 1024x1024, L=64, 2 stream\(s\) can "
                                    r"hold 28.2 GiB in Redis at once \(at most 8 GiB\)"),
+    # one sample's stack (frames and float32 flow), and the data workers in all
+    ({"size": 1024, "length": 25, "max_inflight": 1},
+     r"size, length: one sample of 1024x1024, L=25 takes 278 MiB \(L\+1 frames in colour and 2L float32 flow planes; "
+     r"at most 256 MiB\): lower size or length"),
+    ({"replicas": {"decode": 256, "flow": 256, "rgb": 1}},
+     r"replicas: 513 data workers in all \(decode 256, flow 256, rgb 1\), more than 512"),
 ])
 def test_bad_params_are_refused_with_their_name(values, named):
     with pytest.raises(RunParamsError, match=named):

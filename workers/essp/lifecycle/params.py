@@ -32,6 +32,10 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 # and the run's payloads in flight live in Redis (see RunParams.inflight_bytes).
 MAX_SAMPLES_PER_EPOCH = 1_000_000
 MAX_INFLIGHT_GIB = 8
+# One sample at its largest (RunParams.sample_bytes): its L+1 decoded frames and its flow as float32.
+MAX_SAMPLE_MIB = 256
+# Data workers of a run in all kinds: each is a process (locally) or a pod, of 100-200 MB resident.
+MAX_WORKERS = 512
 
 
 class RunParamsError(EsspError, ValueError):
@@ -159,7 +163,20 @@ class RunParams(OptimParams):
         self._check_fusion_weights()
         self._check_replicas()
         self._check_inflight_bytes()
+        self._check_sample_bytes()
         return self
+
+    def sample_bytes(self) -> int:
+        """What one sample takes at its largest: its L+1 decoded frames of size x size in colour (the decode
+        worker) and its 2L flow planes in float32 (the flow extractor's fields, the trainer's input)."""
+        pixels = self.size * self.size
+        return (self.length + 1) * 3 * pixels + self.length * 2 * 4 * pixels
+
+    def _check_sample_bytes(self) -> None:
+        if self.sample_bytes() > MAX_SAMPLE_MIB * 2**20:
+            raise ValueError(f"size, length: one sample of {self.size}x{self.size}, L={self.length} takes "
+                             f"{self.sample_bytes() / 2**20:.0f} MiB (L+1 frames in colour and 2L float32 flow planes; "
+                             f"at most {MAX_SAMPLE_MIB} MiB): lower size or length")
 
     def inflight_bytes(self) -> int:
         """An upper bound of the run's payloads in Redis at once: ``max_inflight`` samples, each its decoded
@@ -198,6 +215,11 @@ class RunParams(OptimParams):
             if self.workers()[kind] < 1:
                 raise ValueError(f"replicas.{kind}: the run needs at least one {kind} worker "
                                  f"(got {self.workers()[kind]})")
+        total = sum(self.workers().values())
+        if total > MAX_WORKERS:
+            counts = ", ".join(f"{kind} {n}" for kind, n in self.workers().items() if n)
+            raise ValueError(f"replicas: {total} data workers in all ({counts}), more than {MAX_WORKERS}: each is a "
+                             "process or a pod of its own; lower the counts")
 
     # -- what the rest of ESSP reads off the params --------------------------------------------------
     def stream(self, name: str) -> StreamSpec:
