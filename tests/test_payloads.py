@@ -171,3 +171,28 @@ def test_a_grey_stack_and_its_colour_frames_travel_as_one_payload(store):
     for broken in (payload[:10], payload[:-7]):
         with pytest.raises(PayloadError):
             decode_frames(broken)
+
+
+def test_a_redo_of_a_consumed_sample_gives_back_the_slot_it_took(store):
+    # A decode worker killed after its notice went out but before its commit: the next owner of the
+    # partition redoes the chunk after every stream consumed it. It takes a slot again (acquire cannot
+    # tell), stores nothing, and must give the slot back, or each such redo leaks slots until the run
+    # stalls at its bound (found by the fault suite, tests/test_faults_plane.py).
+    assert store.acquire("s1", limit=4)
+    assert store.put_frames("s1", frames(), STREAMS) == 2
+    for stream in STREAMS:
+        store.put_feature(stream, "s1", np.zeros((3, 8, 8), np.uint8))
+        assert store.take(stream, "s1").status == "taken"
+    assert store.inflight() == 0
+    assert store.acquire("s1", limit=4)  # the redo
+    assert store.inflight() == 1
+    assert store.put_frames("s1", frames(), STREAMS) == 0
+    assert store.inflight() == 0
+    assert store.get_frames("s1") is None
+    # A redo of a sample one stream still has to consume keeps its slot (that consumer frees it).
+    assert store.acquire("s2", limit=4)
+    assert store.put_frames("s2", frames(), STREAMS) == 2
+    store.put_feature("rgb", "s2", np.zeros((3, 8, 8), np.uint8))
+    assert store.take("rgb", "s2").status == "taken"
+    assert store.put_frames("s2", frames(), STREAMS) == 1
+    assert store.inflight() == 1

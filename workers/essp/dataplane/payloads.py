@@ -41,13 +41,17 @@ from essp.settings import Settings
 
 TO_EXTRACT, EXTRACTED, CONSUMED = 0, 1, 2
 
-# KEYS: state. ARGV: ttl, stream...
+# KEYS: state, inflight. ARGV: ttl, sample_id, stream...
 # Marks new streams "to extract" (a redo keeps what already progressed). Returns how many streams still
-# need extraction (0: the frames just stored are not needed, and the caller deletes them).
+# need extraction (0: the frames just stored are not needed, and the caller deletes them). A redo of a
+# sample every stream already consumed gives back the slot its decode worker just took for it: nobody
+# else would (found by the fault suite: a worker killed after its notice went out, before its commit,
+# had its chunk redone by the next owner, and each such redo leaked a chunk of slots until the run
+# stalled at its bound).
 _MARK_FRAMES = """
 local ttl = tonumber(ARGV[1])
-local todo = 0
-for i = 2, #ARGV do
+local todo, live = 0, 0
+for i = 3, #ARGV do
   local field = 'k:' .. ARGV[i]
   local st = redis.call('HGET', KEYS[1], field)
   if not st then
@@ -55,9 +59,11 @@ for i = 2, #ARGV do
     st = '0'
   end
   if st == '0' then todo = todo + 1 end
+  if st ~= '2' then live = live + 1 end
 end
-redis.call('HSET', KEYS[1], 'streams', table.concat(ARGV, ',', 2))
+redis.call('HSET', KEYS[1], 'streams', table.concat(ARGV, ',', 3))
 redis.call('EXPIRE', KEYS[1], ttl)
+if live == 0 then redis.call('ZREM', KEYS[2], ARGV[2]) end
 return todo
 """
 
@@ -319,7 +325,8 @@ class SampleStore:
         def build(pipe: redis.client.Pipeline) -> None:
             for sample_id, frames, streams in items:
                 pipe.set(self.frames_key(sample_id), encode_frames(frames), ex=self.ttl_s)
-                self._mark_frames(keys=[self.state_key(sample_id)], args=[self.ttl_s, *streams], client=pipe)
+                self._mark_frames(keys=[self.state_key(sample_id), self.keys.inflight(self.run)],
+                                  args=[self.ttl_s, sample_id, *streams], client=pipe)
 
         results = self._transaction(build)
         todo = [int(n) for n in results[1::2]]
