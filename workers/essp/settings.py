@@ -211,8 +211,11 @@ class MissingSetting(RuntimeError):
     """A setting that has no default (a credential) was not configured."""
 
 
-# Credentials the local stack generates once and keeps in <state_dir>/secrets.env.
-LOCAL_SECRETS = ("s3_access_key", "s3_secret_key", "pg_password", "airflow_password", "airflow_jwt_secret")
+# Credentials the local stack generates once and keeps in <state_dir>/secrets.env. The Redis password is
+# the one the Redis ESSP starts asks for; a reused Redis without a password is still reached with it: such a
+# server's default user is `nopass`, which takes any password in redis-py's `HELLO 3 AUTH default <password>`.
+LOCAL_SECRETS = ("s3_access_key", "s3_secret_key", "redis_password", "pg_password", "airflow_password",
+                 "airflow_jwt_secret")
 
 
 def ensure_local_secrets(state_dir: Path | None = None) -> Path:

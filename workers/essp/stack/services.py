@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from essp.errors import EsspError, ServiceUnavailable
-from essp.settings import Settings, ensure_local_secrets
+from essp.settings import Settings, ensure_local_secrets, write_private
 from essp.stack.procs import ProcessTable
 
 SERVICES = ("postgres", "redis", "s3", "kafka")
@@ -120,20 +120,34 @@ def probe_postgres(settings: Settings) -> bool:
     return True
 
 
-def probe_redis(settings: Settings) -> bool:
+def redis_login(settings: Settings) -> str:
+    """Whether Redis answers on the settings' address: "ok" (with the settings' password, if any),
+    "refused" (it is a Redis, but it wants another password or one we do not have) or "down".
+
+    A Redis without a password takes the generated one: its default user is ``nopass``, and redis-py
+    logs in with ``HELLO 3 AUTH default <password>``, which such a user accepts whatever the password."""
     import redis
 
     if not _tcp_open(settings.redis_host, settings.redis_port):
-        return False
+        return "down"
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
     client = redis.Redis(host=settings.redis_host, port=settings.redis_port, password=password,
                          socket_connect_timeout=2, socket_timeout=2)
     try:
-        return bool(client.ping())
+        return "ok" if client.ping() else "down"
+    except redis.AuthenticationError:
+        return "refused"
+    except redis.ResponseError as exc:  # NOAUTH / WRONGPASS replies that redis-py does not map
+        return "refused" if str(exc).startswith(("NOAUTH", "WRONGPASS")) else "down"
     except redis.RedisError:
-        return False
+        return "down"
     finally:
         client.close()
+
+
+def probe_redis(settings: Settings) -> bool:
+    """A Redis answers there (one that refuses our password included: `up` then says so)."""
+    return redis_login(settings) != "down"
 
 
 def probe_s3(settings: Settings) -> bool:
@@ -170,6 +184,21 @@ def pg_params(settings: Settings, database: str) -> dict:
     return params
 
 
+def scram_verifier(password: str, *, iterations: int = 4096) -> str:
+    """The SCRAM-SHA-256 verifier PostgreSQL stores for ``password`` (RFC 5802/7677), which ``ALTER USER ...
+    PASSWORD`` takes as it is: the plain password never reaches the server."""
+    import base64
+    import hashlib
+    import hmac
+
+    salt = os.urandom(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    stored = hashlib.sha256(hmac.digest(salted, b"Client Key", "sha256")).digest()
+    server = hmac.digest(salted, b"Server Key", "sha256")
+    salt_b64, stored_b64, server_b64 = (base64.b64encode(part).decode() for part in (salt, stored, server))
+    return f"SCRAM-SHA-256${iterations}:{salt_b64}${stored_b64}:{server_b64}"
+
+
 # --- starting each service ---
 
 def _weed_argv(settings: Settings, data: Path) -> list[str]:
@@ -190,6 +219,11 @@ def _s3_env(settings: Settings) -> dict[str, str]:
         "AWS_DEFAULT_REGION": settings.s3_region,
         "AWS_REGION": settings.s3_region,
     }
+
+
+def _redis_quote(value: str) -> str:
+    """A value of a redis.conf line, double-quoted with the escapes Redis reads back."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 class LocalStack:
@@ -279,15 +313,25 @@ class LocalStack:
         s = self.settings
         if shutil.which("redis-server") is None:
             apt_install(["redis-server"], "Redis is not installed")
-        argv = [shutil.which("redis-server") or "redis-server", "--bind", s.redis_host,
-                "--port", str(s.redis_port), "--dir", str(self._data("redis")), "--save", "",
-                "--appendonly", "no", "--maxmemory-policy", "noeviction", "--daemonize", "no",
-                "--logfile", ""]
+        # The configuration, password included, goes in a file only we can read: a password on the command
+        # line is seen by every `ps` on the machine, and spawn() writes the command line to the log.
+        config = {"bind": s.redis_host, "port": str(s.redis_port), "dir": str(self._data("redis")), "save": "",
+                  "appendonly": "no", "maxmemory-policy": "noeviction", "daemonize": "no", "logfile": ""}
         if s.redis_password is not None:
-            argv += ["--requirepass", s.redis_password.get_secret_value()]
-        record = self.table.spawn("redis", argv)
+            config["requirepass"] = s.redis_password.get_secret_value()
+        self.table.run_dir.mkdir(parents=True, exist_ok=True)
+        conf = self.table.run_dir / "redis.conf"
+        write_private(conf, "".join(f"{key} {_redis_quote(value)}\n" for key, value in config.items()))
+        record = self.table.spawn("redis", [shutil.which("redis-server") or "redis-server", str(conf)])
         self._wait("redis", record.pid)
         return record.pid
+
+    def _ready_redis(self) -> None:
+        if redis_login(self.settings) == "refused":
+            raise InfraError(
+                f"Redis on {self.address('redis')} answers but refuses ESSP_REDIS_PASSWORD (it wants another "
+                "password, or the variable is unset): set ESSP_REDIS_PASSWORD to that server's password, or "
+                "ESSP_REDIS_PORT to a free port so that ESSP starts a Redis of its own")
 
     def _start_s3(self) -> int:
         env = {**os.environ, **_s3_env(self.settings)}
@@ -376,11 +420,16 @@ class LocalStack:
             if not (_is_root() and shutil.which("runuser") and s.pg_password is not None):
                 raise ServiceUnavailable("PostgreSQL", self.address("postgres"), exc,
                                          "set ESSP_PG_USER / ESSP_PG_PASSWORD") from None
-            # Local socket, peer authentication as the postgres system user.
-            password = s.pg_password.get_secret_value().replace("'", "''")
-            subprocess.run(["runuser", "-u", "postgres", "--", "psql", "-qc",
-                            f"ALTER USER \"{s.pg_user}\" PASSWORD '{password}'"], check=True,
-                           capture_output=True)
+            # Local socket, peer authentication as the postgres system user. The statement goes on stdin (not
+            # on psql's command line, which `ps` shows) and carries a SCRAM verifier, not the password: the
+            # server's log may quote a statement (log_statement, or any statement that fails).
+            sql = f'ALTER USER "{s.pg_user}" PASSWORD \'{scram_verifier(s.pg_password.get_secret_value())}\';\n'
+            done = subprocess.run(["runuser", "-u", "postgres", "--", "psql", "-q", "-X", "-v", "ON_ERROR_STOP=1",
+                                   "-p", str(s.pg_port), "-d", "postgres"], input=sql, text=True,
+                                  capture_output=True)
+            if done.returncode != 0:
+                raise InfraError(f"setting ESSP_PG_PASSWORD on PostgreSQL user {s.pg_user!r} failed: "
+                                 f"{done.stderr.strip()}") from None
             conn = psycopg2.connect(**pg_params(s, "postgres"), connect_timeout=5)
         conn.autocommit = True
         with conn.cursor() as cur:
