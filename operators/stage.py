@@ -27,7 +27,7 @@ from kubernetes.client import models as k8s
 from essp.operators.hooks import EsspHook
 from essp.operators.links import WorkerLogsLink
 from essp.orchestration.stages import KUBERNETES_RESULT_FILE, RESULT_FILE_ENV, stage_name
-from essp.settings import Settings
+from essp.settings import Settings, worker_environ
 from essp.stack.services import venv_binary
 
 OUTPUT_TAIL_LINES = 40
@@ -119,7 +119,8 @@ class EsspStageOperator(KubernetesPodOperator):
         argv = [venv_binary("essp"), *self._arguments()]
         with tempfile.TemporaryDirectory(prefix="essp-stage-") as tmp:
             result_file = Path(tmp) / "result.json"
-            env = {**os.environ, **EsspHook().env(include_secrets=True), "ESSP_STAGE_MODE": "local",
+            # Not Airflow's own credentials and configuration (database URL, JWT secret): a stage needs none.
+            env = {**worker_environ(os.environ), **EsspHook().env(include_secrets=True), "ESSP_STAGE_MODE": "local",
                    RESULT_FILE_ENV: str(result_file), "PYTHONUNBUFFERED": "1"}
             self.log.info("Running stage %s locally: %s", self.stage, " ".join(argv))
             tail: deque[str] = deque(maxlen=OUTPUT_TAIL_LINES)

@@ -148,3 +148,76 @@ def test_the_generated_pg_password_is_set_through_stdin_as_a_scram_verifier(tmp_
     assert "psql" in argv and password not in argv
     log = server_log.read_text()
     assert "ALTER USER" in log and "SCRAM-SHA-256$4096:" in log and password not in log
+
+
+# What the process starting workers and stages holds when it is an Airflow task: Airflow's own
+# configuration (database URL with its password, token secrets) and the ESSP settings of Airflow's processes.
+AIRFLOW_TASK_ENV = {
+    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql+psycopg2://postgres:db-pw-{tag}@127.0.0.1:5432/essp",
+    "AIRFLOW__API_AUTH__JWT_SECRET": "jwt-{tag}", "AIRFLOW__API__SECRET_KEY": "api-{tag}",
+    "AIRFLOW__CORE__FERNET_KEY": "fernet-{tag}",
+    "ESSP_PG_PASSWORD": "pg-{tag}", "ESSP_AIRFLOW_PASSWORD": "ui-{tag}", "ESSP_AIRFLOW_JWT_SECRET": "jwt2-{tag}",
+}
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+def _airflow_task_env(monkeypatch, settings: Settings) -> tuple[Settings, list[str]]:
+    tag = os.urandom(6).hex()
+    env = {key: value.format(tag=tag) for key, value in AIRFLOW_TASK_ENV.items()}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    secrets_ = {"pg_password": env["ESSP_PG_PASSWORD"], "airflow_password": env["ESSP_AIRFLOW_PASSWORD"],
+                "airflow_jwt_secret": env["ESSP_AIRFLOW_JWT_SECRET"]}
+    return settings.model_copy(update=secrets_), [v for v in env.values() if tag in v]
+
+
+def test_a_resident_worker_gets_the_data_credentials_and_none_of_airflows(settings, base_settings, tmp_path,
+                                                                          monkeypatch):
+    from essp.deploy.local import LocalProcesses
+
+    shutil.copy(base_settings.state_dir / "secrets.env", tmp_path / "secrets.env")
+    given, forbidden = _airflow_task_env(monkeypatch, settings.model_copy(update={"state_dir": tmp_path}))
+    assert given.pg_password is not None
+    [worker] = LocalProcesses(given).start([("worker-decode-0", ["decode"])])
+    try:
+        env = _environ(worker.pid)
+    finally:
+        worker.stop()
+    assert env["ESSP_S3_SECRET_KEY"] == settings.secret("s3_secret_key")
+    assert env["ESSP_REDIS_PASSWORD"] == settings.secret("redis_password")
+    assert not [value for value in forbidden if value in "\n".join(env.values())]
+    assert not [key for key in env if key.startswith("AIRFLOW")]
+
+
+def test_a_local_stage_process_gets_none_of_airflows_credentials(settings, monkeypatch):
+    import threading
+
+    from essp.connections import connection_env_vars
+    from essp.operators.stage import EsspStageOperator
+
+    _given, forbidden = _airflow_task_env(monkeypatch, settings)
+    for name, value in connection_env_vars(settings).items():
+        monkeypatch.setenv(name, value)
+    op = EsspStageOperator(task_id="smoke_redis", stage_params={"token": "env"}, mode="local")
+    done: dict = {}
+    runner = threading.Thread(target=lambda: done.update(op.execute({})))
+    runner.start()
+    seen: dict[str, str] = {}
+    while runner.is_alive() and not seen:  # the stage process lives a second or two: read it meanwhile
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                if ppid == os.getpid() and b"stage\0smoke-redis" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    seen = _environ(int(pid))
+            except OSError:
+                continue
+        time.sleep(0.02)
+    runner.join(60)
+    assert done["service"] == "redis" and seen, "the stage ran and was seen"
+    assert seen["ESSP_REDIS_PASSWORD"] == settings.secret("redis_password")
+    assert not [value for value in forbidden if value in "\n".join(seen.values())]
+    assert not [key for key in seen if key.startswith("AIRFLOW")]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -216,6 +217,20 @@ class MissingSetting(RuntimeError):
 # server's default user is `nopass`, which takes any password in redis-py's `HELLO 3 AUTH default <password>`.
 LOCAL_SECRETS = ("s3_access_key", "s3_secret_key", "redis_password", "pg_password", "airflow_password",
                  "airflow_jwt_secret")
+
+
+# Credentials of Airflow itself: its metadata database, its UI login, the secret that signs its tokens. No
+# worker, trainer or stage needs them (they reach Redis, Kafka and S3 only).
+ADMIN_SECRETS = ("pg_password", "airflow_password", "airflow_jwt_secret")
+
+
+def worker_environ(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` without what only Airflow needs, for a worker, trainer or stage process: the ``ESSP_*``
+    variables of :data:`ADMIN_SECRETS` and every ``AIRFLOW*`` variable (Airflow's configuration holds its
+    database URL with the password, its JWT, API and Fernet secrets; ``AIRFLOW_CONN_*`` hold the
+    connections, whose credentials such a process gets as ``ESSP_*`` variables)."""
+    denied = {f"{ENV_PREFIX}{name.upper()}" for name in ADMIN_SECRETS}
+    return {key: value for key, value in env.items() if key not in denied and not key.startswith("AIRFLOW")}
 
 
 def ensure_local_secrets(state_dir: Path | None = None) -> Path:

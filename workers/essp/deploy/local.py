@@ -1,9 +1,9 @@
 """The one way ESSP starts a local resident process: a decode or extractor worker, or a trainer.
 
 Each is an `essp worker ...` process started detached in its own session, with the settings it was
-given (as ``ESSP_*`` variables, credentials included), its PID file and log in the state folder
-(:class:`~essp.stack.procs.ProcessTable`, so it outlives the Airflow task that started it and `essp
-infra down` stops it), and it is ready when the worker itself says so: it writes the file
+given (as ``ESSP_*`` variables: the credentials of Redis and S3, not Airflow's), its PID file and log in
+the state folder (:class:`~essp.stack.procs.ProcessTable`, so it outlives the Airflow task that started it
+and `essp infra down` stops it), and it is ready when the worker itself says so: it writes the file
 ``ESSP_READY_FILE`` names once it serves (:func:`essp.dataplane.resident.mark_ready`). The fleet
 (:mod:`essp.deploy.fleet`), `essp train`, the benchmarks and the tests all start workers here;
 ``--replicas`` and DDP ranks are the child processes of one such command (:func:`supervise`).
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from essp.errors import EsspError
-from essp.settings import Settings
+from essp.settings import Settings, worker_environ
 from essp.stack.procs import ProcessRecord, ProcessTable, terminate
 
 READY_TIMEOUT_S = 120.0
@@ -67,9 +67,11 @@ def scope_of(settings: Settings) -> str:
 
 
 def resident_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """The environment of a resident process: the settings it was given, complete (a stage's come from
-    Airflow's connections); no .pyc writes, since the data plane writes nothing to disk."""
-    return {**os.environ, **settings.as_env(), "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", **extra}
+    """The environment of a resident process: the settings it was given (a stage's come from Airflow's
+    connections), without Airflow's own credentials and configuration (:func:`essp.settings.worker_environ`:
+    the starter may be an Airflow task); no .pyc writes, since the data plane writes nothing to disk."""
+    return {**worker_environ({**os.environ, **settings.as_env()}), "PYTHONUNBUFFERED": "1",
+            "PYTHONDONTWRITEBYTECODE": "1", **extra}
 
 
 def resident_argv(args: list[str], worker_id: str) -> list[str]:
