@@ -495,7 +495,15 @@ class PartitionLease(threading.Thread):
                 continue
 
     def members(self) -> list[str]:
-        return sorted(m.decode() for m in self.redis.zrangebyscore(self.key, self._now(), "+inf"))
+        """The live members; :class:`ServiceUnavailable` naming Redis while it is away (the caller rides
+        it out: an outage must not end a worker or a trainer's prefetch thread)."""
+        from redis import RedisError
+
+        try:
+            return sorted(m.decode() for m in self.redis.zrangebyscore(self.key, self._now(), "+inf"))
+        except RedisError as exc:
+            kwargs = self.redis.connection_pool.connection_kwargs
+            raise ServiceUnavailable("Redis", f"{kwargs.get('host')}:{kwargs.get('port')}", exc) from None
 
     def share(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
         """This member's partitions: every member computes the same split from the same list."""

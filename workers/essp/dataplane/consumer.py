@@ -112,14 +112,27 @@ class SampleStream:
                 self._consumer.commit(todo)
             except RebalancedDuringWork as exc:
                 log.info("commit refused after a rebalance: %s", exc)
+            except ServiceUnavailable as exc:  # the broker away: kept, committed with the next ones
+                log.warning("commit failed, retried later: %s", exc)
+                return
             for tp in todo:
                 read.pop(tp, None)
 
         self._consumer.before_release = commit
         committed_at = time.monotonic()
         try:
+            outage = 0.25
             while not self._stop.is_set():
-                batch = self._consumer.poll(self.poll_s, max_records=1)
+                try:
+                    batch = self._consumer.poll(self.poll_s, max_records=1)
+                except ServiceUnavailable as exc:
+                    # Redis (leases) or the broker away: ride it out (the iterating side times out on
+                    # its own if nothing comes for the epoch's timeout).
+                    outage = min(2 * outage, 5.0)
+                    log.warning("%s; polling again in %.1fs", exc, outage)
+                    self._stop.wait(outage)
+                    continue
+                outage = 0.25
                 for received in batch:
                     for item in self._receive(received.message):
                         if not self._put(item):

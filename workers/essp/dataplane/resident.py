@@ -82,25 +82,37 @@ class RunControl:
         self.settings = settings
         self.keys = RedisKeys(settings.redis_prefix)
         self._cache: dict[str, tuple[float, str]] = {}
+        self._known: dict[str, str] = {}  # the last state read or set, kept across forget()
 
     def set(self, run: str, state: str) -> None:
         if state not in RUN_STATES:
             raise ValueError(f"run state {state!r} is not one of {', '.join(RUN_STATES)}")
         redis_client(self.settings).set(self.keys.run_state(run), state)
         self._cache.pop(run, None)
+        self._known[run] = state
 
     def get(self, run: str, *, fresh: bool = False) -> str:
         now = time.monotonic()
         cached = self._cache.get(run)
         if cached and not fresh and now - cached[0] < self.CACHE_S:
             return cached[1]
+        known = self._known.get(run)
         try:
-            value = redis_client(self.settings).get(self.keys.run_state(run))
+            client = redis_client(self.settings)
+            value = client.get(self.keys.run_state(run))
+            if value is None and known in ("paused", "stopped"):
+                # Redis lost the key (restarted empty): a paused or stopped run must not silently become
+                # running again. Resume writes "running" explicitly, so a missing key after a pause or
+                # stop is a loss; put the state back (unless someone wrote one meanwhile).
+                client.set(self.keys.run_state(run), known, nx=True)
+                value = client.get(self.keys.run_state(run))
+                log.warning("run %s: its state was gone from Redis (restarted?); restored %s", run, known)
         except redis.RedisError:
             # Redis away: keep the last known state; the job itself will stall until Redis is back.
-            return cached[1] if cached else "running"
+            return known or "running"
         state = value.decode() if value else "running"
         self._cache[run] = (now, state)
+        self._known[run] = state
         return state
 
     def forget(self, run: str) -> None:
@@ -289,6 +301,7 @@ class ResidentWorker(ResidentProcess):
         self.counters: dict[str, float] = {"jobs_done": 0, "failures": 0, "busy_s": 0.0, "waited_s": 0.0,
                                            "duplicates": 0, "redone": 0, "dead_lettered": 0}
         self.paused = False
+        self._outage_delay = 0.25  # the wait before polling again while a service is away (doubles)
         self.consumer: MessageConsumer | None = None
         self._lock = threading.Lock()
         self._first_offsets: dict[tuple[str, int], int] = {}
@@ -403,8 +416,18 @@ class ResidentWorker(ResidentProcess):
 
     def _step(self) -> None:
         assert self.consumer is not None
-        self.consumer.pause_only(self._paused_partitions())
-        batch = self.consumer.poll(timeout_s=0.5, max_records=self.max_records)
+        try:
+            self.consumer.pause_only(self._paused_partitions())
+            batch = self.consumer.poll(timeout_s=0.5, max_records=self.max_records)
+        except ServiceUnavailable as exc:
+            # Redis (partition leases) or the broker away: wait, then poll again; what was read and not
+            # committed stays with this member or goes to the next owner of its partitions.
+            self._outage_delay = min(2 * self._outage_delay, 5.0)
+            log.warning("%s; polling again in %.1fs", exc, self._outage_delay)
+            self.event("error", detail=str(exc), publish=False)
+            self.stopping.wait(self._outage_delay)
+            return
+        self._outage_delay = 0.25
         if not batch and self._worked:
             # Going idle: the live key now carries the counters of the work just finished (a monitor or the
             # benchmark reads exact figures at an epoch's end without waiting for the next heartbeat). Not

@@ -1,0 +1,108 @@
+"""Fault injection on the data plane's workers and services (docs/reliability.md): each test runs an
+epoch on a private Redis and broker (tests/faultkit.py), injects one fault while it runs, and checks
+the invariants (nothing lost, nothing duplicated past the consumer, bounds held, nothing left)."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+from faultkit import FLOW, SIZE, Fleet, L, PrivateStack, assert_sound, every, run_epoch
+
+from essp.dataplane.consumer import SampleStream
+from essp.dataplane.plan import plan_epoch, publish_plan
+from essp.dataplane.resident import RunControl, publish_control
+from essp.datasets.ingest import ingest_directory
+from essp.datasets.synth import synthesize
+
+pytestmark = [pytest.mark.slow, pytest.mark.fault]
+
+
+@pytest.fixture(scope="module")
+def faulty(base_settings, tmp_path_factory):
+    """A private stack, a synthetic dataset on it, and 2 decode, 2 flow and 1 rgb worker."""
+    stack = PrivateStack(base_settings, tmp_path_factory.mktemp("fault-stack"))
+    root = tmp_path_factory.mktemp("synth")
+    synthesize(root, classes=3, videos_per_class=4, frames=24, height=48, width=48, keyint=6, seed=5)
+    manifest, _ = ingest_directory(stack.settings, root, "faults")
+    fleet = Fleet(stack.settings, tmp_path_factory.mktemp("fault-workers"))
+    fleet.start("decode", "decode", "flow", "flow", "rgb")
+    yield stack, manifest, fleet
+    fleet.stop()
+    stack.close()
+
+
+def report(name: str, result) -> None:  # noqa: ANN001
+    """The figures of the run, for docs/reliability.md (printed with -s, and in the junit output)."""
+    for row in result.rows():
+        print(f"FAULT {name}: {row} in {result.seconds:.1f}s, peak in flight {result.inflight_peak}/"
+              f"{result.bound}, {result.commits_checked} commits checked")
+
+
+def test_killing_a_random_worker_every_few_seconds_loses_nothing(faulty):
+    stack, manifest, fleet = faulty
+    killed: list[str] = []
+
+    def kill_random(stop: threading.Event) -> None:
+        def one() -> None:
+            victims = fleet.of("decode") + fleet.of("flow") + fleet.of("rgb")
+            victim = random.choice(victims)
+            kind = "decode" if "decode" in victim.name else victim.name.split("-")[2]
+            fleet.kill(victim)
+            killed.append(victim.name)
+            fleet.start(kind)  # the fleet keeps its size, as ensure_workers does
+
+        every(1.5, one, stop, jitter=0.5)
+
+    result = run_epoch(stack.settings, manifest, "kill-random", samples=240, during=kill_random, timeout_s=40,
+                       consume_delay=0.04)
+    report("kill-random", result)
+    assert len(killed) >= 3, f"only {len(killed)} kills: the epoch ended too soon to test anything"
+    assert_sound(result)
+    assert sum(t.delivered for t in result.tallies.values()) == 2 * 240
+
+
+def test_redis_restarted_empty_mid_epoch_loses_nothing(faulty):
+    stack, manifest, fleet = faulty
+    restarted = []
+
+    def restart(stop: threading.Event) -> None:
+        time.sleep(2.0)
+        stack.restart("redis", down_s=3.0)  # longer than the ~1 s that used to end every worker
+        restarted.append(time.monotonic())
+
+    result = run_epoch(stack.settings, manifest, "redis-restart", samples=160, during=restart,
+                       features=FLOW, consume_delay=0.03)
+    report("redis-restart", result)
+    assert restarted
+    assert_sound(result)
+    assert all(w.alive() for w in fleet.workers.values()), "a worker died of the Redis outage"
+    assert result.tallies["flow"].redone > 0, "the restart lost payloads: some samples must have been redone"
+
+
+def test_a_paused_run_stays_paused_when_redis_restarts_empty(faulty):
+    stack, manifest, fleet = faulty
+    settings, run = stack.settings, "redis-paused"
+    publish_control(settings, "pause", run=run)
+    plan = plan_epoch(manifest, run=run, epoch=0, features=FLOW, length=L, height=SIZE, width=SIZE, samples=16)
+    with SampleStream(settings, run, "flow", prefetch=2) as stream:
+        time.sleep(1.0)
+        publish_plan(settings, plan, chunk=4)
+        time.sleep(3.0)  # the workers see the run paused and hold its jobs
+        stack.restart("redis", down_s=2.0)
+        time.sleep(5.0)  # past the workers' cache of the run's state: each reads it again
+        assert RunControl(settings).get(run, fresh=True) == "paused", "the run became running again"
+        got = []
+
+        def drain() -> None:
+            got.extend(s.sample_id for s in stream.epoch(0, len(plan.jobs), timeout_s=60))
+
+        reader = threading.Thread(target=drain)
+        reader.start()
+        reader.join(4.0)
+        assert not got, f"{len(got)} samples of the paused run were delivered after Redis restarted"
+        publish_control(settings, "resume", run=run)
+        reader.join(90)
+    assert sorted(got) == sorted(plan.sample_ids())
