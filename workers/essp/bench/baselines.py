@@ -13,7 +13,6 @@ The classic write-to-disk pipeline is :mod:`essp.bench.classic`."""
 
 from __future__ import annotations
 
-import io
 import os
 import threading
 import time
@@ -114,15 +113,16 @@ class UserFlowClips:
         return len(self.jobs)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int, int, int]:
-        import av
         import cv2
+
+        from essp.datasets.frames import open_video
 
         if self._dis is None:
             self._dis = cv2.DISOpticalFlow_create(self.preset)
         uri, offset, label = self.jobs[index]
         grays: list[np.ndarray] = []
         decoded = 0
-        with av.open(io.BytesIO(self.videos[uri])) as container:
+        with open_video(self.videos[uri], uri) as container:  # the allowed containers, no protocol
             stream = container.streams.video[0]
             fps = float(stream.average_rate)
             container.seek(int(offset / fps / stream.time_base), stream=stream)  # backward, to a keyframe

@@ -45,3 +45,70 @@ def avi_fourcc(data: bytes) -> str:
     if data[:4] != b"RIFF" or at < 0 or data[at + 8:at + 12] != b"vids":
         return ""
     return f" (FourCC {data[at + 12:at + 16].decode('latin-1')!r})"
+
+
+# The containers ESSP opens, by the FFmpeg demuxer that reads them: a video's format is chosen from its own
+# bytes (and, for a raw stream, its extension) and FFmpeg is told it, so that FFmpeg never probes a file
+# against its hundreds of demuxers (playlists, SDP sessions, concat scripts among them, which open URLs).
+ALLOWED_CONTAINERS = {
+    "mov": "MP4/MOV", "avi": "AVI", "matroska": "Matroska/WebM", "mpegts": "MPEG-TS", "mpeg": "MPEG-PS",
+    "mpegvideo": "MPEG video", "flv": "FLV", "asf": "ASF/WMV", "ogg": "Ogg", "h264": "raw H.264",
+    "hevc": "raw H.265",
+}
+# MP4/MOV top-level boxes a file may start with (QuickTime files older than 'ftyp' start with others).
+_MOV_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot")
+_ASF = bytes.fromhex("3026b2758e66cf11a6d900aa0062ce6c")
+_HEVC_EXTENSIONS = (".h265", ".265", ".hevc")
+
+
+def sniff_container(data: bytes, name: str) -> str | None:
+    """The FFmpeg demuxer (a key of :data:`ALLOWED_CONTAINERS`) for these bytes, or None when they are in no
+    allowed container. `name` (a path or URI) decides only between raw H.264 and H.265."""
+    if data[4:8] in _MOV_BOXES:
+        return "mov"
+    if data[:4] == b"RIFF" and data[8:12] == b"AVI ":
+        return "avi"
+    if data[:4] == b"\x1a\x45\xdf\xa3":
+        return "matroska"
+    if data[:3] == b"FLV":
+        return "flv"
+    if data[:16] == _ASF:
+        return "asf"
+    if data[:4] == b"OggS":
+        return "ogg"
+    for size, at in ((188, 0), (192, 4)):  # MPEG-TS, and M2TS (a 4-byte timestamp before each packet)
+        syncs = [data[i:i + 1] for i in range(at, min(len(data), at + 3 * size), size)]
+        if len(syncs) >= 2 and set(syncs) == {b"\x47"}:
+            return "mpegts"
+    if data[:4] == b"\x00\x00\x01\xba":
+        return "mpeg"
+    if data[:4] == b"\x00\x00\x01\xb3":
+        return "mpegvideo"
+    start = 4 if data[:4] == b"\x00\x00\x00\x01" else 3 if data[:3] == b"\x00\x00\x01" else 0
+    if start and len(data) > start:  # an Annex B start code: a raw H.264 or H.265 stream
+        return "hevc" if name.lower().endswith(_HEVC_EXTENSIONS) else "h264"
+    return None
+
+
+def describe_bytes(data: bytes) -> str:
+    """What bytes that are in no allowed container look like, for the error message."""
+    head = data[:4096]
+    for magic, kind in ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+                        (b"%PDF", "a PDF document"), (b"PK\x03\x04", "a ZIP archive"), (b"\x1f\x8b", "gzip data"),
+                        (b"ID3", "MP3 audio"), (b"fLaC", "FLAC audio")):
+        if head.startswith(magic):
+            return kind
+    if data[:4] == b"RIFF":
+        return f"a RIFF file of type {data[8:12].decode('latin-1')!r}, not AVI"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c in "\r\n\t" for c in text):
+        stripped = text.lstrip("\ufeff \r\n\t")
+        for start, kind in (("#EXTM3U", "an HLS/M3U playlist"), ("ffconcat", "an FFmpeg concat script"),
+                            ("v=0", "an SDP session description"), ("<?xml", "XML"), ("<MPD", "a DASH manifest")):
+            if stripped.startswith(start):
+                return f"text: {kind}"
+        return "text"
+    return "binary data"

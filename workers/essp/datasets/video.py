@@ -1,52 +1,50 @@
 """Probing and segment decoding of videos held in memory: nothing decoded is ever written to disk.
 
-Frame ``i`` of a video is the frame shown ``i / fps`` after the first one:
-``round((pts - base) * time_base * fps)``, where ``base`` is the smallest timestamp of the first GOP
-(the first frame shown; a stream's start_time can differ from it, as in AVI with B-frames).
-:func:`probe_video` counts frames and :func:`decode_segment` finds them by that same rule, so
-``offset + count <= info.frames`` always decodes for a video that probed fine. A timestamp gap (a
-dropped frame) repeats the frame before it, as a player would show it.
+Frame ``i`` of a video is the frame shown ``i / fps`` after the first one, by the timeline of
+:mod:`essp.datasets.frames` (presentation timestamps; in AVI, chunk positions; a slot no frame falls in
+holds the frame before it, as a player shows it). :func:`probe_video` counts frames and
+:func:`decode_segment` finds them by that same rule, so ``offset + count <= info.frames`` always decodes
+for a video that probed fine.
 
 Only containers with a per-frame index (MP4/MOV, Matroska/WebM, AVI) are seeked; the others (MPEG
 program/transport streams, FLV, ...) are decoded from the start, because their timestamps after a
-seek can be off by a frame. AVI has no presentation timestamps (one chunk per frame): the keyframe a
-decode starts from gives the index and the frames after it are counted in the decoder's output
-order, which is display order (so H.264 with B-frames in AVI comes out right too). Frames without
-timestamps (raw streams), or whose timestamps run out of display order, are counted from the start.
+seek can be off by a frame. Frames without timestamps (raw streams), or whose timestamps run out of
+display order, are counted from the start.
 """
 
 from __future__ import annotations
 
-import io
 import itertools
 import statistics
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-from essp.datasets.containers import avi_fourcc, container_diagnosis
-from essp.errors import EsspError
+from essp.datasets.frames import MAX_FRAME_PIXELS as MAX_FRAME_PIXELS
+from essp.datasets.frames import (
+    Clock,
+    Mode,
+    NoTimestamps,
+    decoded_frames,
+    first_gop,
+    first_gop_base,
+    formats,
+    open_video,
+    stream_fps,
+    timeline_mode,
+    video_stream,
+)
+from essp.datasets.frames import VideoError as VideoError
+from essp.datasets.frames import check_frame_size as check_frame_size
 
 # How far before the target a retry seeks when the keyframe interval is unknown (x264's default GOP).
 DEFAULT_SEEK_BACK = 250
 # Containers whose seeks land on a keyframe by an index of every frame (FFmpeg's format names).
 INDEXED_FORMATS = frozenset({"mov", "mp4", "matroska", "webm", "avi"})
-
-
-class VideoError(EsspError):
-    """A video that cannot be probed or decoded; the message names the video and the cause."""
-
-    def __init__(self, video: str, reason: str) -> None:
-        self.video = video
-        self.reason = reason
-        super().__init__(f"video {video}: {reason}")
-
-    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # survives pickling (process pools)
-        return type(self), (self.video, self.reason)
 
 
 @dataclass(frozen=True)
@@ -64,220 +62,62 @@ class VideoInfo:
         return asdict(self)
 
 
-class _NoTimestamps(Exception):
-    """Frames carry no usable pts (none, or out of display order): count them from the start."""
-
-
-# ---------------------------------------------------------------------------------------------
-# opening
-
-
-def _open(data: bytes, name: str) -> av.container.InputContainer:
-    if not data:
-        raise VideoError(name, "empty file (0 bytes)")
-    try:
-        return av.open(io.BytesIO(data), mode="r")
-    except av.FFmpegError as exc:
-        reason = container_diagnosis(data)
-        if reason:
-            raise VideoError(name, reason) from None
-        if isinstance(exc, av.EOFError):
-            raise VideoError(name, "the container ends before any frame (truncated, or no frames)") from None
-        if isinstance(exc, av.InvalidDataError):
-            raise VideoError(name, f"not a video: no container format recognised ({len(data)} bytes)") from None
-        raise VideoError(name, f"container error: {exc}") from None
-
-
-def _video_stream(container: av.container.InputContainer, name: str, data: bytes) -> av.video.stream.VideoStream:
-    if not container.streams.video:
-        # A cut-off MP4 header can open with no stream at all: say why rather than "no video stream".
-        reason = container_diagnosis(data)
-        if reason:
-            raise VideoError(name, reason)
-        kinds = ", ".join(sorted({s.type for s in container.streams})) or "none"
-        raise VideoError(name, f"not a video: no video stream in the {container.format.name} container "
-                               f"(streams: {kinds})")
-    stream = container.streams.video[0]
-    if stream.codec_context is None:  # PyAV gives no decoder context for a codec FFmpeg cannot decode
-        raise VideoError(name, f"unsupported codec{avi_fourcc(data)}: this FFmpeg build has no decoder for it")
-    check_frame_size(stream.codec_context.width, stream.codec_context.height, name)
-    return stream
-
-
-# The largest frame ESSP decodes (8K UHD). One decoded frame of a larger video takes over 100 MB in RGB and a
-# stack holds L+1 of them before they are scaled down: such a video is refused before anything is decoded.
-MAX_FRAME_PIXELS = 7680 * 4320
-
-
-def check_frame_size(width: int, height: int, name: str) -> None:
-    """Refuse frames larger than :data:`MAX_FRAME_PIXELS` (the container's header says their size)."""
-    if width * height > MAX_FRAME_PIXELS:
-        raise VideoError(name, f"frames of {width}x{height} ({width * height / 1e6:.2f} megapixels) are larger than "
-                               f"ESSP decodes ({MAX_FRAME_PIXELS / 1e6:.2f} megapixels, 7680x4320): refused before "
-                               "decoding")
-
-
-def _fps(stream: av.video.stream.VideoStream, name: str) -> float:
-    rate = stream.guessed_rate or stream.average_rate or stream.base_rate
-    if not rate or rate <= 0:
-        raise VideoError(name, "frame rate unknown (container gives none)")
-    return float(rate)
-
-
-def _formats(container: av.container.InputContainer) -> set[str]:
-    return set(container.format.name.split(","))
-
-
-def _first_gop(packets: Iterable[av.Packet]) -> list[av.Packet]:
-    """The packets up to and including the second keyframe (all of them with one keyframe): what
-    :func:`_first_gop_base` reads. An iterator of packets goes on after them."""
-    head, keyframes = [], 0
-    for packet in packets:
-        head.append(packet)
-        keyframes += packet.is_keyframe
-        if keyframes == 2:
-            break
-    return head
-
-
-def _first_gop_base(packets: Iterable[av.Packet]) -> int | None:
-    """The smallest pts before the second keyframe (in decode order): the first frame shown."""
-    base, keyframes = None, 0
-    for packet in packets:
-        if packet.is_keyframe:
-            keyframes += 1
-            if keyframes == 2:
-                break
-        # Packets an MP4 edit list cuts away are decoded but never shown.
-        if packet.pts is not None and packet.size and not packet.is_discard:
-            base = packet.pts if base is None else min(base, packet.pts)
-    return base
-
-
-class _Clock:
-    """Frame index of a timestamp: round((pts - base) * time_base * fps)."""
-
-    def __init__(self, stream: av.video.stream.VideoStream, fps: float, base: int | None) -> None:
-        self.start = base or 0
-        self.time_base = float(stream.time_base) if stream.time_base and base is not None else None
-        self.fps = fps
-
-    def index(self, pts: int | None) -> int:
-        if pts is None or self.time_base is None:
-            raise _NoTimestamps()
-        return int(round((pts - self.start) * self.time_base * self.fps))
-
-    def pts(self, position: float) -> int:
-        """The timestamp of a (fractional) frame position, e.g. ``index + 0.5``: halfway to the next frame."""
-        if self.time_base is None:
-            raise _NoTimestamps()
-        return self.start + max(0, int(position / (self.fps * self.time_base)))
-
-
-# How frames get their index (see the module's docstring):
-#   "pts":      from each decoded frame's timestamp (MP4, MKV, WebM, MPEG-PS/TS, ...);
-#   "chunks":   AVI: one chunk per frame and no real presentation timestamps, so the keyframe a
-#               decode starts from gives the index and the frames after it are counted (display
-#               order is the decoder's output order); an empty chunk is a dropped frame;
-#   "sequence": no timestamps at all: counted from the start of the stream.
-Mode = Literal["pts", "chunks", "sequence"]
-
-
-def _mode(container: av.container.InputContainer) -> Mode:
-    return "chunks" if "avi" in _formats(container) else "pts"
-
-
-def _frames(stream: av.video.stream.VideoStream, packets: Iterable[av.Packet], clock: _Clock,
-            mode: Mode) -> Iterator[tuple[int, av.VideoFrame]]:
-    """(frame index, frame) in display order for the frames decoded from `packets`.
-
-    Zero-size packets never reach the decoder: to FFmpeg an empty packet means end of stream, yet
-    AVI stores a dropped frame as an empty chunk and the demuxer ends with one."""
-    codec = stream.codec_context
-    if mode == "pts":
-        last = None
-        for packet in _with_drain(packets):
-            if packet is not None and not packet.size:
-                continue
-            for frame in codec.decode(packet):
-                index = clock.index(frame.pts)
-                if last is not None and index < last:
-                    raise _NoTimestamps()  # out of display order: the timestamps cannot be trusted
-                last = index
-                yield index, frame
-        return
-    next_index = 0 if mode == "sequence" else None
-    for packet in _with_drain(packets):
-        if packet is not None and not packet.size:
-            if next_index is not None and packet.pts is not None and mode == "chunks":
-                next_index += 1  # a dropped frame: its slot shows the frame before
-            continue
-        if next_index is None:
-            if not packet or not packet.is_keyframe:
-                continue  # a decode starts at a keyframe; anything before it cannot be placed
-            next_index = clock.index(packet.pts if packet.pts is not None else packet.dts)
-        for frame in codec.decode(packet):
-            yield next_index, frame
-            next_index += 1
-
-
-def _with_drain(packets: Iterable[av.Packet]) -> Iterator[av.Packet | None]:
-    yield from packets
-    yield None  # drains the decoder's delayed frames
-
-
 # ---------------------------------------------------------------------------------------------
 # probing
 
 
-def probe_video(data: bytes, name: str) -> VideoInfo:
+def probe_video(data: bytes, name: str, *, stats: dict[str, int] | None = None) -> VideoInfo:
     """Frames, rate, size, codec and keyframe interval of a video, read from its bytes.
 
-    Demuxes every packet (cheap, nothing decoded), decodes the first frame and the whole last GOP,
-    so a truncated or corrupt tail is found here rather than in the middle of an epoch.
+    Demuxes every packet (cheap, nothing decoded) and keeps only what the count needs: each packet's
+    timestamp and flags, the first GOP's packets and the last GOP's. It decodes the first frame and the
+    last GOP, never more, so a truncated or corrupt tail is found here rather than in the middle of an
+    epoch, and a long video costs its demuxing and two GOPs (the frames are counted from the container's
+    timestamps, or, without any, from its packets). `stats`, when given, gets "decoded" (frames out of the
+    decoder) added to its count.
     """
-    with _open(data, name) as container:
-        stream = _video_stream(container, name, data)
-        fps = _fps(stream, name)
+    decoded = [0]
+    try:
+        return _probe(data, name, decoded)
+    finally:
+        if stats is not None:
+            stats["decoded"] = stats.get("decoded", 0) + decoded[0]
+
+
+def _probe(data: bytes, name: str, decoded: list[int]) -> VideoInfo:
+    with open_video(data, name) as container:
+        stream = video_stream(container, name, data)
+        fps = stream_fps(stream, name)
         promised = stream.frames or 0
-        packets: list[av.Packet] = []
-        demux_error = None
-        try:
-            for packet in container.demux(stream):
-                if packet.size or packet.pts is not None:  # the demuxer's final flush packet has neither
-                    packets.append(packet)
-        except av.FFmpegError as exc:
-            demux_error = str(exc)
-        # A packet cut short by the end of the file is flagged corrupt; it and what follows are lost.
-        intact = next((i for i, p in enumerate(packets) if p.is_corrupt), len(packets))
-        readable = packets[:intact]
-        expected = max(promised, len(packets))
-        if not any(p.size for p in readable):
-            if demux_error or intact < len(packets) or promised:
+        scan = _Scan.of(container, stream)
+        expected = max(promised, scan.packets)
+        if not scan.head:
+            if scan.demux_error or scan.cut or promised:
                 raise VideoError(name, f"truncated: 0 of {expected} frames readable"
-                                       + (f" ({demux_error})" if demux_error else ""))
+                                       + (f" ({scan.demux_error})" if scan.demux_error else ""))
             raise VideoError(name, "no frames: the video stream is empty")
 
         codec_name = stream.codec_context.name
-        clock = _Clock(stream, fps, _first_gop_base(readable))
-        mode = _mode(container)
+        clock = Clock(stream, fps, first_gop_base(scan.head))
+        mode = timeline_mode(container)
         try:
-            first_index, first = _first_frame(stream, readable, clock, mode, name)
+            first_index, first = _first_frame(stream, scan.head, clock, mode, name, decoded)
             if first_index != 0:
                 raise VideoError(name, f"the first frame shown has index {first_index}, not 0 (timestamp "
                                        f"{first.pts}, first GOP's earliest {clock.start})")
-            keyframes = sorted({clock.index(p.pts) for p in readable if p.is_keyframe and p.pts is not None})
-            frames, tail_error = _probe_tail(stream, readable, clock, mode)
-        except _NoTimestamps:  # positions in decode order stand in for frame indexes
-            _, first = _first_frame(stream, readable, clock, "sequence", name)
-            keyframes = [i for i, p in enumerate(readable) if p.is_keyframe]
-            frames, tail_error = _probe_tail(stream, readable, clock, "sequence")
+            keyframes = sorted({clock.index(pts) for pts in scan.keyframe_pts if pts is not None})
+            frames, tail_error = _probe_tail(stream, scan.tail, clock, mode, decoded)
+        except NoTimestamps:  # positions in decode order stand in for frame indexes
+            _, first = _first_frame(stream, scan.head, clock, "sequence", name, decoded)
+            keyframes = scan.keyframe_at
+            frames, tail_error = _probe_tail(stream, scan.tail, clock, "sequence", decoded)
+            frames += scan.frames_before_tail
         width, height = first.width, first.height
         check_frame_size(width, height, name)  # a header may leave the size to the first frame
 
-    missing = intact < len(packets) or demux_error or (promised and frames < promised)
+    missing = scan.cut or scan.demux_error or (promised and frames < promised)
     if missing or tail_error:
-        cause = tail_error or demux_error or ("last packet cut short" if intact < len(packets) else None)
+        cause = tail_error or scan.demux_error or ("last packet cut short" if scan.cut else None)
         raise VideoError(name, f"{'truncated' if missing else 'corrupt'}: {frames} of {max(expected, frames)} "
                                f"frames readable" + (f" ({cause})" if cause else ""))
     gaps = [b - a for a, b in zip(keyframes, keyframes[1:], strict=False)]
@@ -286,27 +126,76 @@ def probe_video(data: bytes, name: str) -> VideoInfo:
                      duration_s=round(frames / fps, 6), size_bytes=len(data))
 
 
-def _first_frame(stream: av.video.stream.VideoStream, packets: list[av.Packet], clock: _Clock, mode: Mode,
-                 name: str) -> tuple[int, av.VideoFrame]:
+# The first packets a probe keeps to decode the first frame and find the first timestamp (the first GOP, up
+# to this many: the earliest timestamp of a GOP is among its first packets, B-frames reorder a few).
+HEAD_PACKETS = 256
+
+
+@dataclass
+class _Scan:
+    """What the probe keeps of one pass over a stream's packets, up to the first one cut short (intact)."""
+
+    head: list[av.Packet] = field(default_factory=list)  # the first GOP's (at most HEAD_PACKETS)
+    tail: list[av.Packet] = field(default_factory=list)  # from the last keyframe on
+    keyframe_pts: list[int | None] = field(default_factory=list)
+    keyframe_at: list[int] = field(default_factory=list)  # positions of the keyframes among the packets
+    frames_before_tail: int = 0  # packets with data before the tail
+    packets: int = 0  # every packet demuxed, the ones after a cut included
+    cut: bool = False  # a packet was cut short by the end of the file: it and what follows are lost
+    demux_error: str | None = None
+
+    @classmethod
+    def of(cls, container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> _Scan:
+        scan, intact, sized, head_done = cls(), 0, 0, False
+        try:
+            for packet in container.demux(stream):
+                if not packet.size and packet.pts is None:  # the demuxer's final flush packet
+                    continue
+                scan.packets += 1
+                if scan.cut or packet.is_corrupt:
+                    scan.cut = True
+                    continue
+                if packet.is_keyframe:
+                    scan.keyframe_pts.append(packet.pts)
+                    scan.keyframe_at.append(intact)
+                    head_done = head_done or len(scan.keyframe_at) == 2
+                    scan.frames_before_tail = sized
+                    scan.tail = []
+                if not head_done and len(scan.head) < HEAD_PACKETS:
+                    scan.head.append(packet)
+                scan.tail.append(packet)
+                intact += 1
+                sized += bool(packet.size)
+        except av.FFmpegError as exc:
+            scan.demux_error = str(exc)
+        if not any(p.size for p in scan.head):
+            scan.head = []
+        return scan
+
+
+def _first_frame(stream: av.video.stream.VideoStream, packets: list[av.Packet], clock: Clock, mode: Mode,
+                 name: str, decoded: list[int]) -> tuple[int, av.VideoFrame]:
     stream.codec_context.flush_buffers()
     codec_name = stream.codec_context.name
     try:
-        found = next(_frames(stream, iter(packets), clock, mode), None)
+        found = next(decoded_frames(stream, iter(packets), clock, mode), None)
     except av.FFmpegError as exc:
         raise VideoError(name, f"first frame not decodable ({codec_name}): {exc}") from None
     if found is None:
         raise VideoError(name, f"no frame decodable ({codec_name}, {len(packets)} packets)")
+    decoded[0] += 1
     return found
 
 
-def _probe_tail(stream: av.video.stream.VideoStream, packets: list[av.Packet], clock: _Clock,
-                mode: Mode) -> tuple[int, str | None]:
-    """Decode the last GOP (everything in "sequence" mode): (frames in the timeline, error or None)."""
+def _probe_tail(stream: av.video.stream.VideoStream, packets: list[av.Packet], clock: Clock,
+                mode: Mode, decoded: list[int]) -> tuple[int, str | None]:
+    """Decode the last GOP: (frames in the timeline, error or None); in "sequence" mode the frames of the
+    GOP alone."""
     stream.codec_context.flush_buffers()  # as after a seek: the last GOP decodes on its own
-    start = 0 if mode == "sequence" else max((i for i, p in enumerate(packets) if p.is_keyframe), default=0)
     last = -1
     try:
-        for index, _ in _frames(stream, iter(packets[start:]), clock, mode):
+        for index, _ in decoded_frames(stream, iter(packets), clock, mode):
+            decoded[0] += 1
             last = max(last, index)
     except av.FFmpegError as exc:
         return last + 1, f"decode error after frame {last}: {exc}"
@@ -407,17 +296,17 @@ def _decode(data: bytes, want: _Wanted, fps: float | None, keyframe_interval: in
     that all landed late, or in "sequence" mode after timestamps turned out unusable."""
     name = want.name
     segment, from_start, timestamps = None, False, True
-    with _open(data, name) as container:
+    with open_video(data, name) as container:
         tally.opens += 1
-        stream = _video_stream(container, name, data)
-        rate = fps or _fps(stream, name)
+        stream = video_stream(container, name, data)
+        rate = fps or stream_fps(stream, name)
         packets = container.demux(stream)
-        head = _first_gop(packets)  # kept: decoding from the start replays them, then `packets` goes on
-        base = _first_gop_base(head)
+        head = first_gop(packets)  # kept: decoding from the start replays them, then `packets` goes on
+        base = first_gop_base(head)
         # No timestamp in the first GOP: nothing can be placed or seeked by time, count from the start.
-        mode: Mode = _mode(container) if base is not None else "sequence"
-        clock = _Clock(stream, rate, base)
-        indexed = not INDEXED_FORMATS.isdisjoint(_formats(container))
+        mode: Mode = timeline_mode(container) if base is not None else "sequence"
+        clock = Clock(stream, rate, base)
+        indexed = not INDEXED_FORMATS.isdisjoint(formats(container))
         try:
             if mode != "sequence" and indexed and want.offset > 0:
                 back = 2 * (keyframe_interval or DEFAULT_SEEK_BACK)
@@ -426,29 +315,29 @@ def _decode(data: bytes, want: _Wanted, fps: float | None, keyframe_interval: in
                 from_start = True
                 segment = _decode_from(stream, itertools.chain(head, packets), clock, mode, want, tally,
                                        seeked=False)
-        except _NoTimestamps:
+        except NoTimestamps:
             timestamps = False
     if segment is None and timestamps and not from_start:
         try:
-            with _open(data, name) as container:
+            with open_video(data, name) as container:
                 tally.opens += 1
-                stream = _video_stream(container, name, data)
-                segment = _decode_from(stream, container.demux(stream), _Clock(stream, rate, base), mode, want,
+                stream = video_stream(container, name, data)
+                segment = _decode_from(stream, container.demux(stream), Clock(stream, rate, base), mode, want,
                                        tally, seeked=False)
-        except _NoTimestamps:
+        except NoTimestamps:
             timestamps = False
     if segment is None and not timestamps:
-        with _open(data, name) as container:
+        with open_video(data, name) as container:
             tally.opens += 1
-            stream = _video_stream(container, name, data)
-            segment = _decode_from(stream, container.demux(stream), _Clock(stream, rate, None), "sequence", want,
+            stream = video_stream(container, name, data)
+            segment = _decode_from(stream, container.demux(stream), Clock(stream, rate, None), "sequence", want,
                                    tally, seeked=False)
     if segment is None:
         raise VideoError(name, f"asked {want.span}: the first decodable frame comes after frame {want.offset}")
     return segment
 
 
-def _decode_seeking(container: av.container.InputContainer, stream: av.video.stream.VideoStream, clock: _Clock,
+def _decode_seeking(container: av.container.InputContainer, stream: av.video.stream.VideoStream, clock: Clock,
                     mode: Mode, want: _Wanted, back: int, tally: _Tally) -> np.ndarray | None:
     """Seek and decode; None when every seek landed after the first frame (the caller decodes from the start).
 
@@ -474,12 +363,18 @@ def _decode_seeking(container: av.container.InputContainer, stream: av.video.str
         if landed is None:
             continue
         stamp = _stamp(landed, mode) if landed.is_keyframe and landed.size else None
-        if stamp is not None and clock.index(stamp) > want.offset:
+        if stamp is not None and (clock.index(stamp) > want.offset or _off_grid(clock, stamp, want.offset)):
             continue  # landed after the first frame: decided without decoding
         segment = _decode_from(stream, itertools.chain([landed], packets), clock, mode, want, tally, seeked=True)
         if segment is not None:
             return segment
     return None
+
+
+def _off_grid(clock: Clock, stamp: int, offset: int) -> bool:
+    """A keyframe in the first frame's slot but off its time (a variable-rate stream): a frame before it may
+    share the slot, and the first one there is the one shown, so the decode starts further back."""
+    return offset > 0 and clock.index(stamp) == offset and abs(clock.position(stamp) - offset) > 1e-6
 
 
 def _stamp(packet: av.Packet, mode: Mode) -> int | None:
@@ -526,7 +421,7 @@ class _Segment:
                 frame, width, height, "rgb24", interpolation=_INTERPOLATION, **_SWS_OPTIONS).to_ndarray()
 
 
-def _decode_from(stream: av.video.stream.VideoStream, packets: Iterable[av.Packet], clock: _Clock, mode: Mode,
+def _decode_from(stream: av.video.stream.VideoStream, packets: Iterable[av.Packet], clock: Clock, mode: Mode,
                  want: _Wanted, tally: _Tally, *, seeked: bool) -> np.ndarray | None:
     """Decode the segment from `packets` (those after a seek, or all from the start); None when the first
     frame decoded is already past `offset` (the caller retries further back). Frames before `offset` are
@@ -536,7 +431,7 @@ def _decode_from(stream: av.video.stream.VideoStream, packets: Iterable[av.Packe
     before: av.VideoFrame | None = None  # the last frame before `offset`, held over a gap
     last = None
     try:
-        for index, frame in _frames(stream, packets, clock, mode):
+        for index, frame in decoded_frames(stream, packets, clock, mode):
             tally.decoded += 1
             if last is None and index > offset:
                 return None
