@@ -1,6 +1,7 @@
 """A real Airflow on PostgreSQL (`essp airflow up|down`: the four processes, started once, stopped by
 PID from another process) with the ESSP plugin: the api-server loads it from the repo's plugins/
-folder, lists it in the REST API, serves the report pages under /essp, and headless Chromium renders
+folder, lists it in the REST API, serves the report pages under /essp behind Airflow's own login (401
+without a token, 403 with a forged one), and headless Chromium, signed in, renders
 one (the screenshot is kept as documentation: docs/img/ui-report.png); essp_train triggered
 through the REST API with a param override, run by the scheduler, its report tab screenshotted; and
 the trigger forms of essp_train and essp_predict as a new user meets them in Chromium (driven over
@@ -39,7 +40,6 @@ from reports import write_seeded_report
 
 from essp.settings import SECRETS_FILE, Settings
 from essp.stack.airflow import PROCESSES, AirflowStack, api_healthy
-from essp.stack.browser import screenshot
 from essp.stack.procs import pid_alive
 from essp.stack.services import LocalStack, pg_params
 
@@ -48,6 +48,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO / "docs" / "img" / "ui-report.png"
 SHOT_SIZE = (1400, 1800)
+BROWSER_SIZE = (1400, 1100)  # the module's browser (tests/cdp.py's default)
 RUN = "ui-demo-run"
 
 
@@ -126,6 +127,18 @@ def airflow_ui(base_settings, tmp_path_factory) -> Iterator[AirflowUI]:
         _cleanup(settings)
 
 
+def _screenshot(b: Browser, url: str, path: Path) -> None:
+    """``url`` as the signed-in browser shows it, SHOT_SIZE large."""
+    width, height = SHOT_SIZE
+    b.send("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+    try:
+        b.navigate(url)
+        b.screenshot(path)
+    finally:
+        b.send("Emulation.setDeviceMetricsOverride", width=BROWSER_SIZE[0], height=BROWSER_SIZE[1],
+               deviceScaleFactor=1, mobile=False)
+
+
 def _non_white(region: np.ndarray) -> float:
     return float((region.min(axis=2) < 235).mean())
 
@@ -134,7 +147,7 @@ def _colours(region: np.ndarray) -> int:
     return len(np.unique(region.reshape(-1, 3), axis=0))
 
 
-def test_plugin_is_served_and_the_report_renders(airflow_ui):
+def test_plugin_is_served_behind_airflows_login_and_the_report_renders(airflow_ui, browser):
     settings = airflow_ui.settings
     report = write_seeded_report(settings, RUN)
 
@@ -148,18 +161,29 @@ def test_plugin_is_served_and_the_report_renders(airflow_ui):
     errors = airflow_ui.call("GET", "/api/v2/plugins/importErrors")["import_errors"]
     assert not [e for e in errors if "essp" in e["source"]], errors
 
-    status, headers, raw = airflow_ui.request("GET", f"/essp/runs/{RUN}", auth=False)
+    # Airflow's own login guards the pages: no token 401, a forged one 403; the REST API's token (or the UI's
+    # cookie, below) gets them
+    for path in ("/essp/", f"/essp/runs/{RUN}", f"/essp/runs/{RUN}/report.json", f"/essp/runs/{RUN}/files/loss.png"):
+        status, _, raw = airflow_ui.request("GET", path, auth=False)
+        assert status == 401 and RUN.encode() not in raw, (path, status, raw[:300])
+    forged = urllib.request.Request(f"{airflow_ui.url}/essp/runs/{RUN}/report.json",
+                                    headers={"Authorization": "Bearer " + airflow_ui.token()[:-4] + "AAAA"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(forged, timeout=30)
+    assert refused.value.code == 403
+    status, headers, raw = airflow_ui.request("GET", f"/essp/runs/{RUN}")
     assert status == 200 and headers["content-type"].startswith("text/html")
     page = raw.decode()
     assert f"<code>{RUN}</code>" in page and 'data-name="stream:rgb"' in page
-    status, headers, png = airflow_ui.request("GET", f"/essp/runs/{RUN}/files/fusion.png", auth=False)
+    status, headers, png = airflow_ui.request("GET", f"/essp/runs/{RUN}/files/fusion.png")
     assert status == 200 and headers["content-type"] == "image/png"
-    status, _, raw = airflow_ui.request("GET", "/essp/", auth=False)
+    status, _, raw = airflow_ui.request("GET", "/essp/")
     assert status == 200 and f'href="./runs/{RUN}"' in raw.decode()
-    assert json.loads(airflow_ui.request("GET", f"/essp/runs/{RUN}/report.json", auth=False)[2]) == report
+    assert json.loads(airflow_ui.request("GET", f"/essp/runs/{RUN}/report.json")[2]) == report
 
-    # What a user sees: headless Chromium on the api-server's page, kept as documentation.
-    screenshot(f"{airflow_ui.url}/essp/runs/{RUN}", SCREENSHOT, width=SHOT_SIZE[0], height=SHOT_SIZE[1])
+    # What a user sees: headless Chromium, signed in on Airflow's login page, on the api-server's page (kept
+    # as documentation): the UI's session cookie is what its iframe sends
+    _screenshot(browser, f"{airflow_ui.url}/essp/runs/{RUN}", SCREENSHOT)
     with Image.open(SCREENSHOT) as image:
         assert image.format == "PNG" and image.size == SHOT_SIZE
         pixels = np.asarray(image.convert("RGB"))
@@ -179,7 +203,7 @@ REST_CONF = {"dataset": "tiny", "rgb_arch": "tiny", "flow_arch": "tiny", "epochs
 DAG_RUN_SCREENSHOT = REPO / "docs" / "img" / "ui-dag-run-report.png"
 
 
-def test_essp_train_triggered_through_the_rest_api_with_a_fusion_override(airflow_ui, tmp_path):
+def test_essp_train_triggered_through_the_rest_api_with_a_fusion_override(airflow_ui, browser, tmp_path):
     from essp.datasets.ingest import ingest_directory
     from essp.datasets.synth import synthesize
     from essp.lifecycle.model_registry import ModelRegistry
@@ -210,12 +234,13 @@ def test_essp_train_triggered_through_the_rest_api_with_a_fusion_override(airflo
 
     # the DAG run's report tab, as the UI embeds it, and what a user sees there
     path = f"/essp/dag-runs/essp_train/{quote(run['dag_run_id'], safe='')}"
-    status, _, raw = airflow_ui.request("GET", path, auth=False)
+    status, _, raw = airflow_ui.request("GET", path)
     page = raw.decode()
     assert status == 200 and "rest-run" in page and "product" in page
-    status, _, raw = airflow_ui.request("GET", path + "/workers", auth=False)
+    assert airflow_ui.request("GET", path + "/workers", auth=False)[0] == 401
+    status, _, raw = airflow_ui.request("GET", path + "/workers")
     assert status == 200 and "trainer-rest-run-rgb" in raw.decode()
-    screenshot(airflow_ui.url + path, DAG_RUN_SCREENSHOT, width=SHOT_SIZE[0], height=SHOT_SIZE[1])
+    _screenshot(browser, airflow_ui.url + path, DAG_RUN_SCREENSHOT)
     with Image.open(DAG_RUN_SCREENSHOT) as image:
         pixels = np.asarray(image.convert("RGB"))
     assert _non_white(pixels[150:800]) > 0.03 and _colours(pixels[800:1700]) > 500

@@ -316,3 +316,22 @@ def test_plugin_module_and_worker_logs_link(monkeypatch):
     assert link.get_link(None, ti_key=key) == f"essp/dag-runs/{DAG}/{encoded}/workers"
     monkeypatch.setenv("AIRFLOW__API__BASE_URL", "http://airflow.example:8080/")
     assert link.get_link(None, ti_key=key) == f"http://airflow.example:8080/essp/dag-runs/{DAG}/{encoded}/workers"
+
+
+def test_every_route_of_the_plugin_app_asks_for_airflows_login(report):
+    """Each route the plugin mounts carries Airflow's auth check (a route added without one fails here); with
+    no token at all it answers 401 before reading anything (the real api-server: tests/test_airflow_ui.py)."""
+    from fastapi.routing import APIRoute
+
+    spec = importlib.util.spec_from_file_location("essp_plugin_auth", REPO / "plugins" / "essp_plugin.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    app = module.EsspPlugin.fastapi_apps[0]["app"]
+    routes = [r for r in app.routes if isinstance(r, APIRoute)]
+    assert len(routes) == 6 and all(r.dependencies for r in routes)
+    anonymous = TestClient(app)
+    for path in ("/", f"/runs/{RUN}", f"/runs/{RUN}/report.json", f"/runs/{RUN}/files/loss.png",
+                 f"/dag-runs/{DAG}/{quote(DAG_RUN, safe='')}", f"/dag-runs/{DAG}/{quote(DAG_RUN, safe='')}/workers"):
+        response = anonymous.get(path)
+        assert response.status_code == 401, (path, response.status_code, response.text[:200])
+        assert RUN not in response.text

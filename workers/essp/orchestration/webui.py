@@ -19,8 +19,9 @@ page, and one template per page); this module gathers the values they show and p
 Templates are autoescaped: every value from a report, a link or a log is HTML-escaped. Every link and
 image path in the pages is relative, so the app works under any prefix (the plugin's ``/essp``, a
 reverse proxy's path). Settings are built per request with ``settings_factory`` (the api-server's
-environment carries the ``ESSP_*`` settings). The endpoints are plain ``def``: FastAPI runs their S3 and
-Redis calls in its threadpool.
+environment carries the ``ESSP_*`` settings). Every route sits behind the ``access`` dependencies the
+plugin gives (Airflow's own authentication and DAG permissions). The endpoints are plain ``def``: FastAPI
+runs their S3 and Redis calls in its threadpool.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ from essp.stack.procs import ProcessTable, pid_alive
 from essp.training.artifacts import RunArtifactMissing
 
 SettingsFactory = Callable[[], Settings]
+Access = Callable[[str], list[Any]]  # what a route shows ("runs", "dag_run", "logs") -> its FastAPI dependencies
 
 FILE_TYPES = {**{name: "image/png" for name in PLOTS}, SUMMARY_FILE: "text/markdown; charset=utf-8"}
 PLOT_TITLES = {"loss.png": "training loss", "accuracy.png": "training accuracy",
@@ -440,8 +442,14 @@ def _s3_object(settings: Settings, run: str, name: str) -> tuple[Iterator[bytes]
     return ObjectStore(settings).stream(settings.bucket_runs, f"{run}/{REPORT_PREFIX}/{name}"), FILE_TYPES[name]
 
 
-def create_app(settings_factory: SettingsFactory = Settings) -> FastAPI:
-    """The ESSP pages as a FastAPI app (mounted at ``/essp`` by the Airflow plugin)."""
+def create_app(settings_factory: SettingsFactory = Settings, access: Access | None = None) -> FastAPI:
+    """The ESSP pages as a FastAPI app (mounted at ``/essp`` by the Airflow plugin).
+
+    ``access(kind)`` gives the FastAPI dependencies that guard each route, by what it shows: ``"runs"``
+    (the index and a run's report: any DAG's runs), ``"dag_run"`` (the report of a DAG run: that DAG's
+    runs) and ``"logs"`` (a DAG run's workers and their logs). The plugin passes Airflow's auth manager
+    checks; unset, the routes are open (tests of the pages alone)."""
+    guard = access or (lambda _kind: [])
     app = FastAPI(title="ESSP reports", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(BadRequest)
@@ -456,11 +464,11 @@ def create_app(settings_factory: SettingsFactory = Settings) -> FastAPI:
     def _essp_error(request: Request, exc: EsspError) -> Response:
         return message_page(500, "ESSP error", str(exc), _root(request))
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.get("/", response_class=HTMLResponse, dependencies=guard("runs"))
     def index(request: Request) -> Response:
         return render_index(settings_factory(), _root(request))
 
-    @app.get("/runs/{run}", response_class=HTMLResponse)
+    @app.get("/runs/{run}", response_class=HTMLResponse, dependencies=guard("runs"))
     def run_report(request: Request, run: str) -> Response:
         run = _checked_run(run)
         root = _root(request)
@@ -470,7 +478,7 @@ def create_app(settings_factory: SettingsFactory = Settings) -> FastAPI:
             return message_page(404, "No report", no_report_message(run, exc), root)
         return render_report(report, root)
 
-    @app.get("/runs/{run}/report.json")
+    @app.get("/runs/{run}/report.json", dependencies=guard("runs"))
     def run_report_json(run: str) -> Response:
         run = _checked_run(run)
         try:
@@ -479,7 +487,7 @@ def create_app(settings_factory: SettingsFactory = Settings) -> FastAPI:
             return JSONResponse({"detail": no_report_message(run, exc)}, status_code=404)
         return JSONResponse(report, headers={"Cache-Control": "no-cache"})
 
-    @app.get("/runs/{run}/files/{name}")
+    @app.get("/runs/{run}/files/{name}", dependencies=guard("runs"))
     def run_file(request: Request, run: str, name: str) -> Response:
         run = _checked_run(run)
         if name not in FILE_TYPES:
@@ -503,7 +511,7 @@ def create_app(settings_factory: SettingsFactory = Settings) -> FastAPI:
                                 f"(yet){why}", root)
         return _checked_run(str(link.get("run", "")))
 
-    @app.get("/dag-runs/{dag_id}/{dag_run_id}", response_class=HTMLResponse)
+    @app.get("/dag-runs/{dag_id}/{dag_run_id}", response_class=HTMLResponse, dependencies=guard("dag_run"))
     def dag_run_report(request: Request, dag_id: str, dag_run_id: str) -> Response:
         settings = settings_factory()
         root = _root(request)
@@ -516,7 +524,7 @@ def create_app(settings_factory: SettingsFactory = Settings) -> FastAPI:
             return render_status(settings, run, dag_id, dag_run_id, str(exc), root)
         return render_report(report, root, context=dag_run_context(dag_id, dag_run_id, run, root))
 
-    @app.get("/dag-runs/{dag_id}/{dag_run_id}/workers", response_class=HTMLResponse)
+    @app.get("/dag-runs/{dag_id}/{dag_run_id}/workers", response_class=HTMLResponse, dependencies=guard("logs"))
     def dag_run_workers(request: Request, dag_id: str, dag_run_id: str) -> Response:
         settings = settings_factory()
         root = _root(request)
