@@ -11,7 +11,8 @@ promises of the design against what happened:
 * the run's in-flight count never exceeded its bound (sampled every 20 ms);
 * no payload key (frames, features) and no in-flight slot is left after the epoch;
 * no committed offset passed a job that was not done: each commit of the decode group (sampled every
-  0.3 s) is checked against the frames notices and dead letters that existed when it was read.
+  0.3 s) is checked against the frames notices and dead letters that existed when it was read, and no
+  committed offset ever moves back (what a stale owner committing over its successor does).
 
 :class:`PrivateStack` runs a Redis and a Tansu broker of the test's own (on free ports, the broker on
 the shared S3 under its own bucket), and optionally an S3 server of its own, so that a test can stop,
@@ -344,6 +345,13 @@ def _check_commits(settings: Settings, plan: EpochPlan, commits: list[tuple[floa
     for record in decode_records:
         by_partition.setdefault(record.partition, []).append(record)
     violations = []
+    highest: dict[int, int] = {}
+    for _, offsets in commits:  # a stale owner committing over its successor moves an offset back
+        for partition, committed in offsets.items():
+            if committed < highest.get(partition, -1):
+                violations.append(f"the committed offset of decode partition {partition} went back from "
+                                  f"{highest[partition]} to {committed}")
+            highest[partition] = max(highest.get(partition, -1), committed)
     for read_at, offsets in commits:
         for partition, committed in offsets.items():
             for record in by_partition.get(partition, []):

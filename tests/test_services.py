@@ -123,3 +123,39 @@ def test_a_missing_service_gives_a_clear_error_naming_it(settings, service, clos
     assert message.startswith(f"{service} at ") and f":{port}" in message
     assert "not reachable" in message and "essp infra up" in message
     assert time.monotonic() - started < 20, "the error must come quickly, not after minutes of retries"
+
+
+def test_a_member_whose_lease_lapsed_cannot_commit_over_its_successor(settings):
+    # What a worker stopped (SIGSTOP) past its lease looks like from Redis: it stops renewing. Its
+    # successor takes the partition and commits further; the stale member then finishes and commits its
+    # older offset. The fence must refuse that commit (it would move the group's offset back).
+    from kafka import KafkaAdminClient, TopicPartition
+
+    from essp.clients.kafka import RebalancedDuringWork
+
+    settings = settings.model_copy(update={"kafka_membership": "lease", "kafka_session_timeout_ms": 3000})
+    topics = Topics(settings.topic_prefix)
+    topic = topics.decode("r1", 0)
+    ensure_topics(settings, [topic, topics.run_dead("r1")], partitions=1)
+    with MessageProducer(settings) as producer:
+        for i in range(6):
+            producer.publish(topic, _job(i))
+    group = f"{settings.topic_prefix}-fenced"
+    stale = MessageConsumer(settings, group, [topic], dead_letter_topic=topics.run_dead("r1"))
+    try:
+        assert len(_drain(stale, 6)) == 6
+        stale._lease._stopping.set()  # frozen: its lease is no longer renewed
+        time.sleep(3.5)
+        with MessageConsumer(settings, group, [topic], dead_letter_topic=topics.run_dead("r1")) as successor:
+            assert len(_drain(successor, 6)) == 6  # nothing was committed: all of it again
+            successor.commit({(topic, 0): 6})
+        with pytest.raises(RebalancedDuringWork, match="lease lapsed"):
+            stale.commit({(topic, 0): 2})
+    finally:
+        stale.close()
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    try:
+        offsets = admin.list_group_offsets({group: [TopicPartition(topic, 0)]})[group]
+    finally:
+        admin.close()
+    assert offsets[TopicPartition(topic, 0)].offset == 6

@@ -285,8 +285,10 @@ class MessageConsumer:
         # before they do: a member that commits in batches commits what it finished of them first.
         self.before_release: Callable[[set[tuple[str, int]]], None] | None = None
         self._lease: PartitionLease | None = None
+        self._lease_generation = 0  # the lease's generation the current assignment was taken under
         if self.membership == "lease":
             self._lease = PartitionLease(settings, group_id)
+            self._lease_generation = self._lease.generation
             self._lease.start()
 
     def _current_topics(self) -> set[str]:
@@ -314,6 +316,14 @@ class MessageConsumer:
 
     def _refresh(self) -> None:
         """Follow the topics (pattern) and, with leases, take this member's share of partitions."""
+        if self._lease is not None and self._lease.generation != self._lease_generation:
+            # The lease lapsed (this process was stopped or starved past the session timeout): others
+            # may own its partitions now and have moved their offsets. Forget the positions it held and
+            # take its share again from the committed offsets (what it read since is refused a commit).
+            self._lease_generation = self._lease.generation
+            if self._consumer.assignment():
+                self._consumer.assign([])
+            self._topics_checked = 0.0
         idle = self._idle and self._pattern is not None
         relist_every = IDLE_TOPICS_S if idle else self._topics_every_s  # how often the topics are listed
         if time.monotonic() - self._topics_checked < min(1.0 if self._lease else self._topics_every_s, relist_every):
@@ -386,6 +396,10 @@ class MessageConsumer:
     def commit(self, offsets: dict[tuple[str, int], int] | None = None) -> None:
         """Commit the positions after everything polled, or exactly ``offsets``: (topic, partition)
         -> the next offset to read (the last processed offset + 1)."""
+        if self._lease is not None and not self._lease.holds(self._lease_generation):
+            # Fencing: a member whose lease lapsed must not commit over the partitions' new owner.
+            raise RebalancedDuringWork(f"member {self._lease.member} of {self.group_id}: its lease lapsed "
+                                       "before this commit; the partitions' new owners redo the work")
         try:
             if offsets is None:
                 self._consumer.commit()
@@ -450,6 +464,20 @@ class MessageConsumer:
         self.close()
 
 
+# KEYS: the group's members. ARGV: member, ttl_s, key_ttl_s. Renews the member's lease on the server's
+# clock, drops lapsed members, and returns 1 when this member's own lease had lapsed (or was gone).
+_RENEW_LEASE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local old = redis.call('ZSCORE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+if (not old) or tonumber(old) < now then return 1 end
+return 0
+"""
+
+
 class PartitionLease(threading.Thread):
     """Membership of a group kept in Redis, for brokers whose group coordinator cannot be relied on.
 
@@ -472,6 +500,9 @@ class PartitionLease(threading.Thread):
         self.member = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.ttl_s = settings.kafka_session_timeout_ms / 1000
         self.topics_at = 0.0
+        self.generation = 0  # +1 each time the lease is found lapsed
+        self._beats = 0
+        self._renew = self.redis.register_script(_RENEW_LEASE)
         self._stopping = threading.Event()
         self._beat()
 
@@ -479,13 +510,30 @@ class PartitionLease(threading.Thread):
         seconds, micros = self.redis.time()  # one clock for every member: the server's
         return seconds + micros / 1e6
 
+    def _unavailable(self, exc: Exception) -> ServiceUnavailable:
+        kwargs = self.redis.connection_pool.connection_kwargs
+        return ServiceUnavailable("Redis", f"{kwargs.get('host')}:{kwargs.get('port')}", exc)
+
     def _beat(self) -> None:
-        now = self._now()
-        pipe = self.redis.pipeline()
-        pipe.zadd(self.key, {self.member: now + self.ttl_s})
-        pipe.zremrangebyscore(self.key, "-inf", now)
-        pipe.expire(self.key, int(self.ttl_s * 10))
-        pipe.execute()
+        """Renew the lease; one that had lapsed (or vanished with a Redis restart) starts a new generation."""
+        lapsed = int(self._renew(keys=[self.key], args=[self.member, self.ttl_s, int(self.ttl_s * 10)]))
+        if lapsed and self._beats:
+            self.generation += 1
+        self._beats += 1
+
+    def holds(self, generation: int) -> bool:
+        """Whether this member's lease is live now and has not lapsed since ``generation``: the fence a
+        commit passes first (a stopped process resumed past its lease must not commit over its successor)."""
+        from redis import RedisError
+
+        try:
+            score = self.redis.zscore(self.key, self.member)
+            now = self._now()
+        except RedisError as exc:
+            raise self._unavailable(exc) from None
+        if score is None or score < now:
+            self.generation += 1  # lapsed: its next poll takes its share afresh
+        return self.generation == generation
 
     def run(self) -> None:
         while not self._stopping.wait(1.0):
@@ -502,8 +550,7 @@ class PartitionLease(threading.Thread):
         try:
             return sorted(m.decode() for m in self.redis.zrangebyscore(self.key, self._now(), "+inf"))
         except RedisError as exc:
-            kwargs = self.redis.connection_pool.connection_kwargs
-            raise ServiceUnavailable("Redis", f"{kwargs.get('host')}:{kwargs.get('port')}", exc) from None
+            raise self._unavailable(exc) from None
 
     def share(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
         """This member's partitions: every member computes the same split from the same list."""
