@@ -31,6 +31,9 @@ from essp.settings import Settings, worker_environ
 from essp.stack.services import venv_binary
 
 OUTPUT_TAIL_LINES = 40
+# Stages that call the Kubernetes API (essp.deploy.kube: scale the workers, clone and delete trainers): only
+# their pods get the service account's token.
+KUBE_API_STAGES = frozenset({"ensure-workers", "release-trainers", "release-workers"})
 
 
 class EsspStageOperator(KubernetesPodOperator):
@@ -68,6 +71,19 @@ class EsspStageOperator(KubernetesPodOperator):
             k8s.V1EnvFromSource(config_map_ref=k8s.V1ConfigMapEnvSource(name="essp-settings", optional=True)),
             k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=settings.k8s_secret))])
         kwargs.setdefault("service_account_name", settings.k8s_service_account)
+        # Hardened as the worker pods of k8s/: non-root, no privilege escalation, no capabilities, a read-only
+        # root (a /tmp emptyDir for caches), seccomp RuntimeDefault, and no API token unless the stage scales
+        # the workers through the Kubernetes API.
+        kwargs.setdefault("automount_service_account_token", stage in KUBE_API_STAGES)
+        kwargs.setdefault("security_context", k8s.V1PodSecurityContext(
+            run_as_non_root=True, run_as_user=10001, run_as_group=10001, fs_group=10001,
+            seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault")))
+        for field in ("container_security_context", "xcom_sidecar_container_security_context"):
+            kwargs.setdefault(field, k8s.V1SecurityContext(
+                allow_privilege_escalation=False, read_only_root_filesystem=True,
+                capabilities=k8s.V1Capabilities(drop=["ALL"])))
+        kwargs.setdefault("volumes", [k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit="1Gi"))])
+        kwargs.setdefault("volume_mounts", [k8s.V1VolumeMount(name="tmp", mount_path="/tmp")])
         kwargs.setdefault("labels", {"app.kubernetes.io/part-of": "essp", "essp/stage": stage})
         if gpus:
             kwargs.setdefault("tolerations", [k8s.V1Toleration(
@@ -98,7 +114,7 @@ class EsspStageOperator(KubernetesPodOperator):
         self.arguments = self._arguments()
         settings = Settings()
         # Addresses (not credentials: those come from the Secret) from the connections when running.
-        env = {"ESSP_STAGE_MODE": "kubernetes", RESULT_FILE_ENV: KUBERNETES_RESULT_FILE,
+        env = {"ESSP_STAGE_MODE": "kubernetes", RESULT_FILE_ENV: KUBERNETES_RESULT_FILE, "HOME": "/tmp",
                "ESSP_K8S_NAMESPACE": settings.k8s_namespace,
                **({} if dry_run else EsspHook().env(include_secrets=False))}
         # A user's env_vars (a dict or V1EnvVar list) win over ours.

@@ -161,6 +161,33 @@ def _check_pod_specs(obj: dict[str, Any]) -> list[str]:
     return problems
 
 
+def hardening_problems(pod_spec: dict[str, Any], *, api_token: bool = False) -> list[str]:
+    """What a pod spec (the API's JSON form) lacks of ESSP's hardening: runAsNonRoot, seccomp RuntimeDefault,
+    no service-account token unless ``api_token`` (the pod talks to the Kubernetes API), and in every container
+    no privilege escalation, every capability dropped and a read-only root filesystem."""
+    problems: list[str] = []
+    pod_sc = pod_spec.get("securityContext") or {}
+    if pod_sc.get("runAsNonRoot") is not True:
+        problems.append("securityContext.runAsNonRoot must be true")
+    if (pod_sc.get("seccompProfile") or {}).get("type") != "RuntimeDefault":
+        problems.append("securityContext.seccompProfile.type must be RuntimeDefault")
+    if not api_token and pod_spec.get("automountServiceAccountToken") is not False:
+        problems.append("automountServiceAccountToken must be false (the pod does not talk to the API)")
+    for field in ("initContainers", "containers"):
+        for container in pod_spec.get(field) or []:
+            sc = container.get("securityContext") or {}
+            at = f"{field}[{container.get('name')}].securityContext"
+            if sc.get("allowPrivilegeEscalation") is not False:
+                problems.append(f"{at}.allowPrivilegeEscalation must be false")
+            if sc.get("readOnlyRootFilesystem") is not True:
+                problems.append(f"{at}.readOnlyRootFilesystem must be true")
+            if (sc.get("capabilities") or {}).get("drop") != ["ALL"]:
+                problems.append(f"{at}.capabilities.drop must be [ALL]")
+            if sc.get("privileged"):
+                problems.append(f"{at}.privileged must not be set")
+    return problems
+
+
 def _check_labels(obj: dict[str, Any]) -> list[str]:
     problems: list[str] = []
     maps = [("metadata.labels", (obj.get("metadata") or {}).get("labels"))]

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
-from k8s_lint import is_namespaced, validate_object
+from k8s_lint import hardening_problems, is_namespaced, validate_object
 from kubernetes.client import ApiClient, V1Scale, V1ScaleSpec
 from kubernetes.client.exceptions import ApiException
 
@@ -185,6 +185,30 @@ def test_every_container_runs_as_non_root_with_a_read_only_root(target: str):
             assert {"secretRef": {"name": "essp-credentials"}} in sources, name
             assert {"name": "OMP_NUM_THREADS", "value": "1"} in c["env"], name
             assert c["resources"]["requests"] and c["resources"]["limits"], name
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_pod_template_is_hardened(target: str):
+    """The lint of tests/k8s_lint.py over every pod template (the worker and trainer pods never call the API)."""
+    for deployment in deployments(rendered(target)):
+        pod = deployment["spec"]["template"]["spec"]
+        assert not hardening_problems(pod), (deployment["metadata"]["name"], hardening_problems(pod))
+
+
+def test_the_hardening_lint_catches_each_gap():
+    good = deployments(rendered(TARGETS[0]))[0]["spec"]["template"]["spec"]
+    assert hardening_problems(good) == []
+    for path, value in [(("securityContext", "runAsNonRoot"), False), (("automountServiceAccountToken",), True),
+                        (("securityContext", "seccompProfile"), {"type": "Unconfined"}),
+                        (("containers", 0, "securityContext", "allowPrivilegeEscalation"), True),
+                        (("containers", 0, "securityContext", "readOnlyRootFilesystem"), False),
+                        (("containers", 0, "securityContext", "capabilities"), {"add": ["NET_ADMIN"]})]:
+        bad = copy.deepcopy(good)
+        target = bad
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+        assert hardening_problems(bad), path
 
 
 def _essp_commands() -> list[list[str]]:

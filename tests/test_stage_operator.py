@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
 from airflow.exceptions import AirflowException
+from k8s_lint import hardening_problems
 from kubernetes.client import ApiClient
 from kubernetes.client import models as k8s
 
 from essp.connections import REDIS_CONN_ID, connection_env_vars
-from essp.operators.stage import EsspStageOperator
+from essp.operators.stage import KUBE_API_STAGES, EsspStageOperator
+from essp.orchestration.stages import STAGES
 
 
 def _render(op: EsspStageOperator) -> k8s.V1Pod:
@@ -152,6 +155,14 @@ def test_every_stage_of_every_dag_renders_a_valid_pod_in_kubernetes_mode(monkeyp
         env = {e.name: e.value for e in main.env}
         assert not any("SECRET" in name or "PASSWORD" in name for name in env), where
         assert pod.metadata.labels["essp/stage"] == task.stage, where
+        # hardened as the worker pods; the API token only for the stages that scale workers through the API
+        problems = hardening_problems(body["spec"], api_token=task.stage in KUBE_API_STAGES)
+        assert not problems, (where, problems)
+        assert env["HOME"] == "/tmp" and [m.mount_path for m in main.volume_mounts if m.name == "tmp"] == ["/tmp"]
+    # the stages that use the fleet (essp.deploy.fleet: Deployments through the Kubernetes API) are those
+    for name in known:
+        uses_fleet = "fleet." in inspect.getsource(STAGES.get(name))
+        assert uses_fleet == (name in KUBE_API_STAGES), name
     # the scoring stages ask for a GPU in Kubernetes; none of the others do
     assert {t.task_id for _, t in tasks if t.gpus} == {"score_test", "score_train"}
 
