@@ -274,3 +274,48 @@ def test_links_out_of_the_root_and_surprising_probe_errors_are_quarantined_not_f
     assert len(manifest.videos) == 12  # 12 copied - 1 probe failure + 1 link inside
     keys = ObjectStore(settings).list_keys(settings.bucket_videos, "linked/")
     assert not any("g50" in k or "g51" in k for k in keys)
+
+
+def test_every_per_file_error_is_quarantined_with_its_reason(settings, synth_dir, tmp_path):
+    """A folder, a FIFO and a broken link named like videos, an unreadable file, one too large to read
+    whole, a text file: each is quarantined with its reason (none is read that should not be: a FIFO
+    would block the read forever), the good videos are ingested. Root reads a chmod-000 file: as root, the
+    ingest runs without the capabilities that let it (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH)."""
+    import os
+    import subprocess
+    import sys
+
+    from essp.datasets.ingest import MAX_VIDEO_BYTES
+
+    root = tmp_path / "odd"
+    shutil.copytree(synth_dir, root)
+    left = root / "TranslateLeft"
+    (left / "v_TranslateLeft_g10_c01.avi").mkdir()
+    os.mkfifo(left / "v_TranslateLeft_g10_c02.mp4")
+    (left / "v_TranslateLeft_g10_c03.mp4").symlink_to(left / "gone.mp4")
+    locked = left / "v_TranslateLeft_g10_c04.mp4"
+    locked.write_bytes((left / "v_TranslateLeft_g01_c01.mp4").read_bytes())
+    locked.chmod(0)
+    with open(left / "v_TranslateLeft_g10_c05.mkv", "wb") as huge:  # sparse: no disk taken
+        huge.truncate(MAX_VIDEO_BYTES + 2**30)
+    (left / "v_TranslateLeft_g10_c06.mp4").write_text("#EXTM3U\n#EXTINF:2.0,\nhttp://127.0.0.1:9/a.ts\n")
+
+    essp = [str(Path(sys.executable).parent / "essp"), "dataset", "ingest", str(root), "--name", "odd"]
+    if os.geteuid() == 0:
+        drop = "-dac_override,-dac_read_search"
+        essp = ["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}", *essp]
+    done = subprocess.run(essp, env={**os.environ, **settings.as_env()}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    manifest = ManifestStore(settings).load("odd")
+    reasons = {q.path.rsplit("_", 1)[-1]: q.reason for q in manifest.quarantined}
+    assert reasons == {
+        "c01.avi": "not a regular file (a directory): not read",
+        "c02.mp4": "not a regular file (a FIFO): not read",
+        "c03.mp4": f"not a regular file (a broken link to {left / 'gone.mp4'}): not read",
+        "c04.mp4": "cannot read: Permission denied",
+        "c05.mkv": "5.0 GiB, larger than ESSP ingests (4 GiB, read whole into memory): not read",
+        "c06.mp4": "not a video: no container format recognised (text: an HLS/M3U playlist, 45 bytes; ESSP opens "
+                   "MP4/MOV, AVI, Matroska/WebM, MPEG-TS, MPEG-PS, MPEG video, FLV, ASF/WMV, Ogg, raw H.264, "
+                   "raw H.265)",
+    }
+    assert len(manifest.videos) == 12 and manifest.classes == ["TranslateLeft", "TranslateRight", "TranslateUp"]

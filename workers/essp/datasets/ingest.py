@@ -34,6 +34,9 @@ SPLIT_LIST_DIRS = (".", "ucfTrainTestlist")
 # UCF-101's three official splits hold out groups 1-7, 8-14 and 15-21 as the test set.
 UCF_TEST_GROUPS = {1: range(1, 8), 2: range(8, 15), 3: range(15, 22)}
 HASH_TEST_FRACTION = 0.3
+# A video is read whole into memory (to hash, probe and upload it), as a decode worker later fetches it: a larger
+# file is quarantined unread.
+MAX_VIDEO_BYTES = 4 * 2**30
 _GROUP = re.compile(r"_g(\d+)_", re.IGNORECASE)
 
 Progress = Callable[[int, int, str], None]
@@ -104,11 +107,13 @@ def _video_files(root: Path, classes: list[str] | None) -> tuple[list[str], list
     folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
                      and d.name not in SPLIT_LIST_DIRS and inside(d, f"{d.name}/"))
 
-    def videos(folder: Path) -> list[Path]:
-        return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in VIDEO_EXTENSIONS)
+    def videos(folder: Path, files_only: bool = False) -> list[Path]:
+        """Entries named like videos: a folder, FIFO or broken link among them is quarantined, not skipped."""
+        return sorted(f for f in folder.iterdir() if f.suffix.lower() in VIDEO_EXTENSIONS and not f.name.startswith(".")
+                      and (f.is_file() or not files_only))
 
     if classes is None:
-        classes = [d.name for d in folders if videos(d)]
+        classes = [d.name for d in folders if videos(d, files_only=True)]
     canonical = {c.lower(): c for c in classes}
     files: list[_File] = []
     orphans: list[QuarantinedVideo] = []
@@ -123,7 +128,7 @@ def _video_files(root: Path, classes: list[str] | None) -> tuple[list[str], list
                                                 reason=f"class folder {folder.name!r} is not in classInd.txt"))
             else:
                 files.append(_File(rel, class_name, path))
-    for path in videos(root):
+    for path in videos(root, files_only=True):  # a folder named like a video there is a class folder
         if inside(path, path.name):
             orphans.append(QuarantinedVideo(uri=path.resolve().as_uri(), path=path.name, stage="ingest",
                                             reason="not in a class folder (expected <root>/<Class>/<video>)"))
@@ -258,10 +263,18 @@ def _ingest_file(store: ObjectStore, bucket: str, prefix: str, file: _File, labe
         return QuarantinedVideo(uri=file.path.resolve().as_uri(), path=file.rel, reason=reason,
                                 class_name=file.class_name, stage="ingest"), False
 
+    if not file.path.is_file():
+        return bad(f"not a regular file ({_kind(file.path)}): not read")
     try:
+        size = file.path.stat().st_size
+        if size > MAX_VIDEO_BYTES:
+            return bad(f"{size / 2**30:.1f} GiB, larger than ESSP ingests ({MAX_VIDEO_BYTES / 2**30:.0f} GiB, read "
+                       "whole into memory): not read")
         data = file.path.read_bytes()
     except OSError as exc:
         return bad(f"cannot read: {exc.strerror or exc}")
+    except Exception as exc:  # noqa: BLE001 - one file's surprise must not end the ingest
+        return bad(f"cannot read: {type(exc).__name__}: {exc}")
     try:
         info = probe_video(data, file.rel)
     except VideoError as exc:
@@ -272,6 +285,20 @@ def _ingest_file(store: ObjectStore, bucket: str, prefix: str, file: _File, labe
     key = f"{prefix}/{file.rel}"
     uploaded, etag = _upload(store, bucket, key, data, digest)
     return manifest_video(file.rel, str(S3Uri(bucket, key)), file.class_name, label, info, digest, etag), uploaded
+
+
+def _kind(path: Path) -> str:
+    if path.is_symlink() and not path.exists():
+        return f"a broken link to {os.readlink(path)}"
+    if path.is_dir():
+        return "a directory"
+    if path.is_fifo():
+        return "a FIFO"
+    if path.is_socket():
+        return "a socket"
+    if path.is_block_device() or path.is_char_device():
+        return "a device"
+    return "missing" if not path.exists() else "not a file"
 
 
 def ingest_directory(settings: Settings, root: Path, name: str, *, split: int = 1, prefix: str | None = None,
