@@ -91,6 +91,10 @@ class Settings(BaseSettings):
     dags_folder: Path | None = Field(None, description="Airflow's DAG folder; unset: <project_dir>/dags.")
     plugins_folder: Path | None = Field(None, description="Airflow's plugin folder; unset: <project_dir>/plugins.")
 
+    pretrained_dirs: str = Field("", description=(
+        "Comma-separated folders a run's local `pretrained` file must be in; unset: <state_dir>/pretrained. "
+        "s3:// weights must be in the models bucket or a run's checkpoints."))
+
     # The streaming data plane.
     payload_ttl_s: int = Field(900, ge=10, description="Lifetime of frames and features in Redis.")
     max_inflight: int = Field(64, ge=1, description="Default bound on samples of one run in flight.")

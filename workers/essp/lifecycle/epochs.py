@@ -30,7 +30,7 @@ from essp.datasets.manifest import ManifestStore
 from essp.errors import EsspError
 from essp.lifecycle.params import RunParams, RunParamsError, parse_params
 from essp.settings import Settings
-from essp.training.artifacts import RunStore
+from essp.training.artifacts import PretrainedRefused, RunStore, check_pretrained
 
 Log = Callable[[str], None]
 
@@ -44,6 +44,11 @@ def load_run(settings: Settings, run: str) -> tuple[RunParams, dict[str, Any]]:
 def verify_manifest(settings: Settings, spec: RunParams) -> dict[str, Any]:
     """Check the params against the dataset's manifest and write ``spec.json`` to the run's folder in S3
     (the trainers read it there, as pods would); returns the run's facts."""
+    for stream, source in spec.pretrained.items():
+        try:
+            check_pretrained(source, settings)
+        except PretrainedRefused as exc:
+            raise RunParamsError(f"pretrained.{stream}: {exc}") from None
     store = ManifestStore(settings)
     manifest_uri = store.resolve(spec.dataset)
     manifest = store.load(manifest_uri)

@@ -88,8 +88,9 @@ class RunParams(OptimParams):
                                                             "the streams).")
     pretrained: dict[str, Annotated[str, Field(min_length=1)]] = knob(
         default_factory=dict, title="Pretrained weights", section="Model",
-        description="Per stream, a file or s3:// URI of weights to start from (torchvision state_dict or an ESSP "
-                    "checkpoint), e.g. {\"rgb\": \"s3://essp-models/resnet18-imagenet.pt\"}.")
+        description="Per stream, weights to start from (torchvision state_dict or an ESSP checkpoint): an s3:// URI "
+                    "in the models bucket or a run's checkpoints, or a file under ESSP_PRETRAINED_DIRS, e.g. "
+                    "{\"rgb\": \"s3://essp-models/resnet18-imagenet.pt\"}.")
     # -- Training (besides OptimParams)
     samples_per_epoch: int | None = knob(None, ge=1, le=MAX_SAMPLES_PER_EPOCH, title="Samples per epoch",
                                          section="Training",

@@ -15,8 +15,10 @@ Checkpoints travel as bytes (``torch.save`` into memory); nothing is written to 
 from __future__ import annotations
 
 import io
+import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +35,48 @@ class CheckpointPointerError(EsspError):
 
 class RunArtifactMissing(EsspError, FileNotFoundError):
     """A run's checkpoint, scores or report is not in S3."""
+
+
+class PretrainedRefused(EsspError, ValueError):
+    """A ``pretrained`` source outside the places weights may be loaded from."""
+
+
+_CHECKPOINT_KEY = re.compile(r"[A-Za-z0-9_-]+/checkpoints/[a-z][a-z0-9_]*/[A-Za-z0-9_.-]+\.pt")
+
+
+def pretrained_dirs(settings: Settings) -> list[Path]:
+    """The folders a local ``pretrained`` file must be in (``ESSP_PRETRAINED_DIRS``)."""
+    named = [Path(p.strip()).expanduser() for p in settings.pretrained_dirs.split(",") if p.strip()]
+    return [p.resolve() for p in named or [settings.state_dir / "pretrained"]]
+
+
+def check_pretrained(source: str, settings: Settings) -> str:
+    """``source`` if weights may be loaded from it: an object of the models bucket, one of a run's own
+    checkpoints (``s3://<bucket_runs>/<run>/checkpoints/<stream>/*.pt``, what a registered model points at),
+    or a file inside :func:`pretrained_dirs` (symlinks resolved first); else :class:`PretrainedRefused` saying
+    why. A run's params come from whoever can trigger a DAG: its weights must not come from anywhere."""
+    if source.startswith("s3://"):
+        try:
+            uri = S3Uri.parse(source)
+        except ValueError as exc:
+            raise PretrainedRefused(f"pretrained {source}: {exc}") from None
+        parts = uri.key.split("/")
+        if ".." in parts or "." in parts:
+            raise PretrainedRefused(f"pretrained {source}: a key with '.' or '..' segments is refused")
+        if uri.bucket == settings.bucket_models or (uri.bucket == settings.bucket_runs
+                                                    and _CHECKPOINT_KEY.fullmatch(uri.key)):
+            return source
+        raise PretrainedRefused(f"pretrained {source}: weights load only from the models bucket "
+                                f"(s3://{settings.bucket_models}/...) or a run's checkpoints "
+                                f"(s3://{settings.bucket_runs}/<run>/checkpoints/<stream>/<name>.pt)")
+    if "://" in source:
+        raise PretrainedRefused(f"pretrained {source}: neither an s3:// URI nor a local file")
+    path = Path(source).expanduser().resolve()
+    allowed = pretrained_dirs(settings)
+    if not any(path.is_relative_to(folder) for folder in allowed):
+        raise PretrainedRefused(f"pretrained {source}: a local file must be inside "
+                                f"{', '.join(map(str, allowed))} (ESSP_PRETRAINED_DIRS)")
+    return source
 
 
 @dataclass

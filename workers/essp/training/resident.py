@@ -37,7 +37,7 @@ from essp.dataplane.consumer import EpochStalled, SampleStream, StreamClosed
 from essp.dataplane.resident import ResidentProcess
 from essp.errors import EsspError, ServiceUnavailable
 from essp.settings import Settings
-from essp.training.artifacts import RunStore
+from essp.training.artifacts import RunStore, check_pretrained
 from essp.training.params import TrainParams
 from essp.training.trainer import StreamTrainer
 
@@ -150,6 +150,8 @@ class TrainWorker(ResidentProcess):
     def serve(self, *, install_signals: bool = True) -> dict[str, Any]:
         """Train requested epochs until stopped. Returns the last state."""
         spec = self.spec
+        if spec.params.pretrained:  # verify_manifest checked it too; spec.json is read back from S3
+            check_pretrained(spec.params.pretrained, self.settings)
         self.trainer = StreamTrainer(spec.stream, num_classes=spec.num_classes, length=spec.length,
                                      params=spec.params, settings=self.settings)
         self._control_group = None
