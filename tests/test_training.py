@@ -130,6 +130,51 @@ def test_predict_uses_the_production_model_and_names_bad_videos(trained):
     json.dumps(result)
 
 
+def test_essp_predict_scores_a_folder_and_reports_each_bad_video(trained, tmp_path):
+    """`essp predict DIR`: every video in the folder, the good ones scored, a corrupt, an empty and a
+    truncated one each reported with its reason, exit code 2."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    settings, manifest, _, _, _, _, root = trained
+    folder = tmp_path / "incoming"
+    (folder / "more").mkdir(parents=True)
+    good = sorted(root.rglob("*.mp4"))[:3]
+    for i, path in enumerate(good):
+        shutil.copy(path, folder / ("more" if i == 2 else ".") / f"good{i}.mp4")
+    data = good[0].read_bytes()
+    (folder / "corrupt.mp4").write_bytes(bytes(range(256)) * 20)
+    (folder / "empty.avi").write_bytes(b"")
+    (folder / "truncated.mp4").write_bytes(data[:len(data) // 2])
+    (folder / "notes.txt").write_text("not a video: not looked at")
+    essp = str(Path(sys.executable).parent / "essp")
+    done = subprocess.run([essp, "predict", str(folder), "--registry", "e2e", "--top", "2", "--json"],
+                          env={**os.environ, **settings.as_env()}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stdout + done.stderr
+    result = json.loads(done.stdout)
+    videos = {Path(v["video"]).relative_to(folder).as_posix(): v for v in result["videos"]}
+    assert sorted(videos) == ["corrupt.mp4", "empty.avi", "good0.mp4", "good1.mp4", "more/good2.mp4", "truncated.mp4"]
+    for name in ("good0.mp4", "good1.mp4", "more/good2.mp4"):
+        assert "error" not in videos[name]
+        assert [c["class"] in manifest.classes for c in videos[name]["top"]] == [True, True]
+    assert videos["corrupt.mp4"]["error"] == (f"video {folder / 'corrupt.mp4'}: not a video: no container format "
+                                              "recognised (binary data, 5120 bytes; ESSP opens MP4/MOV, AVI, "
+                                              "Matroska/WebM, MPEG-TS, MPEG-PS, MPEG video, FLV, ASF/WMV, Ogg, raw "
+                                              "H.264, raw H.265)")
+    assert videos["empty.avi"]["error"] == f"video {folder / 'empty.avi'}: empty file (0 bytes)"
+    assert videos["truncated.mp4"]["error"].startswith(f"video {folder / 'truncated.mp4'}: truncated: ")
+    wide = {**os.environ, **settings.as_env(), "COLUMNS": "400"}  # rich wraps at 80 columns without a terminal
+    table = subprocess.run([essp, "predict", str(folder), "--registry", "e2e"], env=wide, capture_output=True,
+                           text=True, timeout=600)
+    assert table.returncode == 2 and "3 of 6 videos failed" in table.stdout, table.stdout + table.stderr
+    missing = subprocess.run([essp, "predict", str(tmp_path / "nowhere")], env=wide, capture_output=True, text=True,
+                             timeout=120)
+    assert missing.returncode == 2 and "no such file or folder" in missing.stderr
+
+
 @pytest.mark.parametrize("values, named", [
     ({"fusion": "median"}, "fusion"),
     ({"fusion": "weighted"}, "fusion_weights"),

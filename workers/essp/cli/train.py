@@ -6,11 +6,11 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from essp.cli.dataplane import Verbose, WorkerId, _logging, exit_served, supervise, worker_app
 from essp.cli.options import given_values, with_model_options
@@ -103,7 +103,7 @@ def train_cmd(
 
 
 def predict_cmd(
-    videos: Annotated[list[str], typer.Argument(help="Video files or s3:// URIs.")],
+    videos: Annotated[list[str], typer.Argument(help="Video files, folders of videos, or s3:// URIs.")],
     registry: Annotated[str | None, typer.Option(help="Model registry (default: the only one with a production "
                                                        "model; a run registers under its dataset's name).")] = None,
     version: Annotated[int | None, typer.Option(help="Model version (default: production).")] = None,
@@ -112,33 +112,30 @@ def predict_cmd(
     snippets: Annotated[int | None, typer.Option(min=1, help="Snippets per video (default: the run's).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Score videos with the production models and fusion; print the top classes with scores."""
-    from essp.lifecycle.predict import predict_videos
+    """Score videos with the production models and fusion; print the top classes with scores. Each video that
+    cannot be read, probed or decoded is reported with the reason, the others are scored; the exit code is 2
+    when any failed."""
+    from essp.lifecycle.predict import PredictionError, predict_videos, read_videos
 
-    sources: list[tuple[str, bytes]] = []
     settings = Settings()
-    for name in videos:
-        if name.startswith("s3://"):
-            from essp.clients.s3 import ObjectStore, S3Uri
-
-            uri = S3Uri.parse(name)
-            sources.append((name, ObjectStore(settings).get_bytes(uri.bucket, uri.key)))
-        else:
-            path = Path(name)
-            if not path.is_file():
-                raise typer.BadParameter(f"video {name}: no such file", param_hint="VIDEOS")
-            sources.append((name, path.read_bytes()))
+    try:
+        sources = read_videos(settings, videos)
+    except PredictionError as exc:
+        raise typer.BadParameter(str(exc), param_hint="VIDEOS") from None
     result = predict_videos(settings, sources, registry=registry, version=version, fusion=fusion, top=top,
                             snippets=snippets)
+    failed = [item for item in result["videos"] if "error" in item]
     if as_json:
         out.print_json(json.dumps(result))
-        return
-    out.print(f"model {result['registry']} v{result['version']} (run {result['run']}), fusion {result['fusion']}")
-    for item in result["videos"]:
-        if "error" in item:
-            out.print(f"[red]{item['video']}: {item['error']}[/red]")
-            continue
-        ranked = ", ".join(f"{c['class']} {c['score']:.3f}" for c in item["top"])
-        out.print(f"{item['video']}: {ranked}")
-    if any("error" in item for item in result["videos"]):
+    else:
+        out.print(f"model {result['registry']} v{result['version']} (run {result['run']}), fusion {result['fusion']}")
+        for item in result["videos"]:
+            if "error" in item:
+                out.print(f"[red]{escape(item['error'])}[/red]")  # the error names the video
+                continue
+            ranked = ", ".join(f"{c['class']} {c['score']:.3f}" for c in item["top"])
+            out.print(f"{escape(item['video'])}: {ranked}")
+        if failed:
+            out.print(f"{len(failed)} of {len(result['videos'])} videos failed")
+    if failed:
         sys.exit(2)

@@ -3,7 +3,8 @@
 :func:`predict_videos` is what `essp predict` runs: videos given as bytes are probed, decoded and
 turned into features in this process with the workers' own code (nothing on disk), scored by each
 stream's checkpoint and fused with the registered strategy (or a fixed one given instead). A video
-that cannot be read gets an error naming it and the cause; the others are still scored.
+that cannot be read, probed or decoded gets an error naming it and the cause; the others are still
+scored. :func:`read_videos` reads what `essp predict` is given: files, folders of videos, s3:// URIs.
 :func:`predict_prefix` is the `essp_predict` DAG's work: every video under a prefix, predictions to S3.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -90,34 +92,89 @@ def load_fuser(settings: Settings, model: ModelVersion, strategy: str | None) ->
     return strategy, make_fuser(strategy, weights=weights, num_classes=len(model.class_names))
 
 
-def predict_videos(settings: Settings, sources: list[tuple[str, bytes]], *, registry: str | None = None,
+def read_videos(settings: Settings, names: list[str]) -> list[tuple[str, bytes | VideoError]]:
+    """The videos `essp predict` is given, in order: a file, every video file under a folder (by their video
+    extensions, sorted), an s3:// object. One that cannot be read comes with the error saying why."""
+    from essp.datasets.ingest import MAX_VIDEO_BYTES, VIDEO_EXTENSIONS
+
+    sources: list[tuple[str, bytes | VideoError]] = []
+    for name in names:
+        if name.startswith("s3://"):
+            location = S3Uri.parse(name)
+            try:
+                sources.append((name, ObjectStore(settings).get_bytes(location.bucket, location.key)))
+            except ObjectNotFound:
+                sources.append((name, VideoError(name, "no such object")))
+            continue
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not found:
+                raise PredictionError(f"predict: no video (extensions {', '.join(sorted(VIDEO_EXTENSIONS))}) in "
+                                      f"folder {name}")
+            sources += [(str(p), _read(p, MAX_VIDEO_BYTES)) for p in found]
+        elif not path.exists() and not path.is_symlink():
+            raise PredictionError(f"video {name}: no such file or folder")
+        else:
+            sources.append((name, _read(path, MAX_VIDEO_BYTES)))
+    return sources
+
+
+def _read(path: Path, limit: int) -> bytes | VideoError:
+    if not path.is_file():
+        return VideoError(str(path), "not a regular file (a folder, a FIFO or a broken link): not read")
+    try:
+        if path.stat().st_size > limit:
+            return VideoError(str(path), f"{path.stat().st_size / 2**30:.1f} GiB, larger than ESSP reads "
+                                         f"({limit / 2**30:.0f} GiB)")
+        return path.read_bytes()
+    except OSError as exc:
+        return VideoError(str(path), f"cannot read: {exc.strerror or exc}")
+
+
+def predict_videos(settings: Settings, sources: list[tuple[str, bytes | VideoError]], *, registry: str | None = None,
                    version: int | None = None, fusion: str | None = None, top: int = 3,
                    snippets: int | None = None) -> dict[str, Any]:
-    """Top classes of each video (name, bytes) with the registered model; see the module's doc."""
+    """Top classes of each video (name, bytes; or name, the error reading it) with the registered model; see
+    the module's doc."""
     registry = resolve_registry(settings, registry)
     model = resolve_model(settings, registry, version)
     spec: RunParams = parse_params(model.params)
     strategy, fuser = load_fuser(settings, model, fusion)
     nets = load_models(settings, model)
     results: list[dict[str, Any]] = [{"video": name} for name, _ in sources]
-    usable: list[tuple[ScoredVideo, bytes]] = []
+    usable: dict[str, tuple[ScoredVideo, bytes]] = {}
     index: dict[str, int] = {}
     for i, (name, data) in enumerate(sources):
         try:
+            if isinstance(data, VideoError):
+                raise data
             info = probe_video(data, name)
             if info.frames < spec.length + 1:
                 raise VideoError(name, f"{info.frames} frames, fewer than the {spec.length + 1} of one stack")
         except VideoError as exc:
             results[i]["error"] = str(exc)
             continue
+        except Exception as exc:  # noqa: BLE001 - one video's surprise (a decoder's own error) must not end the rest
+            results[i]["error"] = f"video {name}: probe failed: {type(exc).__name__}: {exc}"
+            continue
         uri = f"mem://{hashlib.sha256(data).hexdigest()[:16]}/{i}"
-        usable.append((ScoredVideo(id=f"{i:05d}", uri=uri, label=0, frames=info.frames), data))
+        usable[uri] = (ScoredVideo(id=f"{i:05d}", uri=uri, label=0, frames=info.frames), data)
         index[f"{i:05d}"] = i
-    if usable:
-        with torch.no_grad():
-            scores, _ = score_local(nets, usable, features={s: dict(spec.stream(s).options) for s in nets},
-                                    length=spec.length, height=spec.size, width=spec.size,
-                                    snippets=snippets or spec.snippets)
+    scores = None
+    while usable and scores is None:
+        try:
+            with torch.no_grad():
+                scores, _ = score_local(nets, list(usable.values()), snippets=snippets or spec.snippets,
+                                        features={s: dict(spec.stream(s).options) for s in nets},
+                                        length=spec.length, height=spec.size, width=spec.size)
+        except VideoError as exc:  # a video that probed fine but does not decode: the others are scored
+            if exc.video not in usable:
+                raise
+            i = index[usable.pop(exc.video)[0].id]
+            results[i]["error"] = str(exc).replace(exc.video, sources[i][0], 1)
+    if scores is not None:
         view = stream_scores(scores)
         fused = fuser.predict(view)
         for row, video_id in enumerate(view.video_ids):
