@@ -92,6 +92,20 @@ class PrivateStack:
         time.sleep(down_s)
         self.start(name)
 
+    def scoped(self, **updates: object) -> Settings:
+        """Settings on the same private services under a prefix of their own (a second fleet that must
+        not share its consumer groups with the module's), with ``updates``."""
+        tag = "f" + uuid.uuid4().hex[:10]
+        settings = isolated_settings(self.settings.model_copy(update=updates), tag)
+        topics = Topics(tag)
+        ensure_topics(settings, [topics.control, topics.events, topics.dead])
+        return settings
+
+    def redis_pid(self) -> int:
+        record = self.stack.table.record("redis")
+        assert record is not None, "the private Redis is not running"
+        return record.pid
+
     def close(self) -> None:
         for name in ("kafka", "redis", "s3"):
             table = LocalStack(self.broker_settings).table if name == "kafka" else self.stack.table

@@ -13,6 +13,7 @@ import time
 import pytest
 from faultkit import FLOW, SIZE, Fleet, L, PrivateStack, assert_sound, every, run_epoch
 
+from essp.clients.redis import redis_client
 from essp.dataplane.consumer import SampleStream
 from essp.dataplane.plan import plan_epoch, publish_plan
 from essp.dataplane.resident import RunControl, publish_control
@@ -133,3 +134,68 @@ def test_a_worker_stopped_past_its_lease_is_fenced_when_it_resumes(faulty):
     # in the middle of may be announced once more when it resumes; nothing beyond that.
     assert result.tallies["flow"].duplicates_dropped <= 3 * 8, result.rows()
     assert all(w.alive() for w in fleet.workers.values())
+
+
+def _deny(stack, command: str, seconds: float) -> None:  # noqa: ANN001
+    """Redis refuses ``command`` to ESSP for a while (an ACL change: NOPERM, a ResponseError the workers
+    do not know), then allows it again."""
+    client = redis_client(stack.settings)
+    client.acl_setuser("default", enabled=True, reset_keys=False, commands=[f"-{command}"])
+    try:
+        time.sleep(seconds)
+    finally:
+        client.acl_setuser("default", enabled=True, reset_keys=False, commands=[f"+{command}"])
+
+
+def test_an_unknown_redis_error_is_retried_then_dead_lettered_by_sample(faulty):
+    stack, manifest, fleet = faulty
+    denied = []
+
+    def refuse_set(stop: threading.Event) -> None:
+        time.sleep(1.5)
+        denied.append(time.monotonic())
+        _deny(stack, "set", 12.0)  # longer than a record's retries: its samples are given up, by name
+
+    result = run_epoch(stack.settings, manifest, "unknown-error", samples=160, during=refuse_set, features=FLOW,
+                       consume_delay=0.03)
+    report("unknown-error", result)
+    assert denied
+    assert_sound(result)  # includes: every dead letter names its sample, run and epoch
+    flow = result.tallies["flow"]
+    assert flow.dead > 0, "nothing was given up: the fault did not hit a record"
+    reasons = {letter.reason for letter in result.letters}
+    assert all("no permissions" in r and "failed 3 times" in r for r in reasons), reasons
+
+
+def test_a_brief_unknown_redis_error_is_ridden_out(faulty):
+    stack, manifest, fleet = faulty
+
+    def refuse_set(stop: threading.Event) -> None:
+        time.sleep(1.5)
+        _deny(stack, "set", 0.6)  # shorter than a record's retries (0.5 s, then 1 s)
+
+    result = run_epoch(stack.settings, manifest, "brief-error", samples=120, during=refuse_set, features=FLOW,
+                       consume_delay=0.03)
+    report("brief-error", result)
+    assert_sound(result)
+    assert result.tallies["flow"].dead == 0, [letter.reason for letter in result.letters]
+
+
+def test_an_extractor_error_dead_letters_that_sample_for_that_stream_only(faulty):
+    stack, manifest, _ = faulty
+    import fault_extractors  # noqa: F401 - registers "flaky" here (the planner checks the streams)
+
+    settings = stack.scoped(extractor_modules="fault_extractors")
+    fleet = Fleet(settings, stack.settings.state_dir / "flaky-workers")
+    os.environ["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])
+    try:
+        fleet.start("decode", "flaky", "rgb")
+        result = run_epoch(settings, manifest, "flaky", samples=64, features={"rgb": {}, "flaky": {}})
+    finally:
+        fleet.stop()
+    report("extractor-error", result)
+    assert_sound(result)
+    assert result.tallies["flaky"].dead > 0 and result.tallies["rgb"].dead == 0
+    assert result.tallies["rgb"].delivered == 64
+    for letter in result.letters:
+        assert letter.stream == "flaky" and "extractor flaky failed" in letter.reason, letter.reason

@@ -196,3 +196,26 @@ def test_a_redo_of_a_consumed_sample_gives_back_the_slot_it_took(store):
     assert store.take("rgb", "s2").status == "taken"
     assert store.put_frames("s2", frames(), STREAMS) == 1
     assert store.inflight() == 1
+
+
+def test_a_feature_that_expired_while_another_stream_went_on_is_made_again(store, settings):
+    # rgb far behind flow: flow consumed the sample, rgb's feature expired. The consumer finds it lost
+    # and asks for a redo; the redo must store the frames again for rgb (not see "extracted" and store
+    # nothing: the sample would never arrive).
+    from essp.clients.redis import redis_client
+
+    assert store.acquire("s1", limit=4)
+    assert store.put_frames("s1", frames(), STREAMS) == 2
+    store.put_feature("rgb", "s1", np.zeros((3, 8, 8), np.uint8))
+    store.put_feature("flow", "s1", np.zeros((4, 8, 8), np.uint8))
+    assert store.take("flow", "s1").status == "taken"
+    redis_client(settings).delete(store.feature_key("rgb", "s1"))  # expired
+    assert store.take("rgb", "s1").status == "lost"
+    assert store.put_frames("s1", frames(), STREAMS) == 1  # the redo: rgb needs the frames again
+    assert store.stream_state("s1", "flow") == CONSUMED
+    assert store.put_feature("rgb", "s1", np.ones((3, 8, 8), np.uint8)) == TO_EXTRACT
+    taken = store.take("rgb", "s1")
+    assert taken.status == "taken" and int(taken.array.max()) == 1
+    assert store.inflight() == 0
+    # Progress outlives payloads: the state's TTL is four times theirs.
+    assert redis_client(settings).ttl(store.state_key("s1")) > 3 * 60

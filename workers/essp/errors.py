@@ -17,6 +17,16 @@ class ServiceUnavailable(EsspError):
         super().__init__(f"{service} at {address} is not reachable: {cause} ({hint})")
 
 
+class ServiceSaturated(ServiceUnavailable):
+    """A service that answers but refuses more data for now (Redis at its ``maxmemory``): callers that
+    ride out an outage wait on this too (back-pressure), with a message that says why."""
+
+    def __init__(self, service: str, address: str, cause: object, hint: str) -> None:
+        self.service = service
+        self.address = address
+        EsspError.__init__(self, f"{service} at {address} is full: {cause} ({hint})")
+
+
 class MalformedMessage(EsspError):
     """A Kafka message that does not match the schema its topic promises."""
 

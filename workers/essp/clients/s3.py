@@ -152,6 +152,9 @@ class ObjectStore:
     def get_json(self, bucket: str, key: str) -> Any:
         return json.loads(self.get_bytes(bucket, key))
 
+    def bucket_exists(self, bucket: str) -> bool:
+        return bool(self._call(f"s3://{bucket}", self.client.bucket_exists, bucket))
+
     def exists(self, bucket: str, key: str) -> bool:
         try:
             self._call(f"s3://{bucket}/{key}", self.client.stat_object, bucket, key)

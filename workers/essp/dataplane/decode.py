@@ -28,9 +28,10 @@ from essp.clients.redis import redis_client
 from essp.clients.s3 import ObjectNotFound, ObjectStore, S3Uri
 from essp.contract import DecodeChunk, DecodeJob, FramesReady, Message
 from essp.dataplane.extractors import MixedFrames, frames_layout
-from essp.dataplane.payloads import SampleStore
+from essp.dataplane.payloads import TO_EXTRACT, SampleStore
 from essp.dataplane.resident import ResidentWorker, WorkInterrupted
 from essp.datasets.video import VideoError, decode_segment
+from essp.errors import ServiceUnavailable
 from essp.settings import Settings
 
 log = logging.getLogger("essp.decode")
@@ -97,6 +98,7 @@ def stack_format(job: DecodeJob) -> str:
 class DecodeWorker(ResidentWorker):
     kind = "decode"
     family: ClassVar[str] = "decode"
+    NOT_FOUND_RETRIES_S: ClassVar[tuple[float, ...]] = (1.0, 3.0)  # reads again before a video is "missing"
 
     def __init__(self, settings: Settings, **kwargs) -> None:  # noqa: ANN003
         super().__init__(settings, **kwargs)
@@ -125,6 +127,21 @@ class DecodeWorker(ResidentWorker):
         for job in chunk.jobs:
             self.store(run).abandon(job.sample_id, list(job.features))
 
+    def give_up(self, received: Received, reason: str, *, run: str | None) -> None:
+        """Every sample of the chunk that no stream has taken yet is dead-lettered by name and abandoned
+        (its slot freed); one a stream already took or extracted goes on (it is not lost)."""
+        chunk = received.message
+        assert isinstance(chunk, DecodeChunk)
+        store = self.store(chunk.run)
+        for job in chunk.jobs:
+            streams = list(job.features)
+            states = [store.stream_state(job.sample_id, s) for s in streams]
+            if any(state is not None and state != TO_EXTRACT for state in states):
+                continue
+            store.abandon(job.sample_id, streams)
+            self.dead_letter(received, reason, run=job.run, epoch=job.epoch, sample_id=job.sample_id,
+                             video=job.video, payload=job)
+
     def handle(self, received: Received) -> None:
         chunk = received.message
         assert isinstance(chunk, DecodeChunk)
@@ -138,15 +155,41 @@ class DecodeWorker(ResidentWorker):
             decoded = [(job, frames) for job in batch if (frames := self._decode(received, job, store)) is not None]
             self._store_and_announce(store, decoded)
 
+    def _fetch(self, video: str) -> bytes:
+        """The video's bytes; :class:`ObjectNotFound` only when it is really gone. An S3 server that is
+        starting answers "not found" for a while (its filer not loaded yet): a missing bucket is an S3
+        outage (retried by the caller), and a missing key is read again before the video is given up."""
+        for wait_s in self.NOT_FOUND_RETRIES_S:
+            try:
+                return self.cache.get(video)  # S3 on a miss: the plane's cost, not decode work
+            except ObjectNotFound as exc:
+                location = S3Uri.parse(video)
+                if not self.cache.store.bucket_exists(location.bucket):
+                    raise ServiceUnavailable("S3", self.settings.s3_url, f"bucket {location.bucket} not found "
+                                             f"({exc})", "S3 starting, or the wrong endpoint") from None
+                log.info("%s not found; reading it again in %.1fs before giving it up", video, wait_s)
+                if self.stopping.wait(wait_s):
+                    raise WorkInterrupted(f"stopping while {video} was read again") from None
+        return self.cache.get(video)
+
     def _decode(self, received: Received, job: DecodeJob, store: SampleStore):  # noqa: ANN202
         stats: dict[str, int] = {}
         started = None
         try:
-            data = self.cache.get(job.video)  # S3 on a miss: the plane's cost, not decode work
+            data = self._fetch(job.video)
             started = time.thread_time()
             frames = decode_frames_for(data, job, stats)
         except (VideoError, ObjectNotFound) as exc:
             self._fail(received, job, store, str(exc))
+            return None
+        except (ServiceUnavailable, WorkInterrupted):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the decoder's own error on this video: this sample only
+            if started is None:
+                raise  # S3 answered with an error (403, ...): the chunk is retried, then dead-lettered
+            self._fail(received, job, store, f"video {job.video}: the decoder failed on frames {job.offset}.."
+                                             f"{job.offset + job.length}: {type(exc).__name__}: {exc}",
+                       quarantine=False)
             return None
         finally:
             if started is not None:  # the work counter: CPU of this thread inside the decode itself
@@ -187,10 +230,13 @@ class DecodeWorker(ResidentWorker):
             self.count("waited_s", time.monotonic() - started)
         return granted
 
-    def _fail(self, received: Received, job: DecodeJob, store: SampleStore, reason: str) -> None:
+    def _fail(self, received: Received, job: DecodeJob, store: SampleStore, reason: str, *,
+              quarantine: bool = True) -> None:
+        """Dead-letter one sample; ``quarantine``: the video itself is bad (the next epochs leave it out)."""
         log.warning("sample %s of run %s: %s", job.sample_id, job.run, reason)
         self.count("failures")
-        redis_client(self.settings).hset(self.keys.quarantine(job.run), job.video, reason)
+        if quarantine:
+            store._call(redis_client(self.settings).hset, self.keys.quarantine(job.run), job.video, reason)
         store.abandon(job.sample_id, list(job.features))
         self.dead_letter(received, reason, run=job.run, epoch=job.epoch, sample_id=job.sample_id,
                          video=job.video, payload=job)

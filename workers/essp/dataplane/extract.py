@@ -60,6 +60,20 @@ class ExtractWorker(ResidentWorker):
             self._extractors[key] = create_extractor(self.kind, options)
         return self._extractors[key]
 
+    def give_up(self, received: Received, reason: str, *, run: str | None) -> None:
+        """Every sample of the notice still to extract for this stream is dead-lettered by name for this
+        stream and abandoned for it; the other streams of the sample go on."""
+        notice = received.message
+        assert isinstance(notice, FramesReady)
+        mine = [job for job in notice.jobs if self.kind in job.features]
+        store = self.store(notice.run)
+        for job, state in zip(mine, store.stream_states([job.sample_id for job in mine], self.kind), strict=True):
+            if state in (EXTRACTED, CONSUMED):
+                continue
+            store.abandon(job.sample_id, list(job.features), stream=self.kind)
+            self.dead_letter(received, reason, run=job.run, epoch=job.epoch, sample_id=job.sample_id,
+                             video=job.video, stream=self.kind, payload=job)
+
     def handle(self, received: Received) -> None:
         notice = received.message
         assert isinstance(notice, FramesReady)

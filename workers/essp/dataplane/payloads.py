@@ -21,7 +21,8 @@ The run's ``inflight`` sorted set holds the samples between decode and consumpti
 adds its samples before it decodes them and waits while the set is full (:meth:`SampleStore.acquire_many`);
 the consumer removes a sample when the last of its streams is taken. Entries older than the payload TTL
 are dropped, since their payloads have expired anyway. Every key has the TTL, so an abandoned run cleans
-itself up.
+itself up; a sample's state lives four times as long as its payloads, so that a stream far behind another
+still finds what the others did when its own payload has expired (it is redone for that stream only).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import redis
 from essp.clients.redis import redis_client
 from essp.contract import RedisKeys
 from essp.dataplane.extractors import MixedFrames
-from essp.errors import ServiceUnavailable
+from essp.errors import ServiceSaturated, ServiceUnavailable
 from essp.settings import Settings
 
 TO_EXTRACT, EXTRACTED, CONSUMED = 0, 1, 2
@@ -62,7 +63,7 @@ for i = 3, #ARGV do
   if st ~= '2' then live = live + 1 end
 end
 redis.call('HSET', KEYS[1], 'streams', table.concat(ARGV, ',', 3))
-redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('EXPIRE', KEYS[1], ttl * 4)
 if live == 0 then redis.call('ZREM', KEYS[2], ARGV[2]) end
 return todo
 """
@@ -80,7 +81,7 @@ if st == '2' then
   return 2
 end
 redis.call('HSET', KEYS[2], field, 1)
-redis.call('EXPIRE', KEYS[2], ttl)
+redis.call('EXPIRE', KEYS[2], ttl * 4)
 local streams = redis.call('HGET', KEYS[2], 'streams') or ''
 local todo = 0
 for s in string.gmatch(streams, '[^,]+') do
@@ -94,11 +95,17 @@ return tonumber(st)
 # KEYS: feature, state, inflight, frames. ARGV: stream, sample_id.
 # Runs right after the GET of the feature (same MULTI): deletes it, marks the stream consumed, and frees
 # the in-flight slot when every stream of the sample is consumed. Returns 1 = taken, 2 = already consumed
-# (a duplicate notice), 0 = lost (no payload and not consumed).
-_TAKE = """
+# (a duplicate notice), 0 = lost (no payload and not consumed: the stream goes back to "to extract";
+# found by the fault suite: an rgb feature that expired while flow had consumed kept its "extracted"
+# state, so its redo stored nothing and the sample never arrived).
+_TAKE = """#!lua flags=allow-oom
 local field = 'k:' .. ARGV[1]
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  if redis.call('HGET', KEYS[2], field) == '2' then return 2 end
+  local st = redis.call('HGET', KEYS[2], field)
+  if st == '2' then return 2 end
+  -- Lost (expired, or Redis restarted): back to "to extract", so that the redo the consumer asks for
+  -- stores frames again and this stream extracts anew (the other streams keep what they did).
+  if st then redis.call('HSET', KEYS[2], field, 0) end
   return 0
 end
 redis.call('DEL', KEYS[1])
@@ -142,10 +149,12 @@ if granted > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 return granted
 """
 
+# Taking and abandoning free memory: they run when Redis is at its maxmemory (allow-oom), or a full
+# Redis could never drain (the workers wait on it as back-pressure, see SampleStore._call).
 # KEYS: state, inflight, frames, feature... ARGV: sample_id, stream or '' (every stream), ttl.
 # A sample that will never reach its consumer (decode or extraction failed): mark the stream(s)
 # consumed, drop their payloads, and free the slot when nothing of the sample is left to consume.
-_ABANDON = """
+_ABANDON = """#!lua flags=allow-oom
 local streams = redis.call('HGET', KEYS[1], 'streams')
 if ARGV[2] ~= '' then
   redis.call('HSET', KEYS[1], 'k:' .. ARGV[2], 2)
@@ -165,7 +174,7 @@ if todo == 0 then redis.call('DEL', KEYS[3]) end
 if live == 0 then
   redis.call('ZREM', KEYS[2], ARGV[1])
 end
-redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]) * 4)
 return live
 """
 
@@ -275,11 +284,17 @@ class SampleStore:
         self._abandon = self.redis.register_script(_ABANDON)
 
     def _call(self, fn, *args, **kwargs):  # noqa: ANN001, ANN202
+        address = f"{self.settings.redis_host}:{self.settings.redis_port}"
         try:
             return fn(*args, **kwargs)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise ServiceUnavailable("Redis", f"{self.settings.redis_host}:{self.settings.redis_port}",
-                                     exc) from None
+            raise ServiceUnavailable("Redis", address, exc) from None
+        except redis.ResponseError as exc:
+            if "OOM" in str(exc):  # at maxmemory (noeviction): back-pressure, never a dropped payload
+                raise ServiceSaturated(
+                    "Redis", address, exc, "at its maxmemory: the workers wait until consumers free payloads; "
+                    "raise maxmemory (ESSP_REDIS_MAXMEMORY_MB for the local one) or lower max_inflight") from None
+            raise
 
     def _transaction(self, build) -> list:  # noqa: ANN001
         """Run the commands ``build(pipe)`` queues as one MULTI/EXEC (one round trip)."""

@@ -294,6 +294,7 @@ class ResidentWorker(ResidentProcess):
 
     family: ClassVar[str]  # decode | extract
     max_records: ClassVar[int] = 1  # chunks per poll: each is several samples of work
+    ATTEMPTS: ClassVar[int] = 3  # tries of a record that fails with an unknown error before give_up
 
     def __init__(self, settings: Settings, *, worker_id: str | None = None, run: str | None = None) -> None:
         super().__init__(settings, worker_id=worker_id or f"{self.kind}-{socket.gethostname()}-{os.getpid()}")
@@ -500,7 +501,7 @@ class ResidentWorker(ResidentProcess):
 
     def _handle_with_retry(self, received: Received) -> bool:
         """True when the message is finished with (processed, skipped or dead-lettered)."""
-        delay = 0.5
+        delay, attempts = 0.5, 0
         try:
             run: str | None = self.run_of(received)
         except ValueError:
@@ -524,7 +525,29 @@ class ResidentWorker(ResidentProcess):
                     return False
                 delay = min(delay * 2, 10.0)
             except Exception as exc:  # noqa: BLE001 - one bad message must not kill the worker
-                log.exception("job failed")
+                # An error of a kind the worker does not know (a Redis ResponseError, an S3 403, a bug):
+                # maybe transient, so tried again a few times; then every sample of the record is
+                # dead-lettered by name (give_up), so that the consumers account for them and free their
+                # slots, instead of one anonymous letter that nobody can match to a sample.
+                attempts += 1
                 self.count("failures")
-                self.dead_letter(received, f"{type(exc).__name__}: {exc}", run=run)
+                reason = f"{type(exc).__name__}: {exc}"
+                if attempts < self.ATTEMPTS:
+                    log.warning("job failed (attempt %d of %d), retrying in %.1fs: %s", attempts, self.ATTEMPTS,
+                                delay, reason)
+                    self.event("error", detail=reason)
+                    if self.stopping.wait(delay):
+                        return False
+                    delay = min(delay * 2, 10.0)
+                    continue
+                log.exception("job failed %d times, dead-lettered: %s", attempts, reason)
+                try:
+                    self.give_up(received, f"failed {attempts} times: {reason}", run=run)
+                except ServiceUnavailable as down:  # cannot even record it: read it again later
+                    log.warning("could not dead-letter the job (%s); it stays uncommitted", down)
+                    return False
                 return True
+
+    def give_up(self, received: Received, reason: str, *, run: str | None) -> None:
+        """Dead-letter a record that kept failing; subclasses name each of its samples."""
+        self.dead_letter(received, reason, run=run)
