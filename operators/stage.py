@@ -3,7 +3,8 @@
 The mode is the setting ``ESSP_STAGE_MODE`` (``local`` by default, ``kubernetes`` in production),
 read when the task runs; a DAG never changes between the two. Either way the stage gets its
 service settings from Airflow's ``essp_*`` connections (in Kubernetes, credentials come from the
-Secret ``ESSP_K8S_SECRET`` instead) and returns small JSON, which becomes the task's XCom.
+Secret ``ESSP_K8S_SECRET`` instead) and returns small JSON, which becomes the task's XCom (a pod writes it to
+S3 and the operator reads it from there: no XCom sidecar, no exec into the pod).
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ from kubernetes.client import models as k8s
 
 from essp.operators.hooks import EsspHook
 from essp.operators.links import WorkerLogsLink
-from essp.orchestration.stages import KUBERNETES_RESULT_FILE, RESULT_FILE_ENV, stage_name
+from essp.orchestration.stages import RESULT_FILE_ENV, kubernetes_result_uri, stage_name
 from essp.settings import Settings, worker_environ
 from essp.stack.services import venv_binary
 
 OUTPUT_TAIL_LINES = 40
 # Stages that call the Kubernetes API (essp.deploy.kube: scale the workers, clone and delete trainers): only
 # their pods get the service account's token.
+POD_NAME_ENV = "ESSP_POD_NAME"
 KUBE_API_STAGES = frozenset({"ensure-workers", "release-trainers", "release-workers"})
 
 
@@ -78,10 +80,9 @@ class EsspStageOperator(KubernetesPodOperator):
         kwargs.setdefault("security_context", k8s.V1PodSecurityContext(
             run_as_non_root=True, run_as_user=10001, run_as_group=10001, fs_group=10001,
             seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault")))
-        for field in ("container_security_context", "xcom_sidecar_container_security_context"):
-            kwargs.setdefault(field, k8s.V1SecurityContext(
-                allow_privilege_escalation=False, read_only_root_filesystem=True,
-                capabilities=k8s.V1Capabilities(drop=["ALL"])))
+        kwargs.setdefault("container_security_context", k8s.V1SecurityContext(
+            allow_privilege_escalation=False, read_only_root_filesystem=True,
+            capabilities=k8s.V1Capabilities(drop=["ALL"])))
         kwargs.setdefault("volumes", [k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit="1Gi"))])
         kwargs.setdefault("volume_mounts", [k8s.V1VolumeMount(name="tmp", mount_path="/tmp")])
         kwargs.setdefault("labels", {"app.kubernetes.io/part-of": "essp", "essp/stage": stage})
@@ -114,19 +115,49 @@ class EsspStageOperator(KubernetesPodOperator):
         self.arguments = self._arguments()
         settings = Settings()
         # Addresses (not credentials: those come from the Secret) from the connections when running.
-        env = {"ESSP_STAGE_MODE": "kubernetes", RESULT_FILE_ENV: KUBERNETES_RESULT_FILE, "HOME": "/tmp",
-               "ESSP_K8S_NAMESPACE": settings.k8s_namespace,
-               **({} if dry_run else EsspHook().env(include_secrets=False))}
+        addresses = {} if dry_run else EsspHook().env(include_secrets=False)
+        env = {"ESSP_STAGE_MODE": "kubernetes", "HOME": "/tmp", "ESSP_K8S_NAMESPACE": settings.k8s_namespace,
+               RESULT_FILE_ENV: kubernetes_result_uri(settings.with_env(addresses), f"$({POD_NAME_ENV})"),
+               **addresses}
         # A user's env_vars (a dict or V1EnvVar list) win over ours.
         own = convert_env_vars_or_raise_error(self.env_vars) if self.env_vars else []
         existing = {e.name for e in own}
-        self.env_vars = [*own, *(k8s.V1EnvVar(name=k, value=v) for k, v in sorted(env.items()) if k not in existing)]
-        return super().build_pod_request_obj(context, dry_run=dry_run)
+        pod_name = k8s.V1EnvVar(name=POD_NAME_ENV, value_from=k8s.V1EnvVarSource(
+            field_ref=k8s.V1ObjectFieldSelector(field_path="metadata.name")))  # before the result's $(...)
+        self.env_vars = [*own, pod_name,
+                         *(k8s.V1EnvVar(name=k, value=v) for k, v in sorted(env.items()) if k not in existing)]
+        # The result comes back through S3 (extract_xcom), not through an XCom sidecar read by exec.
+        push, self.do_xcom_push = self.do_xcom_push, False
+        try:
+            return super().build_pod_request_obj(context, dry_run=dry_run)
+        finally:
+            self.do_xcom_push = push
+
+    def extract_xcom(self, pod: k8s.V1Pod, **_kwargs: Any) -> dict[str, Any] | None:
+        """The stage's result, which its pod wrote to S3 (:func:`kubernetes_result_uri`), removed once read."""
+        from airflow.providers.cncf.kubernetes.utils.container import container_is_succeeded
+
+        from essp.clients.s3 import ObjectNotFound, ObjectStore, S3Uri
+
+        settings = EsspHook().settings()
+        uri = S3Uri.parse(kubernetes_result_uri(settings, pod.metadata.name))
+        store = ObjectStore(settings)
+        try:
+            result = store.get_json(uri.bucket, uri.key)
+        except ObjectNotFound:
+            if pod.status is not None and container_is_succeeded(pod, self.base_container_name):
+                raise AirflowException(f"stage {self.stage} exited 0 but wrote no result to {uri}") from None
+            return None  # a failed pod: its error is the task's
+        store.delete(uri.bucket, uri.key)
+        return result
 
     def execute(self, context: Any) -> Any:
         if self.dag_params:
             self.stage_params = {**self.stage_params, "params": dict(context["params"])}
         if self.resolved_mode() == "kubernetes":
+            if not self.deferrable:  # the synchronous path waits for an XCom sidecar, which these pods lack
+                raise AirflowException(f"{self.task_id}: EsspStageOperator runs its pod deferrable in Kubernetes "
+                                       "mode (deferrable=False is not supported)")
             return super().execute(context)
         return self.execute_local()
 

@@ -356,6 +356,7 @@ def test_rbac():
     assert rules[("apps", "deployments")] == {"get", "list", "watch", "create", "patch", "update", "delete"}
     assert rules[("apps", "deployments/scale")] == {"get", "patch", "update"}
     assert not any(r in ("secrets", "*") for _, r in rules), "the Role must not read Secrets"
+    assert not any(r in ("pods/exec", "pods/attach") for _, r in rules), "no commands in ESSP's pods"
     binding = find(objs, "RoleBinding", "essp-airflow")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "essp-airflow"}
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "essp-airflow", "namespace": NAMESPACE}]

@@ -46,12 +46,16 @@ def test_cpu_stage_renders_a_valid_pod_spec():
     assert pod.spec.service_account_name == "essp-airflow"
     assert op.deferrable is True
     env = {e.name: e.value for e in main.env}
-    assert env["ESSP_RESULT_FILE"] == "/airflow/xcom/return.json"
+    # the result goes to S3 under the pod's own name (the kubelet expands $(ESSP_POD_NAME), defined before it)
+    assert env["ESSP_RESULT_FILE"] == "s3://essp-runs/stage-results/$(ESSP_POD_NAME).json"
+    names = [e.name for e in main.env]
+    assert names.index("ESSP_POD_NAME") < names.index("ESSP_RESULT_FILE")
+    assert main.env[names.index("ESSP_POD_NAME")].value_from.field_ref.field_path == "metadata.name"
     assert env["ESSP_STAGE_MODE"] == "kubernetes"
     assert not any("SECRET" in name or "PASSWORD" in name for name in env)
     assert pod.spec.restart_policy == "Never"
-    # do_xcom_push adds the sidecar that returns the stage's JSON result.
-    assert any(c.name == "airflow-xcom-sidecar" for c in pod.spec.containers)
+    # no XCom sidecar (reading it takes pods/exec): one container
+    assert [c.name for c in pod.spec.containers] == ["base"] and op.do_xcom_push
 
 
 def test_gpu_stage_requests_a_gpu_on_the_gpu_image(monkeypatch):
@@ -88,6 +92,35 @@ def test_local_mode_failure_raises_with_the_stage_output(settings, monkeypatch, 
     op = EsspStageOperator(task_id="smoke_redis", mode="local")
     with pytest.raises(AirflowException, match=f"Redis at 127.0.0.1:{closed_port} is not reachable"):
         op.execute({})
+
+
+def test_a_pods_result_comes_back_through_s3_without_exec(settings, monkeypatch):
+    """What a stage pod does (run_stage with ESSP_RESULT_FILE=s3://...<pod>.json) and what the operator does
+    once the pod is done (extract_xcom reads and removes it), on the real S3; a failed pod's missing result
+    is None, a succeeded one's is an error."""
+    from essp.clients.s3 import ObjectNotFound, ObjectStore
+    from essp.orchestration.stages import kubernetes_result_uri, run_stage
+
+    for name, value in connection_env_vars(settings).items():
+        monkeypatch.setenv(name, value)
+    ObjectStore(settings).ensure_bucket(settings.bucket_runs)
+    pod_name = "essp-smoke-redis-abc123"
+    monkeypatch.setenv("ESSP_RESULT_FILE", kubernetes_result_uri(settings, pod_name))
+    written = run_stage("smoke-redis", settings, {"token": "pod"})
+    op = EsspStageOperator(task_id="smoke_redis")
+
+    def pod(phase: str, exit_code: int) -> k8s.V1Pod:
+        state = k8s.V1ContainerState(terminated=k8s.V1ContainerStateTerminated(exit_code=exit_code))
+        return k8s.V1Pod(metadata=k8s.V1ObjectMeta(name=pod_name), status=k8s.V1PodStatus(
+            phase=phase, container_statuses=[k8s.V1ContainerStatus(
+                name="base", state=state, image="i", image_id="i", ready=False, restart_count=0)]))
+
+    assert op.extract_xcom(pod("Succeeded", 0)) == written and written["service"] == "redis"
+    with pytest.raises(ObjectNotFound):  # read once, then removed
+        ObjectStore(settings).get_json(settings.bucket_runs, f"stage-results/{pod_name}.json")
+    assert op.extract_xcom(pod("Failed", 1)) is None
+    with pytest.raises(AirflowException, match="exited 0 but wrote no result"):
+        op.extract_xcom(pod("Succeeded", 0))
 
 
 def test_mode_comes_from_the_setting_and_bad_values_are_refused(monkeypatch):

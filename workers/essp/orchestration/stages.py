@@ -29,10 +29,17 @@ from essp.registry import Registry
 from essp.settings import Settings
 
 StageFn = Callable[..., dict[str, Any]]
-# Environment variable naming the file a stage writes its JSON result to. In Kubernetes mode it is
-# the file the XCom sidecar reads.
+# Environment variable naming where a stage writes its JSON result: a file (local mode), or in Kubernetes
+# mode an s3:// URI of the runs bucket named after the pod, which the operator reads back (no exec into the pod,
+# so the operator's Role needs no pods/exec).
 RESULT_FILE_ENV = "ESSP_RESULT_FILE"
-KUBERNETES_RESULT_FILE = "/airflow/xcom/return.json"
+KUBERNETES_RESULT_PREFIX = "stage-results"
+
+
+def kubernetes_result_uri(settings: Settings, pod_name: str) -> str:
+    """Where the stage pod ``pod_name`` writes its result (``pod_name`` may be ``$(ESSP_POD_NAME)``, which the
+    kubelet expands from the downward API)."""
+    return f"s3://{settings.bucket_runs}/{KUBERNETES_RESULT_PREFIX}/{pod_name}.json"
 # The modules whose import registers the stages, one per DAG (they import no torch: a stage that needs it
 # imports it when it runs, so a light stage starts in a fraction of a second).
 STAGE_MODULES = ("essp.orchestration.smoke", "essp.orchestration.train", "essp.orchestration.nightly",
@@ -99,7 +106,12 @@ def run_stage(name: str, settings: Settings, params: dict[str, Any]) -> dict[str
     result = fn(settings, **bind_params(name, fn, params))
     json.dumps(result)  # a stage result must be small JSON; fail here, not in XCom
     target = os.environ.get(RESULT_FILE_ENV)
-    if target:
+    if target and target.startswith("s3://"):
+        from essp.clients.s3 import ObjectStore, S3Uri
+
+        uri = S3Uri.parse(target)
+        ObjectStore(settings).put_json(uri.bucket, uri.key, result)
+    elif target:
         Path(target).parent.mkdir(parents=True, exist_ok=True)
         Path(target).write_text(json.dumps(result))
     return result
