@@ -85,7 +85,8 @@ class TrainStreamOperator(BaseOperator):
             return self.epoch_done(context, {"run": self.run, "epoch": epoch, "status": "done",
                                              "stats": progress.done, "carry": carry})
         token = f"{context['dag_run'].dag_id}/{context['dag_run'].run_id}"
-        if plan_epoch_once(settings, spec, epoch, token):
+        ti = context["ti"]
+        if plan_epoch_once(settings, spec, epoch, token, planner=f"{ti.task_id}[{ti.map_index}]#{ti.try_number}"):
             self.log.info("Planned and published epoch %d of run %s", epoch, self.run)
         else:
             self.log.info("Epoch %d of run %s is already planned by this DAG run", epoch, self.run)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -121,16 +122,58 @@ def start_epoch(settings: Settings, spec: RunParams, epoch: int) -> int:
     return len(plan.jobs)
 
 
-def plan_epoch_once(settings: Settings, spec: RunParams, epoch: int, token: str) -> bool:
+# How long a planner holds an epoch's marker while it plans and publishes (an epoch of the largest size
+# plans in well under this); a planner that died meanwhile is replaced when its lease lapses.
+PLAN_LEASE_S = 600
+_PLANNING = "planning "
+# Delete the marker only while it is still this planner's lease (a lapsed lease may be another's now).
+_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
+def plan_epoch_once(settings: Settings, spec: RunParams, epoch: int, token: str, *, planner: str = "",
+                    lease_s: float = PLAN_LEASE_S, poll_s: float = 0.5) -> bool:
     """:func:`start_epoch`, by the first caller that gives ``token`` (the DAG run): each stream's task of
     a DAG run tries it, exactly one plans. A new DAG run (another token) plans an unfinished epoch again,
-    as a restarted :func:`essp.lifecycle.pipeline.run_training` does. True if this call planned."""
+    as a restarted :func:`essp.lifecycle.pipeline.run_training` does. True if this call planned.
+
+    The marker says "planned" only once the epoch is published: while a caller plans it holds a lease
+    (``planner`` names it, e.g. the task and its try), which it gives back if planning fails (S3 or Kafka
+    away), so the next try plans the epoch again instead of finding it "planned" and waiting for samples
+    that were never sent. The others wait while a lease is held; a lease whose holder died lapses after
+    ``lease_s``, at once when the holder was an earlier try of the same task (``planner`` "task#try")."""
     digest = hashlib.sha1(token.encode()).hexdigest()[:16]
     key = RedisKeys(settings.redis_prefix).epoch_planned(spec.run_id(), epoch, digest)
-    if not redis_client(settings).set(key, token, nx=True, ex=int(spec.epoch_timeout_s * 2) + 3600):
-        return False
-    start_epoch(settings, spec, epoch)
+    client = redis_client(settings)
+    mine = f"{_PLANNING}{planner or '-'} {uuid.uuid4().hex}"
+    deadline = time.monotonic() + lease_s + 5
+    while not client.set(key, mine, nx=True, ex=max(1, int(lease_s))):
+        held = (client.get(key) or b"").decode()
+        if not held:
+            continue  # given back or lapsed meanwhile: try again
+        if not held.startswith(_PLANNING):
+            return False  # published by another caller of this DAG run
+        holder = held[len(_PLANNING):].rsplit(" ", 1)[0]
+        if _earlier_try(holder, planner) and client.eval(_RELEASE, 1, key, held):
+            continue  # an earlier try of this very task died while planning: its lease is void
+        if time.monotonic() > deadline:
+            raise EsspError(f"run {spec.run_id()}: epoch {epoch} is being planned by {holder} for over "
+                            f"{lease_s:.0f}s; is that task still running?")
+        time.sleep(poll_s)
+    try:
+        start_epoch(settings, spec, epoch)
+    except BaseException:
+        client.eval(_RELEASE, 1, key, mine)  # not published: the next try plans it again
+        raise
+    client.set(key, f"published by {planner or token}", ex=int(spec.epoch_timeout_s * 2) + 3600)
     return True
+
+
+def _earlier_try(holder: str, planner: str) -> bool:
+    """Whether ``holder`` ("task#try") is an earlier try of the task ``planner`` names (then it is dead:
+    Airflow runs one try of a task at a time)."""
+    task, _, tried = holder.rpartition("#")
+    own, _, trying = planner.rpartition("#")
+    return bool(task) and task == own and tried.isdigit() and trying.isdigit() and int(tried) < int(trying)
 
 
 def wait_epoch_done(settings: Settings, run: str, streams: list[str], epoch: int, *, timeout_s: float = 1800,
