@@ -73,6 +73,7 @@ class TrainStreamOperator(BaseOperator):
     def _advance(self, context: Any, settings: Any, spec: Any, epoch: int, history: list[dict]) -> dict[str, Any]:
         from essp.deploy.fleet import worker_mode
         from essp.lifecycle.epochs import epoch_status, plan_epoch_once
+        from essp.lifecycle.liveness import observe_pause
 
         if epoch >= spec.epochs:
             final = history[-1] if history else {}
@@ -94,7 +95,7 @@ class TrainStreamOperator(BaseOperator):
         self.defer(trigger=EpochDoneTrigger(run=self.run, streams=list(spec.streams), epoch=epoch,
                                             redis_conn_id=REDIS_CONN_ID, timeout_s=spec.epoch_timeout_s,
                                             poll_s=self.poll_s, state_dir=str(settings.state_dir) if local else None,
-                                            carry=carry),
+                                            paused_base=observe_pause(settings, self.run), carry=carry),
                    method_name="epoch_done",
                    timeout=None)  # the trigger times out itself, and not while the run is paused
         raise AssertionError("unreachable: defer() raises")  # pragma: no cover

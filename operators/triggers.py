@@ -5,9 +5,13 @@ A trainer records its state (:class:`essp.contract.TrainerState`) under ``<prefi
 whether the epoch is over is :func:`essp.contract.epoch_progress`, the judgement the pipeline and the UI
 share. The trigger fires when every watched stream has finished the epoch, when one has failed, when a
 local trainer process has died (the embedded default; in Kubernetes the Deployment restarts it and it
-resumes from its checkpoint), when the run is stopped (``essp control stop``), or when the timeout
-passes; while the run is paused the timeout does not run. Redis comes from an Airflow connection id (the
-trigger's kwargs are stored in Airflow's database: no credential goes there).
+resumes from its checkpoint), when a trainer is dead by its heartbeats (its live key expired:
+:func:`essp.lifecycle.liveness.silent_trainers`, any deployment), when the run is stopped (``essp control
+stop``), or when the timeout passes. The timeout leaves out the run's paused time, read from the run's
+pause ledger in Redis (:mod:`essp.lifecycle.liveness`), not counted by the trigger itself: a triggerer
+restarted during a long pause rebuilds the trigger, which reads the same ledger and the same start.
+Redis comes from an Airflow connection id (the trigger's kwargs are stored in Airflow's database: no
+credential goes there).
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from typing import Any
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from essp.connections import REDIS_CONN_ID
-from essp.contract import RedisKeys, TrainerState, epoch_progress
+from essp.contract import TRAINER_STATE_TTL_S, RedisKeys, TrainerState, epoch_progress
 from essp.deploy.local import trainer_name
+from essp.lifecycle.liveness import PAUSE_LEDGER, live_keys, silent_trainers
 from essp.operators.hooks import redis_client
 from essp.stack.procs import ProcessTable
 
@@ -37,11 +42,15 @@ class EpochDoneTrigger(BaseTrigger):
     :param state_dir: the local state folder whose process table holds the run's trainers, or None
         (Kubernetes: no process to watch).
     :param carry: small JSON put into every event as ``carry``, for the task that resumes.
+    :param started: when the wait began (wall clock); ``paused_base``: the run's paused seconds in all
+        (its pause ledger) then. Both are kept across a triggerer restart (they are in serialize()), so the
+        timeout counts the time since ``started`` less what the ledger gained since.
     """
 
     def __init__(self, *, run: str, streams: list[str], epoch: int, timeout_s: float,
                  redis_conn_id: str = REDIS_CONN_ID, state_dir: str | None = None, poll_s: float = POLL_S,
-                 started: float | None = None, carry: dict[str, Any] | None = None) -> None:
+                 started: float | None = None, paused_base: float = 0.0,
+                 carry: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.essp_run = run
         self.streams = list(streams)
@@ -52,6 +61,7 @@ class EpochDoneTrigger(BaseTrigger):
         self.poll_s = float(poll_s)
         # Wall-clock start, kept across a triggerer restart (the trigger is rebuilt from serialize()).
         self.started = float(started) if started is not None else time.time()
+        self.paused_base = float(paused_base)
         # Echoed in every event: what the resumed task needs (dag.test() hands it the event alone).
         self.carry = dict(carry or {})
 
@@ -59,7 +69,8 @@ class EpochDoneTrigger(BaseTrigger):
         return (f"{type(self).__module__}.{type(self).__qualname__}",
                 {"run": self.essp_run, "streams": self.streams, "epoch": self.epoch,
                  "redis_conn_id": self.redis_conn_id, "timeout_s": self.timeout_s, "state_dir": self.state_dir,
-                 "poll_s": self.poll_s, "started": self.started, "carry": self.carry})
+                 "poll_s": self.poll_s, "started": self.started, "paused_base": self.paused_base,
+                 "carry": self.carry})
 
     def _gone(self, table: ProcessTable | None) -> dict[str, str]:
         """The streams whose local trainer process is gone, with the end of its log."""
@@ -73,20 +84,25 @@ class EpochDoneTrigger(BaseTrigger):
         keys = RedisKeys(prefix)
         table = ProcessTable(Path(self.state_dir)) if self.state_dir else None
         base = {"run": self.essp_run, "epoch": self.epoch, "carry": self.carry}
-        paused_s = 0.0
         try:
             while True:
                 try:
                     run_state = (await client.get(keys.run_state(self.essp_run)) or b"running").decode()
                     raws = await client.mget([keys.trainer(self.essp_run, s) for s in self.streams])
+                    states = {s: TrainerState.parse(raw) for s, raw in zip(self.streams, raws, strict=True)}
+                    lives = live_keys(states, keys)
+                    found = await client.mget(list(lives.values())) if lives else []
+                    paused_s = float(await client.eval(PAUSE_LEDGER, 1, keys.pauses(self.essp_run), run_state,
+                                                       TRAINER_STATE_TTL_S)) - self.paused_base
                 except Exception as exc:  # noqa: BLE001 - Redis restarting: keep waiting, say so
                     self.log.warning("Redis unreachable while waiting for %s: %s", self.essp_run, exc)
                     await asyncio.sleep(self.poll_s)
                     continue
-                states = {s: TrainerState.parse(raw) for s, raw in zip(self.streams, raws, strict=True)}
+                live = {stream: value is not None for stream, value in zip(lives, found, strict=True)}
+                gone = {**silent_trainers(states, live, self.epoch), **self._gone(table)}
                 overdue = time.time() - self.started - paused_s > self.timeout_s
                 progress = epoch_progress(self.essp_run, self.epoch, states, run_state=run_state,
-                                          gone=self._gone(table), overdue_s=self.timeout_s if overdue else None)
+                                          gone=gone, overdue_s=self.timeout_s if overdue else None)
                 if progress.status == "done":
                     # Not sooner than MIN_FIRE_S after the task deferred: Airflow's scheduler fails a task
                     # whose resumed run is already going when the report of its deferring run arrives
@@ -103,8 +119,6 @@ class EpochDoneTrigger(BaseTrigger):
                     yield TriggerEvent({**base, "status": status, "stream": progress.stream,
                                         "detail": progress.detail})
                     return
-                if progress.status == "paused":  # a paused run waits as long as it takes: no timeout runs
-                    paused_s += self.poll_s
-                await asyncio.sleep(self.poll_s)
+                await asyncio.sleep(self.poll_s)  # paused: the ledger holds the timeout, however long
         finally:
             await client.aclose()

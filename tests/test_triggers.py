@@ -132,3 +132,88 @@ def test_stop_ends_the_wait_and_pause_holds_the_timeout(settings, redis_kwargs):
     payload = _first_event(EpochDoneTrigger(run=RUN, streams=["rgb"], epoch=1, **redis_kwargs, timeout_s=0.5,
                                             poll_s=0.1))
     assert payload["status"] == "timeout" and "not finished by rgb" in payload["detail"]
+
+
+def test_a_triggerer_restarted_during_a_pause_longer_than_the_timeout_does_not_time_out(settings, redis_kwargs):
+    # issue 11, fault 9: the timeout (1.5 s) leaves out paused time as the run's pause ledger in Redis
+    # has it, not as one trigger instance counted it: the triggerer goes down during a pause and a
+    # trigger rebuilt from its kwargs (what a restarted triggerer runs) goes on with the same clock
+    keys = RedisKeys(settings.redis_prefix)
+    client = redis_client(settings)
+    _state(settings, "rgb", status="training", epoch_done=-1)
+    trigger = EpochDoneTrigger(run=RUN, streams=["rgb"], epoch=0, **redis_kwargs, timeout_s=1.5, poll_s=0.1)
+
+    async def first_life():  # 0.5 s running, then paused; the triggerer dies 0.5 s into the pause
+        async def pause_later():
+            await asyncio.sleep(0.5)
+            client.set(keys.run_state(RUN), "paused")
+
+        task = asyncio.create_task(pause_later())
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(_event(trigger), 1.0)
+        await task
+
+    asyncio.run(first_life())
+    time.sleep(1.0)  # no triggerer for 1 s; the run stays paused
+    rebuilt = _rebuilt(trigger)
+
+    async def second_life():  # 1 s more of pause (2.5 s in all), resumed, the epoch done 0.3 s later
+        async def resume_and_finish():
+            await asyncio.sleep(1.0)
+            client.set(keys.run_state(RUN), "running")
+            await asyncio.sleep(0.3)
+            _state(settings, "rgb", status="epoch_done", epoch_done=0, stats={})
+
+        task = asyncio.create_task(resume_and_finish())
+        payload = await asyncio.wait_for(_event(rebuilt), 10)
+        await task
+        return payload
+
+    payload = asyncio.run(second_life())
+    assert payload["status"] == "done", payload  # 0.8 s of running time, 2.5 s paused: no timeout
+
+
+def test_the_timeout_runs_across_a_triggerer_restart(settings, redis_kwargs):
+    # not paused: the rebuilt trigger times out 1.2 s after the wait began, not 1.2 s after it was rebuilt
+    _state(settings, "rgb", status="training", epoch_done=-1)
+    trigger = EpochDoneTrigger(run=RUN, streams=["rgb"], epoch=0, **redis_kwargs, timeout_s=1.2, poll_s=0.1)
+
+    async def first_life():
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(_event(trigger), 0.8)
+
+    asyncio.run(first_life())
+    rebuilt = _rebuilt(trigger)
+    started = time.monotonic()
+    payload = _first_event(rebuilt, timeout=10)
+    assert payload["status"] == "timeout" and time.monotonic() - started < 1.0, payload
+
+
+def test_a_trainer_without_heartbeats_fails_the_wait_at_once(settings, redis_kwargs):
+    # issue 11, fault 8: wherever the trainer ran (no local process table here, as in Kubernetes), a state
+    # that has not finished the epoch and names a worker whose live key expired ends the wait with the
+    # reason, long before the epoch's timeout (an hour here)
+    keys = RedisKeys(settings.redis_prefix)
+    client = redis_client(settings)
+    _state(settings, "flow", status="training", epoch_done=-1, epoch=0, worker="train-flow-dead",
+           updated_at=time.time() - 120)
+    _state(settings, "rgb", status="training", epoch_done=-1, epoch=0, worker="train-rgb-live",
+           updated_at=time.time() - 120)
+    client.set(keys.worker("train-rgb-live"), "{}", ex=60)  # rgb heartbeats: alive
+    started = time.monotonic()
+    payload = _first_event(EpochDoneTrigger(run=RUN, streams=["rgb", "flow"], epoch=0, **redis_kwargs,
+                                            timeout_s=3600, poll_s=0.1), timeout=10)
+    assert payload["status"] == "failed" and payload["stream"] == "flow", payload
+    assert "no heartbeat from trainer train-flow-dead" in payload["detail"]
+    assert time.monotonic() - started < 5
+    # a live trainer keeps the wait going: only the timeout ends it
+    client.set(keys.worker("train-flow-dead"), "{}", ex=60)
+    payload = _first_event(EpochDoneTrigger(run=RUN, streams=["rgb", "flow"], epoch=0, **redis_kwargs,
+                                            timeout_s=1.0, poll_s=0.1), timeout=10)
+    assert payload["status"] == "timeout", payload
+
+
+async def _event(trigger: EpochDoneTrigger):
+    async for event in trigger.run():
+        return event.payload
+    return None

@@ -168,6 +168,11 @@ class RedisKeys:
         """Set (NX) by the one caller with ``token`` (a DAG run) that plans ``epoch``; see plan_epoch_once."""
         return f"{self.prefix}:{check_run_id(run)}:planned:{int(epoch)}:{token}"
 
+    def pauses(self, run: str) -> str:
+        """Hash of the run's paused time (``paused_s``, and ``since`` while paused), kept by whoever sees
+        the run's state: what an epoch's timeout leaves out, across restarts of whoever waits."""
+        return f"{self.prefix}:{check_run_id(run)}:pauses"
+
     def run_state(self, run: str) -> str:
         """running / paused / stopped, set by control commands and read by every worker."""
         return f"{self.prefix}:{check_run_id(run)}:runstate"

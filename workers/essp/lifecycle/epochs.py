@@ -29,6 +29,7 @@ from essp.dataplane.plan import decode_quarantine, plan_epoch, publish_plan
 from essp.dataplane.resident import RunControl
 from essp.datasets.manifest import ManifestStore
 from essp.errors import EsspError
+from essp.lifecycle.liveness import observe_pause, silent_trainers_now
 from essp.lifecycle.params import RunParams, RunParamsError, parse_params
 from essp.settings import Settings
 from essp.training.artifacts import PretrainedRefused, RunStore, check_pretrained
@@ -77,9 +78,12 @@ def trainer_states(settings: Settings, run: str, streams: list[str]) -> dict[str
 
 def epoch_status(settings: Settings, run: str, streams: list[str], epoch: int, *,
                  gone: dict[str, str] | None = None, overdue_s: float | None = None) -> EpochProgress:
-    """:func:`essp.contract.epoch_progress` over the trainers' states and the run's state, read now."""
-    return epoch_progress(run, epoch, trainer_states(settings, run, streams),
-                          run_state=RunControl(settings).get(run, fresh=True), gone=gone, overdue_s=overdue_s)
+    """:func:`essp.contract.epoch_progress` over the trainers' states and the run's state, read now; a trainer
+    dead by its heartbeats (:func:`essp.lifecycle.liveness.silent_trainers`) is gone."""
+    states = trainer_states(settings, run, streams)
+    gone = {**silent_trainers_now(settings, states, epoch), **(gone or {})}
+    return epoch_progress(run, epoch, states, run_state=RunControl(settings).get(run, fresh=True), gone=gone,
+                          overdue_s=overdue_s)
 
 
 def request_epoch(settings: Settings, run: str, epoch: int, expected: int) -> None:
@@ -181,8 +185,10 @@ def wait_epoch_done(settings: Settings, run: str, streams: list[str], epoch: int
     """Block until every stream's trainer finished ``epoch`` (what the epoch trigger waits for without
     blocking); returns each stream's figures. ``alive`` raises when a process the run depends on has died
     (local runs watch their workers). Paused time does not count towards the timeout."""
-    started, paused_s, shown = time.monotonic(), 0.0, set()
+    started, shown = time.monotonic(), set()
+    base = observe_pause(settings, run)
     while True:
+        paused_s = observe_pause(settings, run) - base  # the run's pause ledger, as the epoch trigger reads it
         overdue = time.monotonic() - started - paused_s > timeout_s
         progress = epoch_status(settings, run, streams, epoch, overdue_s=timeout_s if overdue else None)
         for stream, figures in progress.done.items():
@@ -195,8 +201,6 @@ def wait_epoch_done(settings: Settings, run: str, streams: list[str], epoch: int
             raise EsspError(f"run {run}: {progress.detail}")
         if alive is not None:
             alive()
-        if progress.status == "paused":
-            paused_s += poll_s
         time.sleep(poll_s)
 
 

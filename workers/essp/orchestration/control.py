@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from essp.dataplane.resident import publish_control
+from essp.lifecycle.liveness import observe_pause
 from essp.lifecycle.params import ControlParams
 from essp.orchestration.stages import stage
 from essp.settings import Settings
@@ -15,4 +16,5 @@ from essp.settings import Settings
 def control_run(settings: Settings, params: ControlParams) -> dict[str, Any]:
     """Send ``params.command`` for ``params.run``."""
     message = publish_control(settings, params.command, run=params.run)
+    observe_pause(settings, params.run)  # a pause starts (or ends) in the run's pause ledger now
     return {"run": params.run, "command": params.command, "sent": message.model_dump(mode="json")}
