@@ -131,3 +131,62 @@ def test_registries_with_different_names_are_separate(settings):
     assert b.production() is None
     assert ModelRegistry(settings).name == "default" and ModelRegistry(settings).versions() == []
     assert isinstance(a.get(2), ModelVersion) and a.get(2).ref == "alpha@2"
+
+
+def _race(count: int, work) -> list:
+    """Run ``work(i)`` in ``count`` threads released together; their results (or exceptions) in order."""
+    import threading
+
+    barrier = threading.Barrier(count)
+    results: list = [None] * count
+
+    def one(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = work(i)
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            results[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return results
+
+
+def test_concurrent_registrations_take_distinct_numbers_and_lose_none(settings):
+    # issue 11, fault 14: two runs registering at once both wrote version N before (exists, then put)
+    registry = ModelRegistry(settings, "racing")
+    runs = [f"run-{i}" for i in range(6)]
+    models = _race(6, lambda i: register(ModelRegistry(settings, "racing"), 0.5, run=runs[i]))
+    assert not [m for m in models if isinstance(m, Exception)], models
+    assert sorted(m.version for m in models) == [1, 2, 3, 4, 5, 6]
+    assert {registry.get(m.version).run for m in models} == set(runs)  # each version is its own run's
+
+
+def test_two_concurrent_promotions_lose_no_update(settings):
+    # issue 11, fault 14: two runs promote at once on the same production (0.5): the better (0.8) must end
+    # in production whichever writes first; before, the second write replaced the first blindly (a
+    # decision made on a production that had changed meanwhile), so 0.6 could end over 0.8
+    registry = ModelRegistry(settings, "promoting")
+    for round_ in range(8):
+        base = register(registry, 0.5, run=f"base-{round_}")
+        registry.promote(base.version, force=True)
+        better, worse = register(registry, 0.8, run=f"better-{round_}"), register(registry, 0.6, run=f"worse-{round_}")
+        order = [better.version, worse.version] if round_ % 2 else [worse.version, better.version]
+        results = _race(2, lambda i: ModelRegistry(settings, "promoting").promote(order[i]))
+        assert not [r for r in results if isinstance(r, Exception)], results
+        pointer = registry.production_pointer()
+        assert pointer.version == better.version, (round_, results)
+        by_version = {r.version: r for r in results}
+        assert by_version[better.version].promoted
+        # the worse one was either refused on the better production, or promoted first and then replaced
+        if by_version[worse.version].promoted:
+            assert by_version[better.version].incumbent == worse.version
+        else:
+            assert by_version[worse.version].incumbent == better.version
+        assert pointer.previous in (base.version, worse.version)
+    # every decision is in the history, none written over another
+    history = registry.history()
+    assert len(history) == 8 * 3 and len({(h.version, h.at) for h in history}) == 8 * 3

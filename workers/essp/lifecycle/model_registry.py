@@ -9,6 +9,12 @@ Layout in the models bucket::
 
 A version is promoted only when its metric is strictly better (greater) than production's, unless
 forced; a rollback is a forced promotion. Refused promotions are kept in the history too.
+
+Two runs may register and promote into one registry at once: every write is a compare-and-set
+(:mod:`essp.lifecycle.cas`). A version number or a history entry is taken by creating its object only
+if there is none (the loser takes the next number); production.json is replaced only if it is still the
+version the decision was made on, else the promotion reads production again and decides again. No
+update is lost: of two concurrent promotions the better one ends in production.
 """
 
 from __future__ import annotations
@@ -22,12 +28,14 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from essp.clients.s3 import ObjectNotFound, ObjectStore, S3Uri
 from essp.errors import EsspError
+from essp.lifecycle.cas import Versioned, put_if, read_versioned
 from essp.settings import Settings
 
 REGISTRY_PREFIX = "registry"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _VERSION_KEY = re.compile(r"/versions/(\d{6})\.json$")
 _EVENT_KEY = re.compile(r"/promotions/(\d{6})\.json$")
+RACES = 20  # how many times a write that lost a race is tried again on a fresh read
 
 
 class ModelNotFound(ObjectNotFound):
@@ -181,22 +189,25 @@ class ModelRegistry:
     def register(self, *, run: str, streams: dict[str, str], fusion: dict[str, Any], metrics: dict[str, Any],
                  class_names: list[str], params: dict[str, Any] | None = None,
                  manifest: str | None = None) -> ModelVersion:
-        """Store a new version (1 + the highest existing); versions are immutable, never overwritten."""
+        """Store a new version (1 + the highest existing); versions are immutable, never overwritten: a
+        number another registration took meanwhile is skipped (compare-and-set), never written over."""
+        self.store.ensure_bucket(self.bucket)
         numbers = self.version_numbers()
         version = (numbers[-1] if numbers else 0) + 1
-        try:
-            model = ModelVersion(name=self.name, version=version, run=run, created_at=_now(), streams=streams,
-                                 fusion=fusion, metrics=metrics, params=params or {}, manifest=manifest,
-                                 class_names=class_names)
-        except ValidationError as exc:
-            raise EsspError(f"model {self.name}@{version} of run {run!r} is not valid: {_problems(exc)}") from None
-        self.store.ensure_bucket(self.bucket)
-        key = self._version_key(version)
-        if self.store.exists(self.bucket, key):  # another writer registered the same number meanwhile
-            raise EsspError(f"model version s3://{self.bucket}/{key} already exists: versions are immutable "
-                            "(another registration raced this one; register again)")
-        self.store.put_json(self.bucket, key, model.model_dump(mode="json"))
-        return model
+        for _ in range(RACES):
+            try:
+                model = ModelVersion(name=self.name, version=version, run=run, created_at=_now(), streams=streams,
+                                     fusion=fusion, metrics=metrics, params=params or {}, manifest=manifest,
+                                     class_names=class_names)
+            except ValidationError as exc:
+                raise EsspError(f"model {self.name}@{version} of run {run!r} is not valid: {_problems(exc)}") from None
+            body = model.model_dump_json().encode()
+            if put_if(self.store, self.bucket, self._version_key(version), body, etag=None) is not None:
+                return model
+            version += 1  # another registration took that number meanwhile
+        raise EsspError(f"model registry {self.name!r}: run {run!r} lost {RACES} races for a version number at "
+                        f"s3://{self.bucket}/{self.prefix}/versions/ (that many concurrent registrations?); "
+                        "register again")
 
     def get(self, version: int) -> ModelVersion:
         """The stored version `version`."""
@@ -231,15 +242,16 @@ class ModelRegistry:
 
     def production_pointer(self) -> Production | None:
         """production.json (version, when and why it was promoted), or None before the first promotion."""
-        key = self._production_key()
-        try:
-            raw = self.store.get_bytes(self.bucket, key)
-        except ObjectNotFound:
+        return self._pointer(read_versioned(self.store, self.bucket, self._production_key()))
+
+    def _pointer(self, found: Versioned | None) -> Production | None:
+        if found is None:
             return None
         try:
-            return Production.model_validate_json(raw)
+            return Production.model_validate_json(found.data)
         except ValidationError as exc:
-            raise EsspError(f"production pointer s3://{self.bucket}/{key} is not valid: {_problems(exc)}") from None
+            raise EsspError(f"production pointer s3://{self.bucket}/{self._production_key()} is not valid: "
+                            f"{_problems(exc)}") from None
 
     def production(self) -> ModelVersion | None:
         """The version in production, or None before the first promotion."""
@@ -250,9 +262,30 @@ class ModelRegistry:
                 reason: str | None = None) -> PromotionResult:
         """Make `version` production if its `metric` is strictly greater than production's (or `force`).
 
-        The decision, promoted or not, is appended to the history."""
+        The decision, promoted or not, is appended to the history. It is made on the production pointer
+        as read, and production.json is replaced only if it is still that version (compare-and-set): if
+        another promotion changed it meanwhile, this one reads production again and decides again."""
         candidate = self.get(version)
-        pointer = self.production_pointer()
+        self.store.ensure_bucket(self.bucket)
+        for _ in range(RACES):
+            found = read_versioned(self.store, self.bucket, self._production_key())
+            result, production = self._decide(candidate, self._pointer(found), metric=metric, force=force,
+                                              reason=reason)
+            if production is not None:
+                body = production.model_dump_json().encode()
+                if put_if(self.store, self.bucket, self._production_key(), body,
+                          etag=found.etag if found else None) is None:
+                    continue  # production changed under this decision: decide again on the new one
+            self._append(result)
+            return result
+        raise EsspError(f"model registry {self.name!r}: promoting version {version} lost {RACES} races for "
+                        f"s3://{self.bucket}/{self._production_key()} (that many concurrent promotions?); "
+                        "promote again")
+
+    def _decide(self, candidate: ModelVersion, pointer: Production | None, *, metric: str, force: bool,
+                reason: str | None) -> tuple[PromotionResult, Production | None]:
+        """The promotion decision on production as ``pointer`` says, and the new pointer if it promotes."""
+        version = candidate.version
         incumbent = None if pointer is None else self.get(pointer.version)
 
         def value(model: ModelVersion) -> float | None:
@@ -281,12 +314,10 @@ class ModelRegistry:
         result = PromotionResult(registry=self.name, version=version, promoted=promoted, forced=force, metric=metric,
                                  candidate_value=candidate_value, incumbent=None if incumbent is None else
                                  incumbent.version, incumbent_value=incumbent_value, reason=why)
-        if promoted:
-            production = Production(version=version, promoted_at=result.at, reason=why, metric=metric,
-                                    value=candidate_value, previous=result.incumbent)
-            self.store.put_json(self.bucket, self._production_key(), production.model_dump(mode="json"))
-        self._append(result)
-        return result
+        if not promoted:
+            return result, None
+        return result, Production(version=version, promoted_at=result.at, reason=why, metric=metric,
+                                  value=candidate_value, previous=result.incumbent)
 
     def rollback(self, version: int, *, reason: str | None = None) -> PromotionResult:
         """Put `version` back in production regardless of its metrics."""
@@ -298,14 +329,16 @@ class ModelRegistry:
 
     def _append(self, result: PromotionResult) -> None:
         self.store.ensure_bucket(self.bucket)
-        for _ in range(5):  # a concurrent writer may take the number between the check and the write
-            numbers = self._numbers(_EVENT_KEY, "promotions")
-            key = f"{self.prefix}/promotions/{(numbers[-1] if numbers else 0) + 1:06d}.json"
-            if not self.store.exists(self.bucket, key):
-                self.store.put_json(self.bucket, key, result.model_dump(mode="json"))
+        body = result.model_dump_json().encode()
+        numbers = self._numbers(_EVENT_KEY, "promotions")
+        number = (numbers[-1] if numbers else 0) + 1
+        for _ in range(RACES):  # a concurrent writer may take the number: then the next one
+            if put_if(self.store, self.bucket, f"{self.prefix}/promotions/{number:06d}.json", body,
+                      etag=None) is not None:
                 return
+            number += 1
         raise EsspError(f"model registry {self.name!r}: could not append to the promotion history at "
-                        f"s3://{self.bucket}/{self.prefix}/promotions/ (concurrent writers)")
+                        f"s3://{self.bucket}/{self.prefix}/promotions/ ({RACES} concurrent writers took the numbers)")
 
     def history(self, *, promoted_only: bool = False) -> list[PromotionResult]:
         """Every promotion decision in order (only those that changed production with `promoted_only`)."""
