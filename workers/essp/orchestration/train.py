@@ -20,6 +20,7 @@ from essp.deploy import fleet
 from essp.errors import EsspError
 from essp.evaluation.metrics import SUMMARY_METRICS
 from essp.lifecycle import epochs
+from essp.lifecycle.claims import release_run
 from essp.lifecycle.params import RunParams, parse_params
 from essp.orchestration.links import run_id_for, save_link
 from essp.orchestration.stages import stage
@@ -86,12 +87,15 @@ def release_trainers(settings: Settings, run: str) -> dict[str, Any]:
 
 
 @stage
-def release_workers(settings: Settings, run: str) -> dict[str, Any]:
+def release_workers(settings: Settings, run: str, dag_run: DagRun | None = None) -> dict[str, Any]:
     """The teardown: stop the run's trainers and, with the run's ``stop_data_workers``, the shared data
-    workers too."""
+    workers too; then give the run's claim back if ``dag_run`` holds it (essp.lifecycle.claims)."""
     spec, _ = epochs.load_run(settings, run)
     stop = {kind: 0 for kind in spec.workers()} if spec.stop_data_workers else None
-    return fleet.release_workers(settings, run, spec.streams, data_workers=stop)
+    released = fleet.release_workers(settings, run, spec.streams, data_workers=stop)
+    if dag_run is not None:
+        released["claim_released"] = release_run(settings, run, f"{dag_run.dag_id}/{dag_run.dag_run_id}")
+    return released
 
 
 @stage
