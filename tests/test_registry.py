@@ -175,7 +175,7 @@ def test_two_concurrent_promotions_lose_no_update(settings):
         registry.promote(base.version, force=True)
         better, worse = register(registry, 0.8, run=f"better-{round_}"), register(registry, 0.6, run=f"worse-{round_}")
         order = [better.version, worse.version] if round_ % 2 else [worse.version, better.version]
-        results = _race(2, lambda i: ModelRegistry(settings, "promoting").promote(order[i]))
+        results = _race(2, lambda i, order=order: ModelRegistry(settings, "promoting").promote(order[i]))
         assert not [r for r in results if isinstance(r, Exception)], results
         pointer = registry.production_pointer()
         assert pointer.version == better.version, (round_, results)
