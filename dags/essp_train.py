@@ -40,7 +40,9 @@ def essp_train():
         context = get_current_context()
         run = context["dag_run"]
         plan = validate(dict(context["params"]), dag_id=run.dag_id, dag_run_id=run.run_id)
-        print(f"ESSP run {plan['run']}: streams {', '.join(plan['streams'])}, fusion {plan['spec']['fusion']}")
+        claimed = training.claim_run(context, plan)  # one DAG run at a time trains a run (RunClaimed otherwise)
+        print(f"ESSP run {plan['run']}: streams {', '.join(plan['streams'])}, fusion {plan['spec']['fusion']}; "
+              f"claimed by this DAG run ({claimed['claimed']})")
         return plan
 
     plan = validate_params()

@@ -29,6 +29,9 @@ from essp.operators.stage import EsspStageOperator
 from essp.operators.triggers import EpochDoneTrigger
 
 HISTORY_KEPT = 50
+# A retry goes on from the epochs the trainers finished; one whose trainer died restarts it (recovery).
+TRAIN_RETRIES = 2
+TRAIN_RETRY_DELAY = timedelta(seconds=10)
 
 
 class TrainStreamOperator(BaseOperator):
@@ -44,8 +47,8 @@ class TrainStreamOperator(BaseOperator):
 
     def __init__(self, *, run: str, stream: str, poll_s: float = 1.0, **kwargs: Any) -> None:
         # A retry goes on from the epochs the trainers finished (a lost triggerer or worker costs nothing).
-        kwargs.setdefault("retries", 2)
-        kwargs.setdefault("retry_delay", timedelta(seconds=10))
+        kwargs.setdefault("retries", TRAIN_RETRIES)
+        kwargs.setdefault("retry_delay", TRAIN_RETRY_DELAY)
         super().__init__(**kwargs)
         self.run = run
         self.stream = stream
@@ -68,7 +71,24 @@ class TrainStreamOperator(BaseOperator):
         if first:
             self.log.info("Run %s: every stream has finished %d epoch(s); going on from epoch %d", self.run, first,
                           first)
+        ti = context["ti"]
+        if ti.try_number > 1 and first < spec.epochs:
+            # A retry: a trainer that died mid-epoch is started again (from its checkpoint) and the epoch is
+            # delivered again, or the new trainer would wait for samples its predecessor took with it.
+            from essp.lifecycle.recovery import recover_epoch
+
+            recover_epoch(settings, spec, first, stream=self.stream, token=self._token(context),
+                          planner=self._planner(context), log=self.log.info)
         return self._advance(context, settings, spec, first, [])
+
+    @staticmethod
+    def _token(context: Any) -> str:
+        return f"{context['dag_run'].dag_id}/{context['dag_run'].run_id}"
+
+    @staticmethod
+    def _planner(context: Any) -> str:
+        ti = context["ti"]
+        return f"{ti.task_id}[{ti.map_index}]#{ti.try_number}"
 
     def _advance(self, context: Any, settings: Any, spec: Any, epoch: int, history: list[dict]) -> dict[str, Any]:
         from essp.deploy.fleet import worker_mode
@@ -85,9 +105,7 @@ class TrainStreamOperator(BaseOperator):
         if progress.status == "done":  # already trained (a lagging stream's task): neither plan nor wait
             return self.epoch_done(context, {"run": self.run, "epoch": epoch, "status": "done",
                                              "stats": progress.done, "carry": carry})
-        token = f"{context['dag_run'].dag_id}/{context['dag_run'].run_id}"
-        ti = context["ti"]
-        if plan_epoch_once(settings, spec, epoch, token, planner=f"{ti.task_id}[{ti.map_index}]#{ti.try_number}"):
+        if plan_epoch_once(settings, spec, epoch, self._token(context), planner=self._planner(context)):
             self.log.info("Planned and published epoch %d of run %s", epoch, self.run)
         else:
             self.log.info("Epoch %d of run %s is already planned by this DAG run", epoch, self.run)
@@ -126,6 +144,27 @@ class TrainStreamOperator(BaseOperator):
         return self._advance(context, settings, spec, epoch + 1, history)
 
 
+def claim_run(context: Any, plan: dict[str, Any]) -> dict[str, Any]:
+    """Claim the plan's ESSP run for this DAG run (:mod:`essp.lifecycle.claims`): a second DAG run given the
+    same ``run`` is refused while the first has not finished. Called by the first task of a training DAG."""
+    from essp.lifecycle.claims import claim_run as claim
+
+    ti = context["ti"]
+
+    def owner_state(owner: str) -> str | None:
+        dag_id, _, run_id = owner.partition("/")
+        if not run_id:
+            return None
+        try:
+            state = ti.get_dagrun_state(dag_id=dag_id, run_id=run_id)
+        except Exception as exc:  # noqa: BLE001 - a DAG run Airflow no longer has is over; else unknown
+            return "deleted" if "not found" in str(exc).lower() or "404" in str(exc) else None
+        return str(getattr(state, "value", state))
+
+    owner = f"{plan['dag_run']['dag_id']}/{plan['dag_run']['dag_run_id']}"
+    return claim(stage_settings(), plan["run"], owner, owner_state=owner_state)
+
+
 # -- the task groups of a training DAG -----------------------------------------------------------------
 # ``plan`` is the XComArg of a multiple_outputs task returning essp.orchestration.train.plan_run:
 # run, streams, spec, dag_run. Task ids are not prefixed with their group's: each names its stage.
@@ -157,7 +196,10 @@ def train(plan: Any) -> TaskGroup:
     """train, one task per stream, deferring while the trainers train each epoch -> release_trainers (their
     cores go to scoring)."""
     with TaskGroup("training", prefix_group_id=False, tooltip="every epoch, every stream") as group:
-        trainers = TrainStreamOperator.partial(task_id="train", run=plan["run"],
+        # The retries are given to partial(): a mapped task's tries come from its partial arguments, and
+        # the defaults TrainStreamOperator.__init__ sets were not seen by the scheduler (no retry ran).
+        trainers = TrainStreamOperator.partial(task_id="train", run=plan["run"], retries=TRAIN_RETRIES,
+                                               retry_delay=TRAIN_RETRY_DELAY,
                                                map_index_template="{{ task.stream }}").expand(
             stream=_streams(plan["streams"]))
         release = EsspStageOperator(task_id="release_trainers", stage_params={"run": plan["run"]}, cpu="250m",
@@ -211,8 +253,10 @@ def register(plan: Any, evaluated: Evaluated) -> Registered:
 
 def release_workers(plan: Any, prepared: Prepared, last: Any) -> EsspStageOperator:
     """The teardown of ensure_workers: stops the run's trainers (and the data workers, with the run's
-    stop_data_workers) however the run ended, without deciding the DAG run's state."""
-    release = EsspStageOperator(task_id="release_workers", stage_params={"run": plan["run"]}, cpu="250m",
-                                memory="512Mi", trigger_rule=TriggerRule.ALL_DONE)
+    stop_data_workers) however the run ended, without deciding the DAG run's state, and gives the run's
+    claim back."""
+    release = EsspStageOperator(task_id="release_workers",
+                                stage_params={"run": plan["run"], "dag_run": plan["dag_run"]},
+                                cpu="250m", memory="512Mi", trigger_rule=TriggerRule.ALL_DONE)
     last >> release.as_teardown(setups=prepared.ensure_workers)
     return release

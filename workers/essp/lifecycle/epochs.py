@@ -135,7 +135,8 @@ _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL
 
 
 def plan_epoch_once(settings: Settings, spec: RunParams, epoch: int, token: str, *, planner: str = "",
-                    lease_s: float = PLAN_LEASE_S, poll_s: float = 0.5) -> bool:
+                    lease_s: float = PLAN_LEASE_S, poll_s: float = 0.5,
+                    before: Callable[[], None] | None = None) -> bool:
     """:func:`start_epoch`, by the first caller that gives ``token`` (the DAG run): each stream's task of
     a DAG run tries it, exactly one plans. A new DAG run (another token) plans an unfinished epoch again,
     as a restarted :func:`essp.lifecycle.pipeline.run_training` does. True if this call planned.
@@ -144,7 +145,8 @@ def plan_epoch_once(settings: Settings, spec: RunParams, epoch: int, token: str,
     (``planner`` names it, e.g. the task and its try), which it gives back if planning fails (S3 or Kafka
     away), so the next try plans the epoch again instead of finding it "planned" and waiting for samples
     that were never sent. The others wait while a lease is held; a lease whose holder died lapses after
-    ``lease_s``, at once when the holder was an earlier try of the same task (``planner`` "task#try")."""
+    ``lease_s``, at once when the holder was an earlier try of the same task (``planner`` "task#try").
+    ``before`` runs first, under the lease: only the caller that plans runs it (e.g. restarting a trainer)."""
     digest = hashlib.sha1(token.encode()).hexdigest()[:16]
     key = RedisKeys(settings.redis_prefix).epoch_planned(spec.run_id(), epoch, digest)
     client = redis_client(settings)
@@ -164,6 +166,8 @@ def plan_epoch_once(settings: Settings, spec: RunParams, epoch: int, token: str,
                             f"{lease_s:.0f}s; is that task still running?")
         time.sleep(poll_s)
     try:
+        if before is not None:
+            before()
         start_epoch(settings, spec, epoch)
     except BaseException:
         client.eval(_RELEASE, 1, key, mine)  # not published: the next try plans it again
