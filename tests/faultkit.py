@@ -245,11 +245,11 @@ def read_topic(settings: Settings, topic: str) -> list:
 def run_epoch(settings: Settings, manifest: Manifest, run: str, *, samples: int, epoch: int = 0,
               features: dict | None = None, max_inflight: int = 32, chunk: int | None = 8,
               during=None, consume_delay: float = 0.0, timeout_s: float = 120.0,  # noqa: ANN001
-              before_publish=None) -> EpochResult:  # noqa: ANN001
+              before_publish=None, size: int = SIZE) -> EpochResult:  # noqa: ANN001
     """Plan, publish and drain one epoch while ``during(stop_event)`` runs in a thread (the fault), then
     check it. ``during`` should return soon after ``stop_event`` is set (the epoch is drained)."""
     features = features or TWO_STREAMS
-    plan = plan_epoch(manifest, run=run, epoch=epoch, features=features, length=L, height=SIZE, width=SIZE,
+    plan = plan_epoch(manifest, run=run, epoch=epoch, features=features, length=L, height=size, width=size,
                       samples=samples, max_inflight=max_inflight)
     seen: dict[str, list[str]] = {s: [] for s in features}
     stats: dict[str, object] = {}
@@ -429,6 +429,14 @@ def diagnose(settings: Settings, plan: EpochPlan, seen: dict[str, list[str]]) ->
             lines.append(f"committed consume.{stream}: {sorted((tp.partition, m.offset) for tp, m in offsets.items())}")
     finally:
         admin.close()
+    memory = client.info("memory")
+    payload_keys = [k for pattern in (f"{settings.redis_prefix}:{plan.run}:frames:*",
+                                      f"{settings.redis_prefix}:{plan.run}:feat:*")
+                    for k in client.scan_iter(match=pattern, count=1000)]
+    lines.append(f"redis: used_memory {memory['used_memory']} maxmemory {memory.get('maxmemory')} "
+                 f"dbsize {client.dbsize()} payload keys {len(payload_keys)} "
+                 f"({sum(int(client.strlen(k)) for k in payload_keys)} bytes) "
+                 f"in flight {client.zcard(f'{settings.redis_prefix}:{plan.run}:inflight')}")
     for stream, ids in seen.items():
         missing = [j for j in plan.sample_ids() if j not in set(ids)]
         lines.append(f"{stream}: {len(missing)} missing")

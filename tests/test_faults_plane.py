@@ -199,3 +199,99 @@ def test_an_extractor_error_dead_letters_that_sample_for_that_stream_only(faulty
     assert result.tallies["rgb"].delivered == 64
     for letter in result.letters:
         assert letter.stream == "flaky" and "extractor flaky failed" in letter.reason, letter.reason
+
+
+def test_redis_at_its_memory_limit_is_back_pressure_not_a_stall(faulty):
+    stack, manifest, fleet = faulty
+    client = redis_client(stack.settings)
+    # 96x96 samples (~120 KB of grey frames and flow each): room for about twelve above what Redis holds
+    # now (plus 1 MB for its own buffers), while the bound lets 64 be in flight. The workers hit maxmemory
+    # again and again and must wait (the decode) or write anyway (what frees memory), never drop or stall.
+    size = 96
+    sample_bytes = (L + 1) * size * size + 2 * L * size * size
+    used = int(client.info("memory")["used_memory"])
+    client.config_set("maxmemory", used + 12 * sample_bytes + 1024 * 1024)
+    try:
+        result = run_epoch(stack.settings, manifest, "maxmemory", samples=120, features=FLOW, consume_delay=0.05,
+                           max_inflight=64, timeout_s=60, size=size)
+    finally:
+        client.config_set("maxmemory", 0)
+    report("maxmemory", result)
+    assert_sound(result)
+    assert result.tallies["flow"].dead == 0
+    logs = "".join(w.log_path.read_text() for w in fleet.workers.values())
+    assert "is full" in logs and "maxmemory" in logs, "the limit was never reached: nothing was tested"
+
+
+def test_a_redis_too_full_to_take_a_chunk_stalls_with_the_reason(faulty):
+    stack, manifest, fleet = faulty
+    client = redis_client(stack.settings)
+    client.config_set("maxmemory", int(client.info("memory")["used_memory"]) + 64 * 1024)
+    try:
+        with pytest.raises(AssertionError, match=r"no sample for 20s.*Workers report: .*is full.*maxmemory"):
+            run_epoch(stack.settings, manifest, "too-full", samples=40, features=FLOW, timeout_s=20, size=96)
+    finally:
+        client.config_set("maxmemory", 0)
+        publish_control(stack.settings, "stop", run="too-full")  # its jobs are skipped, not left to run
+
+
+def test_redis_that_stops_answering_for_longer_than_a_lease_loses_nothing(faulty):
+    # DEBUG SLEEP's effect (Redis 7 refuses DEBUG unless enabled): the server stops answering for 8 s,
+    # longer than every member's lease, which then all lapse at once.
+    stack, manifest, fleet = faulty
+
+    def freeze_redis(stop: threading.Event) -> None:
+        time.sleep(2.0)
+        pid = stack.redis_pid()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(stack.settings.kafka_session_timeout_ms / 1000 + 2)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+    result = run_epoch(stack.settings, manifest, "slow-redis", samples=160, during=freeze_redis, features=FLOW,
+                       consume_delay=0.04)
+    report("slow-redis", result)
+    assert_sound(result)
+    assert all(w.alive() for w in fleet.workers.values())
+
+
+def test_a_stream_paused_past_the_payload_ttl_still_gets_every_sample(faulty):
+    # rgb far behind flow: its consumer stops for longer than the payload TTL, so its features expire
+    # while flow has consumed the same samples. Each is redone for rgb alone.
+    stack, manifest, _ = faulty
+    settings = stack.scoped(payload_ttl_s=10)
+    fleet = Fleet(settings, stack.settings.state_dir / "ttl-workers")
+    fleet.start("decode", "flow", "rgb")
+    taken = {"rgb": 0}
+
+    def rgb_behind(stream: str) -> float:
+        if stream != "rgb":
+            return 0.0
+        taken["rgb"] += 1
+        return 14.0 if taken["rgb"] == 4 else 0.0  # one long stop, past the TTL
+
+    try:
+        result = run_epoch(settings, manifest, "ttl", samples=48, consume_delay=rgb_behind, max_inflight=64,
+                           timeout_s=60)
+    finally:
+        fleet.stop()
+    report("ttl", result)
+    assert_sound(result)
+    assert result.tallies["rgb"].redone > 0, "no rgb feature expired: the stop was too short to test anything"
+    assert result.tallies["rgb"].dead == 0 and result.tallies["flow"].dead == 0
+
+
+def test_the_broker_down_for_20_s_mid_epoch_loses_nothing(faulty):
+    stack, manifest, fleet = faulty
+
+    def restart_broker(stop: threading.Event) -> None:
+        time.sleep(2.0)
+        stack.restart("kafka", down_s=20.0)
+
+    result = run_epoch(stack.settings, manifest, "broker-restart", samples=160, during=restart_broker,
+                       features=FLOW, consume_delay=0.04)
+    report("broker-restart", result)
+    assert_sound(result)
+    assert result.seconds > 20
+    assert all(w.alive() for w in fleet.workers.values()), "a worker died of the broker's restart"

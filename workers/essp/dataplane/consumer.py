@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from essp.clients.kafka import MessageConsumer, MessageProducer, RebalancedDuringWork
-from essp.contract import DeadLetter, DecodeChunk, DecodeJob, FeatureReady, Topics
+from essp.contract import DeadLetter, DecodeChunk, DecodeJob, FeatureReady, RedisKeys, Topics, WorkerEvent
 from essp.dataplane.payloads import SampleStore
 from essp.errors import EsspError, ServiceUnavailable
 from essp.settings import Settings
@@ -245,10 +245,24 @@ class SampleStream:
                     raise EpochStalled(
                         f"stream {self.stream} of run {self.run}, epoch {epoch}: no sample for {timeout_s:.0f}s "
                         f"({have} of {expected} accounted for); are the decode and {self.stream} workers "
-                        "running and the run not paused?") from None
+                        f"running and the run not paused?{self._worker_errors()}") from None
                 continue
             self.stats.waited_s += time.monotonic() - started
             return item
+
+    def _worker_errors(self) -> str:
+        """The errors live workers report now (e.g. Redis full), for a stalled epoch's message."""
+        try:
+            client = self.store.redis
+            errors = []
+            for key in client.scan_iter(match=RedisKeys(self.settings.redis_prefix).workers(), count=1000):
+                raw = client.get(key)
+                event = WorkerEvent.model_validate_json(raw) if raw else None
+                if event is not None and (event.event == "error" or (event.detail or "").startswith("error:")):
+                    errors.append(f"{event.worker_id}: {(event.detail or '').removeprefix('error: ')}")
+        except Exception:  # noqa: BLE001 - only a hint in an error message
+            return ""
+        return (" Workers report: " + "; ".join(sorted(errors)[:5])) if errors else ""
 
     def interrupt(self) -> None:
         """Make a waiting :meth:`epoch` raise :class:`StreamClosed` (from another thread or a signal)."""

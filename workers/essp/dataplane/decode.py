@@ -24,7 +24,6 @@ from typing import ClassVar
 import numpy as np
 
 from essp.clients.kafka import Received
-from essp.clients.redis import redis_client
 from essp.clients.s3 import ObjectNotFound, ObjectStore, S3Uri
 from essp.contract import DecodeChunk, DecodeJob, FramesReady, Message
 from essp.dataplane.extractors import MixedFrames, frames_layout
@@ -236,7 +235,7 @@ class DecodeWorker(ResidentWorker):
         log.warning("sample %s of run %s: %s", job.sample_id, job.run, reason)
         self.count("failures")
         if quarantine:
-            store._call(redis_client(self.settings).hset, self.keys.quarantine(job.run), job.video, reason)
+            store.quarantine(job.video, reason)
         store.abandon(job.sample_id, list(job.features))
         self.dead_letter(received, reason, run=job.run, epoch=job.epoch, sample_id=job.sample_id,
                          video=job.video, payload=job)

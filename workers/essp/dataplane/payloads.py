@@ -92,6 +92,15 @@ if not st then return -1 end
 return tonumber(st)
 """
 
+# The same with the payload as ARGV[3], SET by the script itself, which may run while Redis is at its
+# maxmemory: an extractor's write is what frees its frames, so refusing it there would deadlock a full
+# Redis (found by the fault suite: frames filled Redis, no feature could be written, nothing drained).
+# Only the sources (decode) are refused at the limit; the stages after them always proceed, and the
+# overshoot is bounded by the in-flight bound. Used only when the plain SET was refused (Lua copies the
+# payload into and out of its interpreter).
+_PUT_FEATURE_ALLOW_OOM = ("#!lua flags=allow-oom\nredis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[1])\n"
+                          + _MARK_FEATURE)
+
 # KEYS: feature, state, inflight, frames. ARGV: stream, sample_id.
 # Runs right after the GET of the feature (same MULTI): deletes it, marks the stream consumed, and frees
 # the in-flight slot when every stream of the sample is consumed. Returns 1 = taken, 2 = already consumed
@@ -279,6 +288,7 @@ class SampleStore:
         self.redis = redis_client(settings)
         self._mark_frames = self.redis.register_script(_MARK_FRAMES)
         self._mark_feature = self.redis.register_script(_MARK_FEATURE)
+        self._put_feature_oom = self.redis.register_script(_PUT_FEATURE_ALLOW_OOM)
         self._take = self.redis.register_script(_TAKE)
         self._acquire = self.redis.register_script(_ACQUIRE)
         self._abandon = self.redis.register_script(_ABANDON)
@@ -290,19 +300,25 @@ class SampleStore:
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise ServiceUnavailable("Redis", address, exc) from None
         except redis.ResponseError as exc:
-            if "OOM" in str(exc):  # at maxmemory (noeviction): back-pressure, never a dropped payload
+            if isinstance(exc, redis.exceptions.OutOfMemoryError) or "maxmemory" in str(exc):
+                # At maxmemory (noeviction): back-pressure, never a dropped payload.
                 raise ServiceSaturated(
                     "Redis", address, exc, "at its maxmemory: the workers wait until consumers free payloads; "
                     "raise maxmemory (ESSP_REDIS_MAXMEMORY_MB for the local one) or lower max_inflight") from None
             raise
 
-    def _transaction(self, build) -> list:  # noqa: ANN001
-        """Run the commands ``build(pipe)`` queues as one MULTI/EXEC (one round trip)."""
-        pipe = self.redis.pipeline(transaction=True)
+    def _transaction(self, build, *, transaction: bool = True) -> list:  # noqa: ANN001
+        """Run the commands ``build(pipe)`` queues as one MULTI/EXEC (one round trip); ``transaction=False``:
+        pipelined only (Redis 7.0 refuses even an allow-oom script inside MULTI at its maxmemory)."""
+        pipe = self.redis.pipeline(transaction=transaction)
         build(pipe)
         return self._call(pipe.execute)
 
     # -- keys -------------------------------------------------------------------------------------
+    def quarantine(self, video: str, reason: str) -> None:
+        """Record a video the run's next epochs leave out (essp.dataplane.plan.record_decode_quarantine)."""
+        self._call(self.redis.hset, self.keys.quarantine(self.run), video, reason)
+
     def frames_key(self, sample_id: str) -> str:
         return self.keys.frames(self.run, sample_id)
 
@@ -396,7 +412,15 @@ class SampleStore:
                 pipe.set(keys[0], encode_array(feature), ex=self.ttl_s)
                 self._mark_feature(keys=keys, args=[self.ttl_s, stream], client=pipe)
 
-        before = [int(n) for n in self._transaction(build)[1::2]]
+        def build_past_the_limit(pipe: redis.client.Pipeline) -> None:
+            for sample_id, feature in items:
+                keys = [self.feature_key(stream, sample_id), self.state_key(sample_id), self.frames_key(sample_id)]
+                self._put_feature_oom(keys=keys, args=[self.ttl_s, stream, encode_array(feature)], client=pipe)
+
+        try:
+            before = [int(n) for n in self._transaction(build)[1::2]]
+        except ServiceSaturated:  # at maxmemory: written anyway, since it frees the frames (see above)
+            before = [int(n) for n in self._transaction(build_past_the_limit, transaction=False)]
         return [None if n < 0 else n for n in before]
 
     def put_feature(self, stream: str, sample_id: str, feature: np.ndarray) -> int | None:
@@ -417,7 +441,13 @@ class SampleStore:
                 pipe.get(keys[0])
                 self._take(keys=keys, args=[stream, sample_id], client=pipe)
 
-        results = self._transaction(build)
+        try:
+            results = self._transaction(build)
+        except ServiceSaturated:
+            # At maxmemory the script that frees memory must still run, outside MULTI (see _transaction).
+            # Each GET and its take are then not one step: a concurrent taker of the same sample (a
+            # redelivered notice) gets "already consumed" from its take and drops what it read.
+            results = self._transaction(build, transaction=False)
         taken = []
         for data, status in zip(results[0::2], results[1::2], strict=True):
             if int(status) == 1 and data is not None:

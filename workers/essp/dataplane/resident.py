@@ -57,6 +57,9 @@ RUN_STATES = ("running", "paused", "stopped")
 # costs the local broker a fetch (object-store reads) every second instead of four times a second, and a
 # command waits at most about a second (see docs/dataplane.md, "Idle costs").
 CONTROL_FETCH_WAIT_MS = 2000
+_SET_LIVE_KEY = "#!lua flags=allow-oom\nreturn redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])"
+# How long a worker's heartbeats carry its last error (a stalled epoch's message names it).
+ERROR_SHOWN_S = 30.0
 
 
 def limit_threads() -> None:
@@ -242,8 +245,9 @@ class ResidentProcess(ABC):
         try:
             if self.producer is not None and publish:
                 self.producer.publish(self.topics.events, message, key=self.worker_id, wait=False, tracked=False)
-            redis_client(self.settings).set(self.keys.worker(self.worker_id), encode(message),
-                                            ex=max(10, int(self.settings.heartbeat_s * 3)))
+            # A script flagged allow-oom: a worker must still say why it waits when Redis is full.
+            redis_client(self.settings).eval(_SET_LIVE_KEY, 1, self.keys.worker(self.worker_id), encode(message),
+                                             max(10, int(self.settings.heartbeat_s * 3)))
         except Exception as exc:  # noqa: BLE001 - an event never kills a resident process
             log.warning("could not send %s event: %s", event, exc)
 
@@ -303,6 +307,7 @@ class ResidentWorker(ResidentProcess):
                                            "duplicates": 0, "redone": 0, "dead_lettered": 0}
         self.paused = False
         self._outage_delay = 0.25  # the wait before polling again while a service is away (doubles)
+        self._last_error: tuple[float, str] | None = None  # (when, what): heartbeats carry it for a while
         self.consumer: MessageConsumer | None = None
         self._lock = threading.Lock()
         self._first_offsets: dict[tuple[str, int], int] = {}
@@ -363,7 +368,14 @@ class ResidentWorker(ResidentProcess):
     def heartbeat_detail(self) -> str | None:
         if self.paused:
             return "paused"
+        if self._last_error and time.monotonic() - self._last_error[0] < ERROR_SHOWN_S:
+            return f"error: {self._last_error[1]}"  # what a stalled epoch's message quotes
         return None if self._worked else "idle"  # idle: its last poll found no work
+
+    def event(self, event: str, *, detail: str | None = None, **kwargs) -> None:  # noqa: ANN003
+        if event == "error" and detail:
+            self._last_error = (time.monotonic(), detail)
+        super().event(event, detail=detail, **kwargs)
 
     # -- control ------------------------------------------------------------------------------------
     def obey(self, command: ControlCommand) -> None:
