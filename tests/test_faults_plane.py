@@ -167,6 +167,7 @@ def test_an_unknown_redis_error_is_retried_then_dead_lettered_by_sample(faulty):
     assert all("no permissions" in r and "failed 3 times" in r for r in reasons), reasons
 
 
+@pytest.mark.long
 def test_a_brief_unknown_redis_error_is_ridden_out(faulty):
     stack, manifest, fleet = faulty
 
@@ -181,6 +182,7 @@ def test_a_brief_unknown_redis_error_is_ridden_out(faulty):
     assert result.tallies["flow"].dead == 0, [letter.reason for letter in result.letters]
 
 
+@pytest.mark.long
 def test_an_extractor_error_dead_letters_that_sample_for_that_stream_only(faulty):
     stack, manifest, _ = faulty
     import fault_extractors  # noqa: F401 - registers "flaky" here (the planner checks the streams)
@@ -223,6 +225,7 @@ def test_redis_at_its_memory_limit_is_back_pressure_not_a_stall(faulty):
     assert "is full" in logs and "maxmemory" in logs, "the limit was never reached: nothing was tested"
 
 
+@pytest.mark.long
 def test_a_redis_too_full_to_take_a_chunk_stalls_with_the_reason(faulty):
     stack, manifest, fleet = faulty
     client = redis_client(stack.settings)
@@ -235,6 +238,7 @@ def test_a_redis_too_full_to_take_a_chunk_stalls_with_the_reason(faulty):
         publish_control(stack.settings, "stop", run="too-full")  # its jobs are skipped, not left to run
 
 
+@pytest.mark.long
 def test_redis_that_stops_answering_for_longer_than_a_lease_loses_nothing(faulty):
     # DEBUG SLEEP's effect (Redis 7 refuses DEBUG unless enabled): the server stops answering for 8 s,
     # longer than every member's lease, which then all lapse at once.
@@ -282,6 +286,7 @@ def test_a_stream_paused_past_the_payload_ttl_still_gets_every_sample(faulty):
     assert result.tallies["rgb"].dead == 0 and result.tallies["flow"].dead == 0
 
 
+@pytest.mark.long
 def test_the_broker_down_for_20_s_mid_epoch_loses_nothing(faulty):
     stack, manifest, fleet = faulty
 
@@ -295,3 +300,60 @@ def test_the_broker_down_for_20_s_mid_epoch_loses_nothing(faulty):
     assert_sound(result)
     assert result.seconds > 20
     assert all(w.alive() for w in fleet.workers.values()), "a worker died of the broker's restart"
+
+
+@pytest.mark.long
+def test_poison_videos_that_crash_or_hang_the_decoder_are_quarantined(faulty):
+    stack, manifest, _ = faulty
+    train = manifest.split("train")
+    crash, hang = train[1].uri, train[2].uri
+    settings = stack.scoped(decode_timeout_s=3.0, kafka_session_timeout_ms=3000)
+    fleet = Fleet(settings, stack.settings.state_dir / "poison-workers")
+    os.environ["ESSP_FAILPOINTS"] = f"decode.crash={crash},decode.hang={hang}"
+    restarts = []
+    try:
+        fleet.start("decode", "decode", "flow")
+
+        def keep_two_decoders(stop: threading.Event) -> None:  # what a Deployment does for its pods
+            while not stop.wait(0.3):
+                if len(fleet.of("decode")) < 2:
+                    restarts.append(time.monotonic())
+                    fleet.start("decode")
+
+        result = run_epoch(settings, manifest, "poison", samples=48, features=FLOW, during=keep_two_decoders,
+                           timeout_s=90)
+    finally:
+        del os.environ["ESSP_FAILPOINTS"]
+        fleet.stop()
+    report("poison", result)
+    assert_sound(result)
+    poisoned = {job.sample_id for job in result.plan.jobs if job.video in (crash, hang)}
+    videos = {job.sample_id: (job.video, job.offset) for job in result.plan.jobs}
+    dead = {letter.sample_id for letter in result.letters}
+    assert poisoned and dead == poisoned, ({i: videos[i] for i in poisoned - dead}, crash, hang)
+    assert all("crashed or hung" in letter.reason for letter in result.letters), result.letters[0].reason
+    quarantine = redis_client(settings).hgetall(f"{settings.redis_prefix}:poison:quarantine")
+    assert {k.decode() for k in quarantine} == {crash, hang}
+    assert 2 <= len(restarts) <= 2 * (3 + 1), f"{len(restarts)} restarts: the attempts are not bounded"
+
+
+@pytest.mark.long
+def test_every_decoder_killed_and_new_ones_30_s_later_the_epoch_completes(faulty):
+    stack, manifest, fleet = faulty
+    gap = []
+
+    def kill_all_decoders(stop: threading.Event) -> None:
+        time.sleep(2.0)
+        victims = fleet.of("decode")
+        for victim in victims:
+            fleet.kill(victim)
+        gap.append(time.monotonic())
+        if not stop.wait(30.0):
+            fleet.start(*["decode"] * len(victims))
+            gap.append(time.monotonic())
+
+    result = run_epoch(stack.settings, manifest, "kill-all", samples=160, during=kill_all_decoders, features=FLOW,
+                       consume_delay=0.03, timeout_s=90)
+    report("kill-all", result)
+    assert len(gap) == 2 and gap[1] - gap[0] >= 30
+    assert_sound(result)

@@ -105,6 +105,9 @@ class Settings(BaseSettings):
         "Longest a worker or consumer holds finished records uncommitted: it commits what it finished at most "
         "this often, and at once when it goes idle, stops or hands partitions over (0: after every poll)."))
     video_cache_mb: int = Field(256, ge=0, description="In-memory LRU of video bytes per decode worker.")
+    decode_timeout_s: float = Field(120.0, gt=0, description=(
+        "Longest one sample's decode may take: a decoder hung longer ends its worker (restarted by its fleet), "
+        "and a sample that ends or hangs the decoder 3 times is quarantined."))
     prefetch_depth: int = Field(8, ge=1, description="Samples a consumer holds ready ahead of the trainer.")
     heartbeat_s: float = Field(5.0, gt=0, description="Interval of worker heartbeats on the events topic.")
     extractor_modules: str = Field("", description="Comma-separated modules that register extra extractors.")

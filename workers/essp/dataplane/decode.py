@@ -15,6 +15,7 @@ in the run's quarantine hash, and its sample is abandoned (slot freed) so the ep
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import threading
 import time
@@ -31,6 +32,7 @@ from essp.dataplane.payloads import TO_EXTRACT, SampleStore
 from essp.dataplane.resident import ResidentWorker, WorkInterrupted
 from essp.datasets.video import VideoError, decode_segment
 from essp.errors import ServiceUnavailable
+from essp.failpoints import failpoint
 from essp.settings import Settings
 
 log = logging.getLogger("essp.decode")
@@ -98,11 +100,13 @@ class DecodeWorker(ResidentWorker):
     kind = "decode"
     family: ClassVar[str] = "decode"
     NOT_FOUND_RETRIES_S: ClassVar[tuple[float, ...]] = (1.0, 3.0)  # reads again before a video is "missing"
+    MAX_ATTEMPTS: ClassVar[int] = 3  # decodes of one sample begun (crashed or hung) before it is given up
 
     def __init__(self, settings: Settings, **kwargs) -> None:  # noqa: ANN003
         super().__init__(settings, **kwargs)
         self.cache = VideoCache(ObjectStore(settings), settings.video_cache_mb * 1024 * 1024)
         self._stores: dict[str, SampleStore] = {}
+        self._finished_videos: dict[str, list[str]] = {}  # per run: decoded since the counts were written
         self.counters.update({"work_cpu_s": 0.0, "frames": 0, "frames_decoded": 0})
 
     def group_id(self) -> str:
@@ -176,8 +180,26 @@ class DecodeWorker(ResidentWorker):
         started = None
         try:
             data = self._fetch(job.video)
+            # A poison video (one that crashes the decoder's process or hangs it) must not take the
+            # decode pool down in turn: each decode of a video is counted before it starts, and a video
+            # whose decodes began more than MAX_ATTEMPTS times without one finishing is quarantined (its
+            # other samples fail at once).
+            begun = store.start_attempt(job.video, self._finished_videos.pop(job.run, []))
+            if begun > self.MAX_ATTEMPTS:
+                self._fail(received, job, store, f"video {job.video}: the decoder crashed or hung {begun - 1} "
+                                                 f"times on frames {job.offset}..{job.offset + job.length} "
+                                                 f"(over {self.settings.decode_timeout_s:.0f} s, or its process "
+                                                 "ended): given up")
+                return None
             started = time.thread_time()
-            frames = decode_frames_for(data, job, stats)
+            # A hang ends the process: faulthandler's own thread (no GIL needed) dumps the stacks and exits
+            # after decode_timeout_s; the fleet (a Deployment, a supervisor) starts the worker again.
+            faulthandler.dump_traceback_later(self.settings.decode_timeout_s, exit=True)
+            try:
+                failpoint("decode", job.video)
+                frames = decode_frames_for(data, job, stats)
+            finally:
+                faulthandler.cancel_dump_traceback_later()
         except (VideoError, ObjectNotFound) as exc:
             self._fail(received, job, store, str(exc))
             return None
@@ -193,6 +215,7 @@ class DecodeWorker(ResidentWorker):
         finally:
             if started is not None:  # the work counter: CPU of this thread inside the decode itself
                 self.count("work_cpu_s", time.thread_time() - started)
+        self._finished_videos.setdefault(job.run, []).append(job.video)  # cleared with the next round trip
         self.count("frames", stats.get("used", 0))
         self.count("frames_decoded", stats.get("decoded", 0))
         return frames
@@ -201,6 +224,7 @@ class DecodeWorker(ResidentWorker):
         if not decoded:
             return
         todo = store.put_frames_many([(job.sample_id, frames, list(job.features)) for job, frames in decoded])
+        store.finish_attempts(self._finished_videos.pop(store.run, []))
         fresh = [job for (job, _), n in zip(decoded, todo, strict=True) if n]
         self.count("duplicates", len(decoded) - len(fresh))  # every stream already had it: a redelivered job
         self.count("jobs_done", len(decoded))

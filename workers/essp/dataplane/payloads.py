@@ -315,6 +315,22 @@ class SampleStore:
         return self._call(pipe.execute)
 
     # -- keys -------------------------------------------------------------------------------------
+    def start_attempt(self, video: str, finished: Sequence[str] = ()) -> int:
+        """Count one more decode of the video begun, and clear the counts of the videos whose decodes just
+        ``finished`` (same round trip); returns how many began and never finished (a worker that crashed
+        or hung on the video left its count behind)."""
+        key = self.keys.decode_attempts(self.run)
+        pipe = self.redis.pipeline(transaction=False)
+        if finished:
+            pipe.hdel(key, *set(finished))
+        pipe.hincrby(key, video, 1)
+        pipe.expire(key, self.ttl_s * 4)
+        return int(self._call(pipe.execute)[-2])
+
+    def finish_attempts(self, videos: Sequence[str]) -> None:
+        if videos:
+            self._call(self.redis.hdel, self.keys.decode_attempts(self.run), *set(videos))
+
     def quarantine(self, video: str, reason: str) -> None:
         """Record a video the run's next epochs leave out (essp.dataplane.plan.record_decode_quarantine)."""
         self._call(self.redis.hset, self.keys.quarantine(self.run), video, reason)
