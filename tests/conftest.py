@@ -65,3 +65,42 @@ def free_port_block(count: int = 4, low: int = 20000, high: int = 32000) -> int:
 def closed_port() -> int:
     """A port nothing listens on (bound and released; nothing of ours will take it meanwhile)."""
     return free_port()
+
+
+def _leftover_workers() -> list[tuple[int, str]]:
+    """ESSP resident processes (workers, trainers) this test session started that still run."""
+    import os
+    from pathlib import Path
+
+    me, found = os.getpid(), []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == me and "essp.cli worker" in cmdline:
+            found.append((int(entry.name), cmdline.strip()))
+    return found
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:  # noqa: ANN001
+    """Hygiene (issue 11): the suite leaves no worker behind. One still running here is a test that did
+    not stop what it started: it is killed, named, and the session fails."""
+    import os
+    import signal
+
+    leftovers = _leftover_workers()
+    for pid, _ in leftovers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if leftovers:
+        lines = "\n".join(f"  pid {pid}: {cmd}" for pid, cmd in leftovers)
+        session.config.pluginmanager.get_plugin("terminalreporter").write_line(
+            f"HYGIENE: {len(leftovers)} ESSP process(es) started by the suite still ran at its end (killed):\n{lines}",
+            red=True)
+        session.exitstatus = 1
