@@ -211,13 +211,17 @@ def test_redis_at_its_memory_limit_is_back_pressure_not_a_stall(faulty):
     # again and again and must wait (the decode) or write anyway (what frees memory), never drop or stall.
     size = 96
     sample_bytes = (L + 1) * size * size + 2 * L * size * size
+    # The Redis ESSP starts has a limit of its own (there was none: it would have grown until the kernel
+    # killed it); the test lowers it for the epoch.
+    limit = int(client.config_get("maxmemory")["maxmemory"])
+    assert limit == stack.settings.redis_maxmemory_mb * 1024 * 1024
     used = int(client.info("memory")["used_memory"])
     client.config_set("maxmemory", used + 12 * sample_bytes + 1024 * 1024)
     try:
         result = run_epoch(stack.settings, manifest, "maxmemory", samples=120, features=FLOW, consume_delay=0.05,
                            max_inflight=64, timeout_s=60, size=size)
     finally:
-        client.config_set("maxmemory", 0)
+        client.config_set("maxmemory", limit)
     report("maxmemory", result)
     assert_sound(result)
     assert result.tallies["flow"].dead == 0
@@ -229,12 +233,13 @@ def test_redis_at_its_memory_limit_is_back_pressure_not_a_stall(faulty):
 def test_a_redis_too_full_to_take_a_chunk_stalls_with_the_reason(faulty):
     stack, manifest, fleet = faulty
     client = redis_client(stack.settings)
+    limit = client.config_get("maxmemory")["maxmemory"]
     client.config_set("maxmemory", int(client.info("memory")["used_memory"]) + 64 * 1024)
     try:
         with pytest.raises(AssertionError, match=r"no sample for 20s.*Workers report: .*is full.*maxmemory"):
             run_epoch(stack.settings, manifest, "too-full", samples=40, features=FLOW, timeout_s=20, size=96)
     finally:
-        client.config_set("maxmemory", 0)
+        client.config_set("maxmemory", limit)
         publish_control(stack.settings, "stop", run="too-full")  # its jobs are skipped, not left to run
 
 

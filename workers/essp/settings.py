@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     redis_db: int = Field(0, ge=0, le=15)
     redis_password: SecretStr | None = None
     redis_prefix: str = Field("essp", description="Prefix of every Redis key ESSP writes.")
+    redis_maxmemory_mb: int = Field(2048, ge=16, description=(
+        "maxmemory of the Redis ESSP starts itself (noeviction): at the limit the decode waits (back-pressure) "
+        "and a stalled epoch says why. A reused Redis keeps its own setting."))
 
     # Kafka protocol: jobs, ready notices, control, events, dead letters.
     kafka_host: str = "127.0.0.1"

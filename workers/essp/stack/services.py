@@ -316,7 +316,8 @@ class LocalStack:
         # The configuration, password included, goes in a file only we can read: a password on the command
         # line is seen by every `ps` on the machine, and spawn() writes the command line to the log.
         config = {"bind": s.redis_host, "port": str(s.redis_port), "dir": str(self._data("redis")), "save": "",
-                  "appendonly": "no", "maxmemory-policy": "noeviction", "daemonize": "no", "logfile": ""}
+                  "appendonly": "no", "maxmemory": f"{s.redis_maxmemory_mb}mb", "maxmemory-policy": "noeviction",
+                  "daemonize": "no", "logfile": ""}
         if s.redis_password is not None:
             config["requirepass"] = s.redis_password.get_secret_value()
         self.table.run_dir.mkdir(parents=True, exist_ok=True)
