@@ -85,6 +85,7 @@ def test_redis_restarted_empty_mid_epoch_loses_nothing(faulty):
     assert result.tallies["flow"].redone > 0, "the restart lost payloads: some samples must have been redone"
 
 
+@pytest.mark.long
 def test_a_paused_run_stays_paused_when_redis_restarts_empty(faulty):
     stack, manifest, fleet = faulty
     settings, run = stack.settings, "redis-paused"
@@ -111,6 +112,7 @@ def test_a_paused_run_stays_paused_when_redis_restarts_empty(faulty):
     assert sorted(got) == sorted(plan.sample_ids())
 
 
+@pytest.mark.long
 def test_a_worker_stopped_past_its_lease_is_fenced_when_it_resumes(faulty):
     stack, manifest, fleet = faulty
     stopped = []
@@ -203,6 +205,7 @@ def test_an_extractor_error_dead_letters_that_sample_for_that_stream_only(faulty
         assert letter.stream == "flaky" and "extractor flaky failed" in letter.reason, letter.reason
 
 
+@pytest.mark.long
 def test_redis_at_its_memory_limit_is_back_pressure_not_a_stall(faulty):
     stack, manifest, fleet = faulty
     client = redis_client(stack.settings)
@@ -362,3 +365,36 @@ def test_every_decoder_killed_and_new_ones_30_s_later_the_epoch_completes(faulty
     report("kill-all", result)
     assert len(gap) == 2 and gap[1] - gap[0] >= 30
     assert_sound(result)
+
+
+@pytest.mark.long
+def test_a_video_missing_for_a_moment_is_read_again_not_quarantined(faulty):
+    # What an S3 server answers while it starts (its filer not loaded yet): "not found" for an object
+    # that exists. The decode reads it again before it gives the video up.
+    from essp.clients.s3 import ObjectStore, S3Uri
+
+    stack, manifest, _ = faulty
+    settings = stack.scoped(video_cache_mb=0)
+    fleet = Fleet(settings, stack.settings.state_dir / "notfound-workers")
+    store = ObjectStore(stack.settings)
+    video = S3Uri.parse(manifest.split("train")[0].uri)
+    data = store.get_bytes(video.bucket, video.key)
+    fleet.start("decode", "flow")
+
+    def gone_for_a_moment(stop: threading.Event) -> None:
+        time.sleep(1.5)  # the workers have settled; the object comes back within the decode's re-reads
+        store.put_bytes(video.bucket, video.key, data)
+
+    try:
+        store.delete(video.bucket, video.key)
+        result = run_epoch(settings, manifest, "not-found", samples=48, features=FLOW, during=gone_for_a_moment)
+    finally:
+        store.put_bytes(video.bucket, video.key, data)
+        logs = "".join(w.log_path.read_text() for w in fleet.workers.values())
+        fleet.stop()
+    assert "not found; reading it again" in logs, "no decode met the missing video: nothing was tested"
+    report("not-found", result)
+    assert_sound(result)
+    assert result.tallies["flow"].dead == 0, [letter.reason for letter in result.letters]
+    assert not redis_client(settings).hgetall(f"{settings.redis_prefix}:not-found:quarantine")
+    assert any(job.video == str(video) for job in result.plan.jobs)
