@@ -191,9 +191,16 @@ def test_an_extractor_error_dead_letters_that_sample_for_that_stream_only(faulty
 
     settings = stack.scoped(extractor_modules="fault_extractors")
     fleet = Fleet(settings, stack.settings.state_dir / "flaky-workers")
-    os.environ["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])
+    path = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), path or ""])  # for the plugin
     try:
         fleet.start("decode", "flaky", "rgb")
+    finally:  # only the workers started here need it
+        if path is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = path
+    try:
         result = run_epoch(settings, manifest, "flaky", samples=64, features={"rgb": {}, "flaky": {}})
     finally:
         fleet.stop()
