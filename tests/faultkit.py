@@ -9,7 +9,8 @@ promises of the design against what happened:
 * every dead letter names its sample, run and epoch;
 * the trainer sees no sample twice within the epoch;
 * the run's in-flight count never exceeded its bound (sampled every 20 ms);
-* no payload key (frames, features) and no in-flight slot is left after the epoch;
+* no payload key (frames, features) and no in-flight slot is left after the epoch (the streams stay open
+  up to ``SETTLE_S`` after it, as a resident trainer's do between epochs, to take late copies);
 * no committed offset passed a job that was not done: each commit of the decode group (sampled every
   0.3 s) is checked against the frames notices and dead letters that existed when it was read, and no
   committed offset ever moves back (what a stale owner committing over its successor does).
@@ -173,6 +174,7 @@ class EpochResult:
     commits_checked: int
     violations: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    remade: int = 0  # jobs published to the epoch's decode topic past the plan: redone by anyone
 
     def rows(self) -> list[dict[str, int | str]]:
         return [t.row() for t in self.tallies.values()]
@@ -264,9 +266,24 @@ def run_epoch(settings: Settings, manifest: Manifest, run: str, *, samples: int,
                     seen[stream].append(sample.sample_id)
                     if consume_delay:
                         time.sleep(consume_delay(stream) if callable(consume_delay) else consume_delay)
+                # Open a little longer, as a resident trainer's streams stay between epochs: late copies
+                # (a redo that crossed its original) are taken and dropped, not left in Redis to their TTL.
+                end(stream)
+                all_ended.wait(timeout_s * 4)
+                _settle(settings, run, SETTLE_S)
                 stats[stream] = samples_in.stats
         except BaseException as exc:  # noqa: BLE001 - re-raised below
             errors.append(exc)
+        finally:
+            end(stream)
+
+    ended: set[str] = set()
+    all_ended = threading.Event()
+
+    def end(stream: str) -> None:
+        ended.add(stream)  # (under the GIL; a stream that fails counts as ended too)
+        if len(ended) == len(features):
+            all_ended.set()
 
     started = time.monotonic()
     threads = [threading.Thread(target=drain, args=(s,), name=f"drain-{s}") for s in features]
@@ -294,6 +311,22 @@ def run_epoch(settings: Settings, manifest: Manifest, run: str, *, samples: int,
     result = check_epoch(settings, plan, seen, stats, watch, max_inflight)
     result.seconds = time.monotonic() - started
     return result
+
+
+SETTLE_S = 15.0
+
+
+def _settle(settings: Settings, run: str, within_s: float) -> None:
+    """Wait until the run has no payload key and no in-flight slot (or ``within_s`` passed)."""
+    client = redis_client(settings)
+    prefix = f"{settings.redis_prefix}:{run}"
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if not client.zcard(f"{prefix}:inflight") and not any(
+                True for pattern in (f"{prefix}:frames:*", f"{prefix}:feat:*")
+                for _ in client.scan_iter(match=pattern, count=1000)):
+            return
+        time.sleep(0.2)
 
 
 def check_epoch(settings: Settings, plan: EpochPlan, seen: dict[str, list[str]], stats: dict,
@@ -339,7 +372,10 @@ def check_epoch(settings: Settings, plan: EpochPlan, seen: dict[str, list[str]],
     if client.zcard(f"{prefix}:inflight"):
         violations.append(f"{client.zcard(f'{prefix}:inflight')} in-flight slot(s) left after the epoch")
     violations += _check_commits(settings, plan, watch.commits, letters)
-    return EpochResult(plan, tallies, letters, watch.peak, bound, len(watch.commits), violations)
+    published = sum(len(decode(r.value, r.topic, (DecodeChunk,)).jobs)
+                    for r in read_topic(settings, topics.decode(run, epoch)))
+    return EpochResult(plan, tallies, letters, watch.peak, bound, len(watch.commits), violations,
+                       remade=published - len(plan.jobs))
 
 
 def _check_commits(settings: Settings, plan: EpochPlan, commits: list[tuple[float, dict[int, int]]],

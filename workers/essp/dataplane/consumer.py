@@ -90,6 +90,13 @@ class SampleStream:
         self.stats = StreamStats()
         self._queue: queue.Queue[Sample | _Dead] = queue.Queue(maxsize=self.prefetch)
         self._carry: list[Sample | _Dead] = []
+        # What the foreground has done, read by the background thread: the last epoch it finished and the
+        # samples the current one has had. A late copy of either (a redo that crossed its original, work
+        # redone after Redis lost the "consumed" state) is taken, freeing its payload and slot, and dropped
+        # there, never queued nor made again (found by the fault suite: such a copy arriving after its
+        # epoch sat in Redis, holding an in-flight slot, until its TTL).
+        self._finished = -1
+        self._had: tuple[int, set[str]] = (-1, set())
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._consumer = MessageConsumer(
@@ -179,7 +186,10 @@ class SampleStream:
         items: list[Sample | _Dead] = []
         lost: list[DecodeJob] = []
         for job, got in zip(jobs, taken, strict=True):
-            if got.status == "taken":
+            if self._done_with(job):  # a late copy: taken (freed) or lost, either way not wanted again
+                if got.status != "lost":
+                    self.stats.duplicates += 1
+            elif got.status == "taken":
                 assert got.array is not None
                 items.append(Sample(job.sample_id, job.epoch, job.label, got.array, job))
             elif got.status == "duplicate":
@@ -193,6 +203,10 @@ class SampleStream:
             self.stats.redone += len(lost)
         return items
 
+    def _done_with(self, job: DecodeJob) -> bool:
+        epoch, had = self._had
+        return job.epoch <= self._finished or (job.epoch == epoch and job.sample_id in had)
+
     # -- foreground -------------------------------------------------------------------------------
     def epoch(self, epoch: int, expected: int, *, timeout_s: float = 120.0,
               keep_waiting: Callable[[], bool] | None = None) -> Iterator[Sample]:
@@ -202,6 +216,7 @@ class SampleStream:
         ``keep_waiting``: asked when ``timeout_s`` passes without a sample; true (the run is paused)
         waits on instead of raising."""
         seen: set[str] = set()
+        self._had = (epoch, seen)
         pending, self._carry = self._carry, []
         while len(seen) < expected:
             if pending:
@@ -221,6 +236,7 @@ class SampleStream:
                 continue
             self.stats.delivered += 1
             yield item
+        self._finished = max(self._finished, epoch)
         self._carry.extend(pending)
 
     def _next(self, timeout_s: float, epoch: int, have: int, expected: int,
