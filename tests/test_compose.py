@@ -468,6 +468,32 @@ def test_credential_literal_detection() -> None:
     assert len(found) == 5, found
 
 
+def credentials_on_command_lines(services: dict[str, Any]) -> Iterator[str]:
+    """Compose-interpolated credentials (``${ESSP_REDIS_PASSWORD}``) in a service's command or entrypoint:
+    they end up in the process's argv, which ``ps`` shows to every user of the host. (A ``$$VAR`` is the
+    container's shell reading its own environment, e.g. into a file.)"""
+    for name, service in services.items():
+        for field in ("command", "entrypoint"):
+            value = service.get(field) or []
+            for index, item in enumerate([value] if isinstance(value, str) else value):
+                for match in _TOKEN.finditer(str(item)):
+                    variable = match.group("braced") or match.group("named")
+                    if variable and is_credential_key(variable):
+                        yield f"services/{name}/{field}[{index}]: ${{{variable}}}"
+
+
+def test_credentials_on_command_lines_are_found() -> None:
+    bad = {"r": {"command": ["redis-server", "--requirepass", "${PW_PASSWORD:?x}"]},
+           "s": {"entrypoint": "sh -c 'run --token $API_TOKEN'"},
+           "ok": {"command": ["sh", "-c", "printf '%s' \"$$PW_PASSWORD\" > /tmp/f && exec server /tmp/f"]}}
+    assert len(list(credentials_on_command_lines(bad))) == 2
+
+
+def test_no_credential_on_a_command_line(raw_compose: dict[str, Any]) -> None:
+    found = list(credentials_on_command_lines(raw_compose["services"]))
+    assert not found, f"credentials on command lines (ps shows them; pass them in a file): {found}"
+
+
 def test_no_credential_literals_in_compose(raw_compose: dict[str, Any]) -> None:
     found = list(credential_literals(raw_compose))
     assert not found, f"credentials written as literals in docker-compose.yaml (use ${{VAR:?...}}): {found}"
