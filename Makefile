@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.essp-installed
 
-.PHONY: setup demo test faults lint up down status airflow-up airflow-down clean
+.PHONY: setup demo test test-e2e faults lint up down status airflow-up airflow-down clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,12 @@ demo: setup
 test: setup
 	$(BIN)/essp infra up
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Whole DAG runs through Airflow (dag.test() and the REST API), each a few minutes: CI runs them after
+# `make test`.
+test-e2e: setup
+	$(BIN)/essp infra up
+	$(BIN)/python -m pytest -m e2e $(PYTEST_ARGS)
 
 # The whole fault-injection suite (docs/reliability.md): `make test` runs its quick part.
 faults: setup

@@ -203,6 +203,7 @@ REST_CONF = {"dataset": "tiny", "rgb_arch": "tiny", "flow_arch": "tiny", "epochs
 DAG_RUN_SCREENSHOT = REPO / "docs" / "img" / "ui-dag-run-report.png"
 
 
+@pytest.mark.e2e
 def test_essp_train_triggered_through_the_rest_api_with_a_fusion_override(airflow_ui, browser, tmp_path):
     from essp.datasets.ingest import ingest_directory
     from essp.datasets.synth import synthesize

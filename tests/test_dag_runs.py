@@ -108,10 +108,12 @@ def trained(dag_env):
     return run_dag(dag_env, "essp_train", CONF)
 
 
+@pytest.mark.e2e
 def test_every_dag_imports(trained):
     assert {"essp_train", "essp_nightly_retrain", "essp_predict", "essp_control", "essp_smoke"} <= set(trained["dags"])
 
 
+@pytest.mark.e2e
 def test_essp_train_runs_end_to_end_with_the_fusion_override(dag_env, trained):
     settings, _, _ = dag_env
     assert trained["state"] == "success", {k: v for k, v in trained.items() if k != "log"}
@@ -137,6 +139,7 @@ def test_essp_train_runs_end_to_end_with_the_fusion_override(dag_env, trained):
     assert not [p for p in table.run_dir.glob("*.pid") if table.record(p.stem)], "workers left running"
 
 
+@pytest.mark.e2e
 def test_predict_dag_scores_a_prefix_with_the_registered_fusion(dag_env, trained):
     settings, _, root = dag_env
     store = ObjectStore(settings)
@@ -165,6 +168,7 @@ def _split(uri: str) -> tuple[str, str]:
     return location.bucket, location.key
 
 
+@pytest.mark.e2e
 def test_nightly_retrain_skips_when_nothing_changed_then_retrains_on_a_new_video(dag_env, trained):
     settings, _, root = dag_env
     assert trained["state"] == "success"
@@ -242,6 +246,7 @@ def test_a_param_outside_its_schema_is_refused_when_the_run_is_created(override,
     assert checked(CONF)["fusion"] == "max"  # the good conf passes
 
 
+@pytest.mark.e2e
 def test_a_bad_combination_of_params_fails_the_first_task_naming_it(dag_env):
     # what needs two params is refused by the first task, before anything starts
     result = run_dag(dag_env, "essp_train", {**CONF, "fusion": "weighted", "run": "dagtest-bad"})

@@ -205,6 +205,8 @@ def test_in_flight_bound_holds_while_the_consumer_is_slow(plane):
     assert peak["used_memory"] < bound * (frames_bytes + flow_bytes) + 4 * 1024 * 1024
 
 
+@pytest.mark.fault
+@pytest.mark.long  # fault 1 of tests/test_faults_plane.py kills more, more often, in make test
 def test_killing_workers_mid_epoch_loses_no_sample(plane):
     settings, manifest, damaged, workers = plane
     run = "r-kill"
