@@ -21,6 +21,17 @@ class ObjectNotFound(EsspError, FileNotFoundError):
     """The object (or its bucket) does not exist."""
 
 
+_CONFLICTS = ("PreconditionFailed", "ConditionalRequestConflict")
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """An object's bytes and the ETag of that very version (one GET: both come from one response)."""
+
+    data: bytes
+    etag: str
+
+
 @dataclass(frozen=True)
 class S3Uri:
     bucket: str
@@ -116,6 +127,51 @@ class ObjectStore:
         """:meth:`put_bytes`, returning the written object's ETag (without quotes)."""
         written = self._call(f"s3://{bucket}/{key}", self.client.put_object, bucket, key, io.BytesIO(data),
                              len(data), content_type=content_type, metadata=metadata)
+        return _etag(getattr(written, "etag", None))
+
+    # -- compare-and-set, for what two DAG runs may write at once (a run's claim, the model registry) --
+    # A conditional PUT: ``If-None-Match: *`` creates the object only if there is none, ``If-Match:
+    # "<etag>"`` replaces it only if it is still the version read. The local S3 (SeaweedFS 4.48) honours
+    # both atomically (8 writers racing on one key: exactly one wins each time), as AWS S3 and MinIO do;
+    # the loser gets 412 PreconditionFailed. MinIO's public put_object takes no request headers (it turns
+    # them into user metadata), so the request goes through its _put_object, here and only here.
+
+    def get_versioned(self, bucket: str, key: str) -> Versioned | None:
+        """The object with its ETag, or None when there is none (nor its bucket)."""
+        try:
+            response = self.client.get_object(bucket, key)
+            try:
+                data = response.read()
+                etag = _etag(response.headers.get("ETag"))
+            finally:
+                response.close()
+                response.release_conn()
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject", "NoSuchBucket"):
+                return None
+            raise EsspError(f"s3://{bucket}/{key}: S3 error {exc.code}: {exc.message}") from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._unavailable(exc) from None
+        return Versioned(data, etag)
+
+    def put_if(self, bucket: str, key: str, data: bytes, *, etag: str | None,
+               content_type: str = "application/json") -> str | None:
+        """Write the object only if it is still version ``etag`` (None: only if there is no such object);
+        returns the new ETag, or None when another writer got there first (read it again, decide again).
+
+        A request whose first attempt won but whose answer was lost is retried by the HTTP pool and fails
+        its condition: a failed condition is therefore checked against what the object now holds."""
+        condition = {"If-Match": f'"{etag}"'} if etag else {"If-None-Match": "*"}
+        try:
+            written = self.client._put_object(bucket, key, data, {"Content-Type": content_type, **condition})
+        except S3Error as exc:
+            if exc.code not in _CONFLICTS:
+                raise EsspError(f"s3://{bucket}/{key}: conditional write refused: S3 error {exc.code}: "
+                                f"{exc.message}") from None
+            current = self.get_versioned(bucket, key)
+            return current.etag if current is not None and current.data == data else None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._unavailable(exc) from None
         return _etag(getattr(written, "etag", None))
 
     def get_bytes(self, bucket: str, key: str) -> bytes:

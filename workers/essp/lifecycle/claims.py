@@ -20,7 +20,6 @@ from typing import Any
 
 from essp.clients.s3 import ObjectStore
 from essp.errors import EsspError
-from essp.lifecycle.cas import put_if, read_versioned
 from essp.settings import Settings
 
 CLAIM = "owner.json"
@@ -49,9 +48,9 @@ def claim_run(settings: Settings, run: str, owner: str, *,
     body = json.dumps({"owner": owner, "claimed_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                        "claim": uuid.uuid4().hex}).encode()
     for _ in range(10):
-        current = read_versioned(store, bucket, key)
+        current = store.get_versioned(bucket, key)
         if current is None:
-            if put_if(store, bucket, key, body, etag=None) is not None:
+            if store.put_if(bucket, key, body, etag=None) is not None:
                 return {"run": run, "owner": owner, "claimed": "new"}
             continue  # another DAG run claimed it meanwhile: look at its claim
         held = json.loads(current.data)
@@ -59,7 +58,7 @@ def claim_run(settings: Settings, run: str, owner: str, *,
             return {"run": run, "owner": owner, "claimed": "again"}  # a retry of the owning DAG run
         state = owner_state(held["owner"]) if owner_state is not None else None
         if state in FINISHED:
-            if put_if(store, bucket, key, body, etag=current.etag) is not None:
+            if store.put_if(bucket, key, body, etag=current.etag) is not None:
                 return {"run": run, "owner": owner, "claimed": "taken over", "previous": held["owner"],
                         "previous_state": state}
             continue
@@ -75,7 +74,7 @@ def claim_run(settings: Settings, run: str, owner: str, *,
 def release_run(settings: Settings, run: str, owner: str) -> bool:
     """Give the claim back if ``owner`` holds it; True if it did."""
     store = ObjectStore(settings)
-    current = read_versioned(store, settings.bucket_runs, claim_key(run))
+    current = store.get_versioned(settings.bucket_runs, claim_key(run))
     if current is None or json.loads(current.data).get("owner") != owner:
         return False
     store.delete(settings.bucket_runs, claim_key(run))
@@ -84,5 +83,5 @@ def release_run(settings: Settings, run: str, owner: str) -> bool:
 
 def run_owner(settings: Settings, run: str) -> str | None:
     """The DAG run that holds the run's claim, or None."""
-    current = read_versioned(ObjectStore(settings), settings.bucket_runs, claim_key(run))
+    current = ObjectStore(settings).get_versioned(settings.bucket_runs, claim_key(run))
     return None if current is None else json.loads(current.data).get("owner")

@@ -26,9 +26,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from essp.clients.s3 import ObjectNotFound, ObjectStore, S3Uri
+from essp.clients.s3 import ObjectNotFound, ObjectStore, S3Uri, Versioned
 from essp.errors import EsspError
-from essp.lifecycle.cas import Versioned, put_if, read_versioned
 from essp.settings import Settings
 
 REGISTRY_PREFIX = "registry"
@@ -202,7 +201,7 @@ class ModelRegistry:
             except ValidationError as exc:
                 raise EsspError(f"model {self.name}@{version} of run {run!r} is not valid: {_problems(exc)}") from None
             body = model.model_dump_json().encode()
-            if put_if(self.store, self.bucket, self._version_key(version), body, etag=None) is not None:
+            if self.store.put_if(self.bucket, self._version_key(version), body, etag=None) is not None:
                 return model
             version += 1  # another registration took that number meanwhile
         raise EsspError(f"model registry {self.name!r}: run {run!r} lost {RACES} races for a version number at "
@@ -242,7 +241,7 @@ class ModelRegistry:
 
     def production_pointer(self) -> Production | None:
         """production.json (version, when and why it was promoted), or None before the first promotion."""
-        return self._pointer(read_versioned(self.store, self.bucket, self._production_key()))
+        return self._pointer(self.store.get_versioned(self.bucket, self._production_key()))
 
     def _pointer(self, found: Versioned | None) -> Production | None:
         if found is None:
@@ -268,12 +267,12 @@ class ModelRegistry:
         candidate = self.get(version)
         self.store.ensure_bucket(self.bucket)
         for _ in range(RACES):
-            found = read_versioned(self.store, self.bucket, self._production_key())
+            found = self.store.get_versioned(self.bucket, self._production_key())
             result, production = self._decide(candidate, self._pointer(found), metric=metric, force=force,
                                               reason=reason)
             if production is not None:
                 body = production.model_dump_json().encode()
-                if put_if(self.store, self.bucket, self._production_key(), body,
+                if self.store.put_if(self.bucket, self._production_key(), body,
                           etag=found.etag if found else None) is None:
                     continue  # production changed under this decision: decide again on the new one
             self._append(result)
@@ -333,7 +332,7 @@ class ModelRegistry:
         numbers = self._numbers(_EVENT_KEY, "promotions")
         number = (numbers[-1] if numbers else 0) + 1
         for _ in range(RACES):  # a concurrent writer may take the number: then the next one
-            if put_if(self.store, self.bucket, f"{self.prefix}/promotions/{number:06d}.json", body,
+            if self.store.put_if(self.bucket, f"{self.prefix}/promotions/{number:06d}.json", body,
                       etag=None) is not None:
                 return
             number += 1
