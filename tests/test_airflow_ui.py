@@ -247,6 +247,60 @@ def test_essp_train_triggered_through_the_rest_api_with_a_fusion_override(airflo
     assert _non_white(pixels[150:800]) > 0.03 and _colours(pixels[800:1700]) > 500
 
 
+@pytest.mark.fault
+@pytest.mark.long
+def test_a_triggerer_restarted_during_a_pause_longer_than_the_epoch_timeout_does_not_time_out(airflow_ui, tmp_path):
+    # issue 11, fault 9, on the real thing: the run is paused, its train tasks defer on its first epoch,
+    # the triggerer is stopped for longer than the epoch timeout and started again; the rebuilt triggers
+    # leave the paused time out of the timeout (the run's pause ledger in Redis), and after the resume
+    # the run finishes.
+    from essp.datasets.ingest import ingest_directory
+    from essp.datasets.synth import synthesize
+    from essp.stack.airflow import AirflowClient
+
+    settings = airflow_ui.settings
+
+    def control(command: str) -> None:  # as a user does it
+        done = subprocess.run([str(Path(sys.executable).parent / "essp"), "control", command, "--run", "pause-run"],
+                              env={**os.environ, **settings.as_env()}, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    synthesize(tmp_path / "videos", classes=3, videos_per_class=4, frames=24, height=48, width=48, keyint=6, seed=4)
+    ingest_directory(settings, tmp_path / "videos", "pausing")
+    timeout_s = 30
+    conf = {**REST_CONF, "dataset": "pausing", "run": "pause-run", "registry": "pausing", "epochs": 2,
+            "epoch_timeout_s": timeout_s}
+    client = AirflowClient(settings)
+    client.wait_for_dag("essp_train", timeout_s=120)
+    run = client.trigger("essp_train", conf)
+    run_id = run["dag_run_id"]
+    control("pause")  # before its first epoch: a tiny epoch would be over before a later pause
+
+    def states() -> dict[tuple[str, int], str]:
+        return {(t["task_id"], t.get("map_index", -1)): t["state"] for t in client.tasks("essp_train", run_id)}
+
+    deadline = time.monotonic() + 600
+    while not any(task == "train" and state == "deferred" for (task, _), state in states().items()):
+        assert time.monotonic() < deadline, f"no train task deferred: {states()}"
+        assert client.run("essp_train", run_id)["state"] in ("queued", "running"), states()
+        time.sleep(1)
+    stack = AirflowStack(settings)
+    assert stack.stop("triggerer")
+    time.sleep(timeout_s + 10)  # no triggerer, and paused, for longer than the epoch timeout
+    assert stack.up()["triggerer"] == "started"
+    time.sleep(15)  # the restarted triggerer runs the rebuilt triggers, still paused
+    during = states()
+    assert client.run("essp_train", run_id)["state"] == "running", during
+    assert not [k for k, v in during.items() if v in ("failed", "up_for_retry", "upstream_failed")], during
+    control("resume")
+    final = client.wait("essp_train", run_id, timeout_s=900, poll_s=2)
+    assert final["state"] == "success", states()
+    assert set(states().values()) == {"success"}, states()
+    tries = {(t["task_id"], t.get("map_index", -1)): t["try_number"] for t in client.tasks("essp_train", run_id)
+             if t["task_id"] == "train"}
+    assert tries and set(tries.values()) == {1}, f"a train task was tried again (its epoch timed out?): {tries}"
+
+
 # --- The trigger form, as a new user meets it: the React UI in headless Chromium (CDP) ---------------------
 # A DAG's params must make a form that triggers at its defaults (an optional param is optional in its schema:
 # default None, "null" among its types) and that refuses an out-of-range value with its reason, never changing

@@ -407,3 +407,36 @@ def test_a_video_missing_for_a_moment_is_read_again_not_quarantined(faulty):
     assert result.tallies["flow"].dead == 0, [letter.reason for letter in result.letters]
     assert not redis_client(settings).hgetall(f"{settings.redis_prefix}:not-found:quarantine")
     assert any(job.video == str(video) for job in result.plan.jobs)
+
+
+@pytest.mark.long
+def test_a_bucket_missing_while_s3_starts_is_waited_for_not_quarantined(faulty):
+    # What a starting S3 answers before its filer has loaded the buckets: "no such bucket". That is the
+    # store not being there yet, not the videos being gone: the decode waits it out (an outage).
+    from essp.clients.s3 import ObjectStore, S3Uri
+
+    stack, manifest, fleet = faulty
+    store = ObjectStore(stack.settings)
+    late = f"{stack.settings.bucket_videos}-late"
+    videos = [video.model_copy(update={"uri": str(S3Uri(late, S3Uri.parse(video.uri).key))})
+              for video in manifest.videos]
+    moved = manifest.model_copy(update={"videos": videos})
+
+    def bucket_appears(stop: threading.Event) -> None:
+        time.sleep(4.0)  # every decode worker has met the missing bucket by now
+        store.ensure_bucket(late)
+        for old, new in zip(manifest.videos, videos, strict=True):
+            source, target = S3Uri.parse(old.uri), S3Uri.parse(new.uri)
+            store.put_bytes(target.bucket, target.key, store.get_bytes(source.bucket, source.key))
+
+    try:
+        result = run_epoch(stack.settings, moved, "no-bucket", samples=48, features=FLOW, during=bucket_appears)
+    finally:
+        logs = "".join(w.log_path.read_text() for w in fleet.workers.values())
+        if store.bucket_exists(late):
+            store.delete_bucket(late)
+    assert f"bucket {late} not found" in logs, "no decode met the missing bucket: nothing was tested"
+    report("no-bucket", result)
+    assert_sound(result)
+    assert result.tallies["flow"].dead == 0, [letter.reason for letter in result.letters]
+    assert not redis_client(stack.settings).hgetall(f"{stack.settings.redis_prefix}:no-bucket:quarantine")

@@ -206,8 +206,12 @@ def consume_cmd(
 
 def _control(command: str, run: str | None, target: str) -> None:
     from essp.dataplane.resident import publish_control
+    from essp.lifecycle.liveness import observe_pause
 
-    message = publish_control(Settings(), command, run=run, target=target)
+    settings = Settings()
+    message = publish_control(settings, command, run=run, target=target)
+    if run:  # the pause starts (or ends) in the run's pause ledger now, as the essp_control DAG's does, even
+        observe_pause(settings, run)  # when no epoch wait (a triggerer) is there to see it
     out.print(f"sent {message.command} to {message.target}" + (f" for run {run}" if run else ""))
 
 

@@ -150,6 +150,13 @@ class AirflowStack:
     def down(self) -> list[str]:
         return [p for p in reversed(PROCESSES) if self.table.stop(self._name(p), timeout_s=45)]
 
+    def stop(self, process: str) -> bool:
+        """Stop one of the processes (e.g. the triggerer, to restart it with :meth:`up`); False if it was
+        not running."""
+        if process not in PROCESSES:
+            raise AirflowError(f"{process!r} is not one of Airflow's processes ({', '.join(PROCESSES)})")
+        return self.table.stop(self._name(process), timeout_s=45)
+
 
 class AirflowClient:
     """The REST API of a running api-server (`essp airflow up`): log in, trigger a DAG, follow a run."""
