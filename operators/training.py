@@ -110,10 +110,14 @@ class TrainStreamOperator(BaseOperator):
         else:
             self.log.info("Epoch %d of run %s is already planned by this DAG run", epoch, self.run)
         local = worker_mode(settings) == "local"
+        if local:
+            from essp.deploy.local import scope_digest, scope_of
         self.defer(trigger=EpochDoneTrigger(run=self.run, streams=list(spec.streams), epoch=epoch,
                                             redis_conn_id=REDIS_CONN_ID, timeout_s=spec.epoch_timeout_s,
                                             poll_s=self.poll_s, state_dir=str(settings.state_dir) if local else None,
-                                            paused_base=observe_pause(settings, self.run), carry=carry),
+                                            paused_base=observe_pause(settings, self.run), carry=carry,
+                                            keep=spec.workers() if local else None,
+                                            scope=scope_digest(scope_of(settings)) if local else None),
                    method_name="epoch_done",
                    timeout=None)  # the trigger times out itself, and not while the run is paused
         raise AssertionError("unreachable: defer() raises")  # pragma: no cover
@@ -125,6 +129,17 @@ class TrainStreamOperator(BaseOperator):
             raise AirflowException(f"run {self.run}: the epoch trigger ended without an event")
         epoch = int(event["epoch"])
         history = list(event.get("carry", {}).get("history", []))
+        if event.get("status") == "short":
+            # A local data worker crashed mid-epoch (the embedded default has no Deployment to restart it):
+            # start it again, then wait on for the same epoch (already planned: not planned again).
+            from essp.deploy.fleet import LocalFleet
+
+            settings, spec = self._load()
+            scaled = LocalFleet(settings).scale(spec.workers(), at_least=True)
+            started = sorted(name for kind in scaled.values() for name in kind["started"])
+            self.log.warning("Run %s, epoch %d: %s; started again: %s", self.run, epoch, event.get("detail"),
+                             ", ".join(started) or "none (another task did)")
+            return self._advance(context, settings, spec, epoch, history)
         if event.get("status") != "done":
             raise AirflowException(f"run {self.run}, epoch {epoch}: {event.get('detail')}")
         settings, spec = self._load()

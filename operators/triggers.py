@@ -5,13 +5,14 @@ A trainer records its state (:class:`essp.contract.TrainerState`) under ``<prefi
 whether the epoch is over is :func:`essp.contract.epoch_progress`, the judgement the pipeline and the UI
 share. The trigger fires when every watched stream has finished the epoch, when one has failed, when a
 local trainer process has died (the embedded default; in Kubernetes the Deployment restarts it and it
-resumes from its checkpoint), when a trainer is dead by its heartbeats (its live key expired:
-:func:`essp.lifecycle.liveness.silent_trainers`, any deployment), when the run is stopped (``essp control
-stop``), or when the timeout passes. The timeout leaves out the run's paused time, read from the run's
-pause ledger in Redis (:mod:`essp.lifecycle.liveness`), not counted by the trigger itself: a triggerer
-restarted during a long pause rebuilds the trigger, which reads the same ledger and the same start.
-Redis comes from an Airflow connection id (the trigger's kwargs are stored in Airflow's database: no
-credential goes there).
+resumes from its checkpoint), when fewer local data workers run than the run wants (``keep``: one
+crashed; the task starts it again, as a Deployment would, and waits on), when a trainer is dead by its
+heartbeats (its live key expired: :func:`essp.lifecycle.liveness.silent_trainers`, any deployment), when
+the run is stopped (``essp control stop``), or when the timeout passes. The timeout leaves out the run's
+paused time, read from the run's pause ledger in Redis (:mod:`essp.lifecycle.liveness`), not counted by
+the trigger itself: a triggerer restarted during a long pause rebuilds the trigger, which reads the same
+ledger and the same start. Redis comes from an Airflow connection id (the trigger's kwargs are stored in
+Airflow's database: no credential goes there).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from essp.connections import REDIS_CONN_ID
 from essp.contract import TRAINER_STATE_TTL_S, RedisKeys, TrainerState, epoch_progress
-from essp.deploy.local import trainer_name
+from essp.deploy.local import running_workers, trainer_name
 from essp.lifecycle.liveness import PAUSE_LEDGER, live_keys, silent_trainers
 from essp.operators.hooks import redis_client
 from essp.stack.procs import ProcessTable
@@ -42,6 +43,9 @@ class EpochDoneTrigger(BaseTrigger):
     :param state_dir: the local state folder whose process table holds the run's trainers, or None
         (Kubernetes: no process to watch).
     :param carry: small JSON put into every event as ``carry``, for the task that resumes.
+    :param keep: data workers per kind that the run wants running in the scope whose digest is ``scope``
+        (:func:`essp.deploy.local.scope_digest`; local only; None: not watched); fewer fire the event
+        ``short``, naming them.
     :param started: when the wait began (wall clock); ``paused_base``: the run's paused seconds in all
         (its pause ledger) then. Both are kept across a triggerer restart (they are in serialize()), so the
         timeout counts the time since ``started`` less what the ledger gained since.
@@ -50,8 +54,11 @@ class EpochDoneTrigger(BaseTrigger):
     def __init__(self, *, run: str, streams: list[str], epoch: int, timeout_s: float,
                  redis_conn_id: str = REDIS_CONN_ID, state_dir: str | None = None, poll_s: float = POLL_S,
                  started: float | None = None, paused_base: float = 0.0,
-                 carry: dict[str, Any] | None = None) -> None:
+                 carry: dict[str, Any] | None = None, keep: dict[str, int] | None = None,
+                 scope: str | None = None) -> None:
         super().__init__()
+        self.keep = {str(k): int(v) for k, v in (keep or {}).items() if int(v) > 0}
+        self.scope = scope
         self.essp_run = run
         self.streams = list(streams)
         self.epoch = int(epoch)
@@ -70,7 +77,7 @@ class EpochDoneTrigger(BaseTrigger):
                 {"run": self.essp_run, "streams": self.streams, "epoch": self.epoch,
                  "redis_conn_id": self.redis_conn_id, "timeout_s": self.timeout_s, "state_dir": self.state_dir,
                  "poll_s": self.poll_s, "started": self.started, "paused_base": self.paused_base,
-                 "carry": self.carry})
+                 "carry": self.carry, "keep": self.keep, "scope": self.scope})
 
     def _gone(self, table: ProcessTable | None) -> dict[str, str]:
         """The streams whose local trainer process is gone, with the end of its log."""
@@ -78,6 +85,14 @@ class EpochDoneTrigger(BaseTrigger):
             return {}
         found = {stream: table.exited_tail(trainer_name(self.essp_run, stream)) for stream in self.streams}
         return {stream: tail for stream, tail in found.items() if tail is not None}
+
+    def _short(self, table: ProcessTable | None) -> str | None:
+        """The kinds with fewer local data workers running than ``keep`` wants, as "decode 1 of 2"."""
+        if table is None or not self.keep or self.scope is None:
+            return None
+        short = [f"{kind} {live} of {wanted}" for kind, wanted in self.keep.items()
+                 if (live := running_workers(table, kind, self.scope)) < wanted]
+        return ", ".join(short) or None
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         client, prefix = await redis_client(self.redis_conn_id)
@@ -118,6 +133,10 @@ class EpochDoneTrigger(BaseTrigger):
                     status = "failed" if progress.status == "stalled" else progress.status
                     yield TriggerEvent({**base, "status": status, "stream": progress.stream,
                                         "detail": progress.detail})
+                    return
+                short = self._short(table) if run_state == "running" else None
+                if short:
+                    yield TriggerEvent({**base, "status": "short", "detail": f"data workers running: {short}"})
                     return
                 await asyncio.sleep(self.poll_s)  # paused: the ledger holds the timeout, however long
         finally:

@@ -31,7 +31,7 @@ from essp.clients.redis import redis_client
 from essp.contract import RedisKeys, Topics, TrainerState
 from essp.dataplane.resident import RunControl, publish_control
 from essp.deploy.fleet import LocalFleet
-from essp.deploy.local import trainer_name
+from essp.deploy.local import trainer_name, worker_name
 from essp.lifecycle.claims import run_owner
 from essp.lifecycle.epochs import trainer_states
 from essp.stack.procs import ProcessTable
@@ -156,3 +156,54 @@ def test_a_second_dag_run_given_the_same_run_is_refused_while_the_first_trains(d
     done = json.loads([line for line in out.splitlines() if line.startswith("RESULT ")][-1][7:])
     assert done["state"] == "success", done["tasks"]
     assert run_owner(settings, run) is None  # its teardown gave the claim back: the run can be resumed
+
+
+def _kill_decoder_mid_epoch(settings, stop: threading.Event, out: dict) -> None:
+    """SIGKILL the run's only decode worker once the flow trainer trains epoch 1 and frames of it exist."""
+    frames = Topics(settings.topic_prefix).frames(KEEP_RUN, 1)
+    table = ProcessTable(settings.state_dir)
+    while not stop.is_set():
+        state = trainer_states(settings, KEEP_RUN, ["flow"])["flow"]
+        if state is not None and state.status == "training" and state.epoch == 1 and read_topic(settings, frames):
+            record = table.record(worker_name("decode", 0))
+            if record is not None:
+                os.killpg(record.pid, signal.SIGKILL)
+                out["killed_pid"] = record.pid
+                return
+        stop.wait(0.1)
+
+
+KEEP_RUN = "keeper-run"
+
+
+def test_a_data_worker_crashed_mid_epoch_is_started_again_and_the_epoch_goes_on(dag_env):  # noqa: F811
+    # The embedded default has no Deployment to restart a crashed worker: the epoch's trigger sees the run
+    # short of a decode worker, its task starts one again and waits on for the same epoch. Without it the
+    # epoch would wait out its timeout (no decoder is left) and fail.
+    settings, env, root = dag_env
+    conf = {**CONF, "run": KEEP_RUN, "epochs": 2, "samples_per_epoch": SAMPLES, "batch_size": 4,
+            "epoch_timeout_s": TIMEOUT_S, "registry": "keeper"}
+    stop, out = threading.Event(), {}
+    killer = threading.Thread(target=_kill_decoder_mid_epoch, args=(settings, stop, out), daemon=True)
+    killer.start()
+    started = time.monotonic()
+    try:
+        done = subprocess.run([sys.executable, "-c", RUN_DAG, str(settings.dags_folder), "essp_train",
+                               json.dumps(conf), SKIPPED], env=env, capture_output=True, text=True, timeout=840)
+    finally:
+        stop.set()
+        killer.join(5)
+    took = time.monotonic() - started
+    log = done.stdout + done.stderr
+    (root / f"keeper-{uuid.uuid4().hex[:6]}.log").write_text(log)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, log[-6000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert "killed_pid" in out, "the decode worker was never seen working on epoch 1"
+    assert "data workers running: decode 0 of 1; started again: worker-decode-0" in log, log[-6000:]
+    assert result["state"] == "success", result["tasks"]
+    train = {k: v for k, v in result["tasks"].items() if k.startswith("train[")}
+    assert all(state == "success" and tries == 1 for state, tries in train.values()), train  # no retry
+    assert took < TIMEOUT_S / 2, took
+    state = trainer_states(settings, KEEP_RUN, ["flow"])["flow"]
+    assert state is not None and state.epoch_done == 1, state

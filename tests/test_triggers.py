@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
 
 import pytest
@@ -13,7 +15,7 @@ import pytest
 from essp.clients.redis import redis_client
 from essp.connections import REDIS_CONN_ID, connection_env_vars
 from essp.contract import RedisKeys
-from essp.deploy.local import trainer_name
+from essp.deploy.local import scope_digest, scope_of, trainer_name, worker_name
 from essp.operators import triggers
 from essp.operators.triggers import EpochDoneTrigger
 from essp.stack.procs import ProcessTable
@@ -100,6 +102,36 @@ def test_a_dead_local_trainer_fails_the_wait_with_its_log(settings, redis_kwargs
     assert payload["status"] == "failed" and "exited before finishing epoch 0" in payload["detail"]
     assert "Killed" in payload["detail"]
 
+
+
+def test_a_crashed_local_data_worker_ends_the_wait_naming_the_kind(settings, redis_kwargs, tmp_path):
+    # The embedded default has no Deployment: a data worker that crashed mid-epoch is seen by the trigger
+    # (fewer running than the run wants, in its scope), whose task starts it again. Another scope's
+    # worker of the same kind does not count; a paused run is left alone.
+    table = ProcessTable(tmp_path)
+    scope = scope_of(settings)
+    sleeper = ["sleep", "60"]
+    mine = table.spawn(worker_name("decode", 0), sleeper, labels={"scope": scope})
+    table.spawn(worker_name("decode", 1), sleeper, labels={"scope": "another"})
+    table.spawn(worker_name("flow", 0), sleeper, labels={"scope": scope})
+    _state(settings, "flow", status="training", epoch_done=-1)
+    kwargs = {"run": RUN, "streams": ["flow"], "epoch": 0, **redis_kwargs, "timeout_s": 30, "poll_s": 0.1,
+              "state_dir": str(tmp_path), "keep": {"decode": 1, "flow": 1, "framediff": 0},
+              "scope": scope_digest(scope)}
+    try:
+        trigger = EpochDoneTrigger(**kwargs)
+        assert scope not in json.dumps(trigger.serialize()[1]), "addresses in the trigger's kwargs"
+        with pytest.raises(TimeoutError):  # every wanted worker runs: it waits
+            _first_event(trigger, timeout=1.0)
+        os.killpg(mine.pid, signal.SIGKILL)
+        payload = _first_event(_rebuilt(trigger))
+        assert payload["status"] == "short" and payload["detail"] == "data workers running: decode 0 of 1", payload
+        redis_client(settings).set(RedisKeys(settings.redis_prefix).run_state(RUN), "paused")
+        with pytest.raises(TimeoutError):
+            _first_event(EpochDoneTrigger(**kwargs), timeout=1.0)
+    finally:
+        for name in (worker_name("decode", 0), worker_name("decode", 1), worker_name("flow", 0)):
+            table.stop(name, timeout_s=5)
 
 def test_stop_ends_the_wait_and_pause_holds_the_timeout(settings, redis_kwargs):
     keys = RedisKeys(settings.redis_prefix)

@@ -16,6 +16,7 @@ partitions back and its unfinished samples are redelivered (the data plane's at-
 
 from __future__ import annotations
 
+import fcntl
 from typing import Any
 
 from essp.dataplane.extractors import extractor_kinds
@@ -80,7 +81,14 @@ class LocalFleet:
 
     def scale(self, replicas: dict[str, int], *, at_least: bool = False) -> dict[str, dict[str, Any]]:
         """Start or stop shared data workers until each kind has its count (``at_least``: never stop one);
-        returns what was done."""
+        returns what was done. One scaling at a time per state folder (a file lock): the train tasks of
+        a run's streams may both start a crashed worker again at once."""
+        self.processes.table.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.processes.table.run_dir / "fleet.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return self._scale(replicas, at_least=at_least)
+
+    def _scale(self, replicas: dict[str, int], *, at_least: bool) -> dict[str, dict[str, Any]]:
         result: dict[str, dict[str, Any]] = {}
         commands: list[tuple[str, list[str]]] = []
         for kind, wanted in check_replicas(replicas).items():

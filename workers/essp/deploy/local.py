@@ -16,6 +16,7 @@ settings (tests, benchmarks) in the same state folder are never mistaken for eac
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
@@ -45,6 +46,27 @@ def worker_name(kind: str, index: int) -> str:
 def is_worker_name(name: str) -> bool:
     """Whether ``name`` is a data worker's (decode or any extractor kind)."""
     return re.fullmatch(r"worker-(decode|extract-[a-z][a-z0-9_]*)-\d+", name) is not None
+
+
+def scope_digest(scope: str) -> str:
+    """A short digest of a scope (:func:`scope_of`), for where its addresses should not be shown (an
+    Airflow trigger's kwargs, which Airflow's REST API returns)."""
+    return hashlib.sha256(scope.encode()).hexdigest()[:16]
+
+
+def running_workers(table: ProcessTable, kind: str, digest: str) -> int:
+    """How many data workers of ``kind`` run now in the scope of that :func:`scope_digest`, by the table's
+    PID files (what the epoch trigger counts to see one that crashed)."""
+    prefix = worker_name(kind, 0)[:-1]
+    run_dir = table.run_dir
+    count = 0
+    for pidfile in sorted(run_dir.glob(f"{prefix}*.pid")) if run_dir.exists() else []:
+        if not pidfile.stem[len(prefix):].isdigit():
+            continue  # e.g. worker-extract-flow-… for prefix worker-extract-f…: not this kind
+        record = table.record(pidfile.stem)
+        if record is not None and scope_digest(record.labels.get("scope", "")) == digest:
+            count += 1
+    return count
 
 
 def worker_args(kind: str) -> list[str]:
