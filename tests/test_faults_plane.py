@@ -9,6 +9,7 @@ import random
 import signal
 import threading
 import time
+import uuid
 
 import pytest
 from faultkit import FLOW, SIZE, Fleet, L, PrivateStack, assert_sound, every, run_epoch
@@ -440,3 +441,28 @@ def test_a_bucket_missing_while_s3_starts_is_waited_for_not_quarantined(faulty):
     assert_sound(result)
     assert result.tallies["flow"].dead == 0, [letter.reason for letter in result.letters]
     assert not redis_client(stack.settings).hgetall(f"{stack.settings.redis_prefix}:no-bucket:quarantine")
+
+
+@pytest.mark.long
+def test_s3_refusing_the_decoders_credentials_dead_letters_each_sample_by_name(faulty):
+    # 13d: an S3 error the decode does not know (403: the signature does not match, as after a rotated
+    # key). Not an outage and not a missing video: each record is tried 3 times, then each of its samples
+    # is dead-lettered by name (never one anonymous letter that leaves the slots taken), and the epoch ends.
+    from pydantic import SecretStr
+
+    stack, manifest, _ = faulty
+    settings = stack.scoped(video_cache_mb=0, s3_secret_key=SecretStr("not-the-key-" + uuid.uuid4().hex))
+    fleet = Fleet(settings, stack.settings.state_dir / "s3-403-workers")
+    fleet.start("decode", "flow")
+    try:
+        result = run_epoch(settings, manifest, "s3-403", samples=24, features=FLOW)
+    finally:
+        fleet.stop()
+    report("s3-403", result)
+    assert_sound(result)  # delivered + dead == planned; every letter names its sample, run and epoch
+    flow = result.tallies["flow"]
+    assert flow.dead == flow.planned, "a sample got through S3 with a wrong key?"
+    reasons = {letter.reason for letter in result.letters}
+    assert all("failed 3 times" in r and "SignatureDoesNotMatch" in r for r in reasons), reasons
+    assert not redis_client(settings).hgetall(f"{settings.redis_prefix}:s3-403:quarantine"), \
+        "a refused request quarantined a good video"
