@@ -371,19 +371,18 @@ def check_epoch(settings: Settings, plan: EpochPlan, seen: dict[str, list[str]],
         violations.append(f"{len(left)} payload key(s) left after the epoch, e.g. {left[0]!r}")
     if client.zcard(f"{prefix}:inflight"):
         violations.append(f"{client.zcard(f'{prefix}:inflight')} in-flight slot(s) left after the epoch")
-    violations += _check_commits(settings, plan, watch.commits, letters)
-    published = sum(len(decode(r.value, r.topic, (DecodeChunk,)).jobs)
-                    for r in read_topic(settings, topics.decode(run, epoch)))
+    decode_records = read_topic(settings, topics.decode(run, epoch))
+    violations += _check_commits(settings, plan, watch.commits, letters, decode_records)
+    published = sum(len(decode(r.value, r.topic, (DecodeChunk,)).jobs) for r in decode_records)
     return EpochResult(plan, tallies, letters, watch.peak, bound, len(watch.commits), violations,
                        remade=published - len(plan.jobs))
 
 
 def _check_commits(settings: Settings, plan: EpochPlan, commits: list[tuple[float, dict[int, int]]],
-                   letters: list[DeadLetter]) -> list[str]:
+                   letters: list[DeadLetter], decode_records: list) -> list[str]:
     """Each sampled commit of the decode group: every sample of the records before it had its frames
     announced or was dead-lettered before the commit was read (a worker flushes before it commits)."""
     topics = Topics(settings.topic_prefix)
-    decode_records = read_topic(settings, topics.decode(plan.run, plan.epoch))
     done_at: dict[str, float] = {}
     for record in read_topic(settings, topics.frames(plan.run, plan.epoch)):
         for job in decode(record.value, record.topic, (FramesReady,)).jobs:

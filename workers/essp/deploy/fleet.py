@@ -24,6 +24,7 @@ from essp.deploy.local import (
     LaunchError,
     LocalProcess,
     LocalProcesses,
+    live_worker_indexes,
     trainer_args,
     trainer_name,
     worker_args,
@@ -67,8 +68,7 @@ class LocalFleet:
 
     def _live(self, kind: str) -> set[int]:
         """Indexes of this kind's workers that run in this scope."""
-        prefix = worker_name(kind, 0)[:-1]
-        return {int(name[len(prefix):]) for name in self.processes.names(prefix) if name[len(prefix):].isdigit()}
+        return live_worker_indexes(self.processes.table, kind, lambda scope: scope in (None, self.processes.scope))
 
     def running(self, kind: str) -> list[str]:
         return [worker_name(kind, i) for i in sorted(self._live(kind))]

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,19 +55,24 @@ def scope_digest(scope: str) -> str:
     return hashlib.sha256(scope.encode()).hexdigest()[:16]
 
 
-def running_workers(table: ProcessTable, kind: str, digest: str) -> int:
-    """How many data workers of ``kind`` run now in the scope of that :func:`scope_digest`, by the table's
-    PID files (what the epoch trigger counts to see one that crashed)."""
+def live_worker_indexes(table: ProcessTable, kind: str, in_scope: Callable[[str | None], bool]) -> set[int]:
+    """Indexes of the data workers of ``kind`` alive now, by the table's PID files, whose scope label
+    ``in_scope`` accepts (None: a process recorded without one)."""
     prefix = worker_name(kind, 0)[:-1]
     run_dir = table.run_dir
-    count = 0
+    found = set()
     for pidfile in sorted(run_dir.glob(f"{prefix}*.pid")) if run_dir.exists() else []:
-        if not pidfile.stem[len(prefix):].isdigit():
-            continue  # e.g. worker-extract-flow-… for prefix worker-extract-f…: not this kind
-        record = table.record(pidfile.stem)
-        if record is not None and scope_digest(record.labels.get("scope", "")) == digest:
-            count += 1
-    return count
+        index = pidfile.stem[len(prefix):]  # not digits: another kind (worker-extract-flowx-0 for flow)
+        if index.isdigit() and (record := table.record(pidfile.stem)) is not None \
+                and in_scope(record.labels.get("scope")):
+            found.add(int(index))
+    return found
+
+
+def running_workers(table: ProcessTable, kind: str, digest: str) -> int:
+    """How many data workers of ``kind`` run now in the scope of that :func:`scope_digest` (what the epoch
+    trigger counts to see one that crashed; it has the digest, not the settings)."""
+    return len(live_worker_indexes(table, kind, lambda scope: scope is None or scope_digest(scope) == digest))
 
 
 def worker_args(kind: str) -> list[str]:
