@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.essp-installed
 
-.PHONY: setup test-data demo test test-e2e faults lint up down status airflow-up airflow-down clean
+.PHONY: setup test-data demo test test-e2e e2e-k8s e2e-k8s-down faults lint up down status airflow-up airflow-down clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,19 @@ test: setup test-data
 test-e2e: setup
 	$(BIN)/essp infra up
 	$(BIN)/python -m pytest -m e2e $(PYTEST_ARGS)
+
+# The production path on a real single-node Kubernetes (docs/operations.md#a-real-kubernetes-here): the cluster
+# (binaries built from Debian's source once, cached in ~/.cache/essp/k8s), the worker image built from
+# images/worker-cpu, then tests/test_e2e_k8s.py. A running cluster is reused; `make e2e-k8s-down` stops it
+# and puts the host back as it was.
+e2e-k8s: setup
+	$(BIN)/essp infra up
+	k8s/e2e/cluster.sh up
+	k8s/e2e/images.sh worker-cpu
+	$(BIN)/python -m pytest -m k8s tests/test_e2e_k8s.py $(PYTEST_ARGS)
+
+e2e-k8s-down:
+	k8s/e2e/cluster.sh down
 
 # The whole fault-injection suite (docs/reliability.md): `make test` runs its quick part.
 faults: setup
