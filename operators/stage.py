@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import tempfile
+import time
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,10 +33,23 @@ from essp.settings import Settings, worker_environ
 from essp.stack.services import venv_binary
 
 OUTPUT_TAIL_LINES = 40
+LOGGING_INTERVAL_S = 120
+TERMINATION_GRACE_S = 60
 # Stages that call the Kubernetes API (essp.deploy.kube: scale the workers, clone and delete trainers): only
 # their pods get the service account's token.
 POD_NAME_ENV = "ESSP_POD_NAME"
 KUBE_API_STAGES = frozenset({"ensure-workers", "release-trainers", "release-workers"})
+
+
+def _quantity(text: str) -> float:
+    """A Kubernetes quantity (``500m``, ``2``, ``1Gi``, ``512Mi``) as a number, to compare two of one kind."""
+    from kubernetes.utils.quantity import parse_quantity
+
+    return float(parse_quantity(text))
+
+
+def _capped(request: str, cap: str) -> str:
+    return cap if cap and _quantity(cap) < _quantity(request) else request
 
 
 class EsspStageOperator(KubernetesPodOperator):
@@ -61,14 +75,18 @@ class EsspStageOperator(KubernetesPodOperator):
         settings = Settings()
         gpus = gpus if settings.k8s_trainer_gpus else 0  # a cluster without GPUs (k8s/overlays/local)
         limits = {"cpu": cpu, "memory": memory}
+        # A small cluster caps the requests (ESSP_K8S_STAGE_MAX_CPU/MEMORY); the limits stay the stage's.
+        requests = {"cpu": _capped(cpu, settings.k8s_stage_max_cpu),
+                    "memory": _capped(memory, settings.k8s_stage_max_memory)}
         if gpus:
             limits["nvidia.com/gpu"] = str(gpus)
+            requests["nvidia.com/gpu"] = str(gpus)
         kwargs.setdefault("name", f"essp-{stage}")
         kwargs.setdefault("namespace", settings.k8s_namespace)
         kwargs.setdefault("image", settings.image_worker_gpu if gpus else settings.image_worker_cpu)
         kwargs.setdefault("cmds", ["essp"])
         kwargs.setdefault("container_resources", k8s.V1ResourceRequirements(
-            requests={"cpu": cpu, "memory": memory}, limits=limits))
+            requests=requests, limits=limits))
         kwargs.setdefault("env_from", [
             k8s.V1EnvFromSource(config_map_ref=k8s.V1ConfigMapEnvSource(name="essp-settings", optional=True)),
             k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=settings.k8s_secret))])
@@ -86,12 +104,21 @@ class EsspStageOperator(KubernetesPodOperator):
         kwargs.setdefault("volumes", [k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit="1Gi"))])
         kwargs.setdefault("volume_mounts", [k8s.V1VolumeMount(name="tmp", mount_path="/tmp")])
         kwargs.setdefault("labels", {"app.kubernetes.io/part-of": "essp", "essp/stage": stage})
+        kwargs.setdefault("hostnetwork", settings.k8s_host_network)
         if gpus:
             kwargs.setdefault("tolerations", [k8s.V1Toleration(
                 key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")])
             kwargs.setdefault("node_selector", {"nvidia.com/gpu.present": "true"})
-        # In Kubernetes mode the wait for the pod happens in the triggerer, not in a worker slot.
+        # In Kubernetes mode the wait for the pod happens in the triggerer, not in a worker slot (after a short
+        # wait in the worker: see invoke_defer_method); its log reaches the task log every LOGGING_INTERVAL_S.
         kwargs.setdefault("deferrable", True)
+        kwargs.setdefault("logging_interval", LOGGING_INTERVAL_S)
+        # A retry (or a worker lost mid-wait) finds the try's pod again by its persisted identity instead of
+        # starting a second one; a killed task (cleared, marked failed, timed out) deletes its pod, which gets
+        # TERMINATION_GRACE_S to stop (a stage writes its result once, at the end).
+        kwargs.setdefault("durable", True)
+        kwargs.setdefault("on_kill_action", "delete_pod")
+        kwargs.setdefault("termination_grace_period", TERMINATION_GRACE_S)
         kwargs.setdefault("on_finish_action", "delete_pod")
         kwargs.setdefault("do_xcom_push", True)
         kwargs.setdefault("get_logs", True)
@@ -119,6 +146,10 @@ class EsspStageOperator(KubernetesPodOperator):
         env = {"ESSP_STAGE_MODE": "kubernetes", "HOME": "/tmp", "ESSP_K8S_NAMESPACE": settings.k8s_namespace,
                RESULT_FILE_ENV: kubernetes_result_uri(settings.with_env(addresses), f"$({POD_NAME_ENV})"),
                **addresses}
+        if settings.k8s_api_server and self.stage in KUBE_API_STAGES:
+            # No kube-proxy (or a host-network pod): the API server's own address, not the kubernetes Service.
+            host, _, port = settings.k8s_api_server.rpartition(":")
+            env.update(KUBERNETES_SERVICE_HOST=host.strip("[]"), KUBERNETES_SERVICE_PORT=port)
         # A user's env_vars (a dict or V1EnvVar list) win over ours.
         own = convert_env_vars_or_raise_error(self.env_vars) if self.env_vars else []
         existing = {e.name for e in own}
@@ -132,6 +163,34 @@ class EsspStageOperator(KubernetesPodOperator):
             return super().build_pod_request_obj(context, dry_run=dry_run)
         finally:
             self.do_xcom_push = push
+
+    def invoke_defer_method(self, last_log_time: Any = None, context: Any = None) -> None:
+        """Watch a new pod from the worker for up to ``ESSP_K8S_STAGE_WAIT_S`` before deferring: a pod done by
+        then finishes here, with no deferral (the provider skips it for a finished pod).
+
+        Airflow 3.3.2's scheduler fails a deferred task whose trigger fires before the scheduler has seen the
+        worker exit that deferred it ("finished with state success, but the task instance's state attribute
+        is queued": apache/airflow#67287, #72716), which a stage pod done in a few seconds hits often. A pod
+        still running after the wait defers, and its trigger fires long after that exit was seen."""
+        wait_s = Settings().k8s_stage_wait_s
+        if last_log_time is None and self.pod is not None and context is not None:
+            deadline = time.monotonic() + wait_s
+            while True:
+                pod = self.pod_manager.read_pod(self.pod)
+                phase = pod.status.phase if pod.status is not None else None
+                if phase in ("Succeeded", "Failed"):
+                    # Done: finish as the trigger's event would, and keep the result (the provider's own
+                    # no-deferral path drops what trigger_reentry returns, so the task would push no XCom).
+                    self.pod = pod
+                    self._result_in_worker = self.trigger_reentry(context=context, event={
+                        "status": "success" if phase == "Succeeded" else "failed",
+                        "namespace": pod.metadata.namespace, "name": pod.metadata.name,
+                        "message": f"pod {phase.lower()} within {wait_s:.0f} s", "last_log_time": None})
+                    return
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(1.0)
+        super().invoke_defer_method(last_log_time=last_log_time, context=context)
 
     def extract_xcom(self, pod: k8s.V1Pod, **_kwargs: Any) -> dict[str, Any] | None:
         """The stage's result, which its pod wrote to S3 (:func:`kubernetes_result_uri`), removed once read."""
@@ -158,7 +217,9 @@ class EsspStageOperator(KubernetesPodOperator):
             if not self.deferrable:  # the synchronous path waits for an XCom sidecar, which these pods lack
                 raise AirflowException(f"{self.task_id}: EsspStageOperator runs its pod deferrable in Kubernetes "
                                        "mode (deferrable=False is not supported)")
-            return super().execute(context)
+            self._result_in_worker = None
+            result = super().execute(context)  # raises TaskDeferred unless the pod finished in the worker
+            return result if result is not None else self._result_in_worker
         return self.execute_local()
 
     def execute_local(self) -> dict[str, Any]:

@@ -226,3 +226,34 @@ def test_stage_params_are_checked_against_the_stage_signature(settings):
         run_stage("score-test", settings, {"run": "r1", "splt": "test"})
     with pytest.raises(StageParamsError, match="epoch: Input should be a valid integer"):
         run_stage("train-epoch", settings, {"run": "r1", "epoch": "one"})
+
+
+def test_a_small_cluster_caps_the_requests_and_host_network_pods_reach_the_api_server(monkeypatch):
+    monkeypatch.setenv("ESSP_K8S_STAGE_MAX_CPU", "250m")
+    monkeypatch.setenv("ESSP_K8S_STAGE_MAX_MEMORY", "1Gi")
+    monkeypatch.setenv("ESSP_K8S_HOST_NETWORK", "true")
+    monkeypatch.setenv("ESSP_K8S_API_SERVER", "127.0.0.1:16443")
+    score, _ = _render(EsspStageOperator(task_id="score_test", cpu="4", memory="8Gi"))
+    main = score.spec.containers[0]
+    assert main.resources.requests == {"cpu": "250m", "memory": "1Gi"}  # capped
+    assert main.resources.limits == {"cpu": "4", "memory": "8Gi"}     # the stage's own
+    assert score.spec.host_network is True
+    env = {e.name: e.value for e in main.env}
+    assert "KUBERNETES_SERVICE_HOST" not in env  # this stage does not call the API
+    small, _ = _render(EsspStageOperator(task_id="ensure_workers", cpu="100m", memory="128Mi"))
+    main = small.spec.containers[0]
+    assert main.resources.requests == {"cpu": "100m", "memory": "128Mi"}  # under the cap: unchanged
+    env = {e.name: e.value for e in main.env}
+    assert (env["KUBERNETES_SERVICE_HOST"], env["KUBERNETES_SERVICE_PORT"]) == ("127.0.0.1", "16443")
+
+
+def test_pod_lifecycle_settings_users_of_the_provider_rely_on():
+    from essp.operators.stage import LOGGING_INTERVAL_S, TERMINATION_GRACE_S
+
+    op = EsspStageOperator(task_id="smoke_s3")
+    pod, _ = _render(op)
+    assert op.deferrable and op.logging_interval == LOGGING_INTERVAL_S
+    assert op.on_kill_action.value == "delete_pod" and op.on_finish_action.value == "delete_pod"
+    assert op.termination_grace_period == TERMINATION_GRACE_S
+    assert pod.spec.termination_grace_period_seconds == TERMINATION_GRACE_S
+    assert pod.spec.host_network in (None, False)  # production: the pod network

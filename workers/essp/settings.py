@@ -130,6 +130,19 @@ class Settings(BaseSettings):
     k8s_trainer_gpus: bool = Field(True, description="Trainer Deployments and GPU stage pods request "
                                                      "nvidia.com/gpu (off on a cluster without GPUs: "
                                                      "k8s/overlays/local).")
+    k8s_host_network: bool = Field(False, description=(
+        "Stage pods use the node's network (hostNetwork), as the Deployments of k8s/overlays/e2e do: for a "
+        "cluster whose data services listen on the node's loopback."))
+    k8s_api_server: str = Field("", description=(
+        "host:port at which stage pods that call the Kubernetes API reach it (KUBERNETES_SERVICE_HOST/PORT); "
+        "empty: the cluster's kubernetes Service. For a cluster without kube-proxy (make e2e-k8s)."))
+    k8s_stage_max_cpu: str = Field("", description=(
+        "Cap on a stage pod's CPU request (its limit stays the stage's): a small cluster can still schedule "
+        "the 4-CPU scoring stages. Empty: no cap."))
+    k8s_stage_max_memory: str = Field("", description="Cap on a stage pod's memory request, as k8s_stage_max_cpu.")
+    k8s_stage_wait_s: float = Field(30.0, ge=0, description=(
+        "Seconds a stage task watches its new pod in the worker before deferring: a pod done by then needs no "
+        "deferral, which Airflow 3.3.2 can fail when its trigger fires at once (apache/airflow#72716)."))
 
     @classmethod
     def settings_customise_sources(  # noqa: ANN206
