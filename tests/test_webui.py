@@ -258,7 +258,7 @@ def test_dag_run_without_report_shows_trainer_states(client, pending_run):
     assert 'http-equiv="refresh"' in body
 
 
-def test_workers_page_shows_the_process_table(client, ui_settings, pending_run):
+def test_workers_page_shows_the_process_table(client, ui_settings, pending_run, monkeypatch):
     table = ProcessTable(ui_settings.state_dir)
     name = f"trainer-{PENDING}-rgb"
     record = table.spawn(name, ["sh", "-c", "echo 'epoch 1 <b>done</b>'; exec sleep 30"])
@@ -287,10 +287,12 @@ def test_workers_page_shows_the_process_table(client, ui_settings, pending_run):
     row = re.search(rf'<tr data-name="{name}">(.*?)</tr>', after, re.S).group(1)
     assert "not running" in row
 
+    monkeypatch.setenv("KUBECONFIG", "/nonexistent/kubeconfig")  # no cluster: the page says so
     kube = TestClient(create_app(lambda: ui_settings.model_copy(update={"stage_mode": "kubernetes"})))
     body = kube.get(f"{pending_run}/workers").text
     assert f"essp/run={PENDING}" in body
     assert f"kubectl -n {ui_settings.k8s_namespace} logs -l essp/run={PENDING} --all-containers" in body
+    assert "The pods could not be read through the Kubernetes API" in body  # no cluster configured here
     assert "epoch 1" not in body
 
 

@@ -200,6 +200,55 @@ def _status(exc: Exception) -> int | None:
     return getattr(exc, "status", None)
 
 
+def _kube_config() -> None:
+    """The in-cluster config (a pod with a service account), else the kubeconfig (KUBECONFIG)."""
+    from kubernetes import config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        try:
+            config.load_kube_config()
+        except (config.ConfigException, OSError) as exc:
+            raise EsspError("no Kubernetes configuration: not in a pod with a service account, and no "
+                            f"usable kubeconfig ({exc})") from exc
+
+
+def pod_records(namespace: str, run: str, tail_lines: int, core_api: Any = None) -> list[dict[str, Any]]:
+    """The run's trainer pods and the data-worker pods of ``namespace``, each with the last ``tail_lines``
+    of its log read through the API (``pods/log``, which the Role of k8s/ grants): name, role, phase,
+    ready, node, restarts, tail."""
+    from kubernetes.client.exceptions import ApiException
+
+    if core_api is None:
+        from kubernetes import client
+
+        _kube_config()
+        core_api = client.CoreV1Api()
+    selectors = (("trainer", f"{LABEL_RUN}={label_value(run)}"),
+                 ("data worker", "app.kubernetes.io/component=data-worker"))
+    out = []
+    for role, selector in selectors:
+        try:
+            found = _to_dict(core_api.list_namespaced_pod(namespace, label_selector=selector))
+        except ApiException as exc:
+            raise EsspError(f"list the pods of {role}s ({selector}) in namespace {namespace}: the Kubernetes API "
+                            f"answered {_status(exc)} {getattr(exc, 'reason', '')}") from None
+        for pod in sorted(found.get("items") or [], key=lambda p: p["metadata"]["name"]):
+            name = pod["metadata"]["name"]
+            status = pod.get("status") or {}
+            containers = status.get("containerStatuses") or []
+            try:
+                tail = core_api.read_namespaced_pod_log(name, namespace, tail_lines=tail_lines) or "(empty log)"
+            except ApiException as exc:
+                tail = f"(no log: {_status(exc)} {getattr(exc, 'reason', '')})"
+            out.append({"name": name, "role": role, "phase": status.get("phase"),
+                        "ready": bool(containers) and all(c.get("ready") for c in containers),
+                        "restarts": sum(int(c.get("restartCount") or 0) for c in containers),
+                        "node": (pod.get("spec") or {}).get("nodeName"), "tail": tail})
+    return out
+
+
 class KubeWorkers:
     """Scale the worker Deployments of one namespace and manage the per-run trainer clones.
 
@@ -210,16 +259,9 @@ class KubeWorkers:
     def __init__(self, namespace: str, apps_api: Any = None) -> None:
         self.namespace = namespace
         if apps_api is None:
-            from kubernetes import client, config
+            from kubernetes import client
 
-            try:
-                config.load_incluster_config()
-            except config.ConfigException:
-                try:
-                    config.load_kube_config()
-                except (config.ConfigException, OSError) as exc:
-                    raise EsspError("no Kubernetes configuration: not in a pod with a service account, and no "
-                                    f"usable kubeconfig ({exc})") from exc
+            _kube_config()
             apps_api = client.AppsV1Api()
         self.api = apps_api
 

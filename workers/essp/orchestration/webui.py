@@ -46,6 +46,9 @@ from markupsafe import Markup
 from essp.clients.s3 import ObjectNotFound, ObjectStore
 from essp.contract import check_run_id, epoch_progress
 from essp.dataplane.resident import RunControl
+from essp.deploy.fleet import worker_mode
+from essp.deploy.kube import LABEL_RUN, label_value, pod_records
+from essp.deploy.kube import trainer_name as kube_trainer_name
 from essp.deploy.local import is_worker_name, trainer_name
 from essp.errors import EsspError, ServiceUnavailable
 from essp.evaluation.metrics import SUMMARY_METRICS
@@ -421,14 +424,20 @@ def render_workers(settings: Settings, run: str, streams: list[str] | None, *, c
                    root: str, report: str) -> HTMLResponse:
     """The workers page: in Kubernetes, where to find them; locally, the process table and the logs' tails."""
     values: dict[str, Any] = {"run": run, "root": root, "report": report, "context": context,
-                              "tail_lines": LOG_TAIL_LINES, "kubernetes": settings.stage_mode == "kubernetes"}
+                              "tail_lines": LOG_TAIL_LINES, "kubernetes": worker_mode(settings) == "kubernetes"}
     if values["kubernetes"]:
         ns = settings.k8s_namespace
-        selector = f"essp/run={run}"
-        values.update(namespace=ns, selector=selector, deployments=[f"essp-trainer-{run}-{s}" for s in streams or []],
+        selector = f"{LABEL_RUN}={label_value(run)}"
+        values.update(namespace=ns, selector=selector,
+                      deployments=[kube_trainer_name(run, s) for s in streams or []],
+                      pods=[], pods_error=None,
                       commands="\n".join([f"kubectl -n {ns} get deployments,pods -l {selector}",
                                           f"kubectl -n {ns} logs -l {selector} --all-containers "
                                           f"--tail={LOG_TAIL_LINES}"]))
+        try:
+            values["pods"] = pod_records(ns, run, LOG_TAIL_LINES)
+        except EsspError as exc:  # the commands above still help; say why the pods are not shown
+            values["pods_error"] = str(exc)
     else:
         values.update(records=worker_records(settings, run, streams), state_dir=settings.state_dir)
     return render("workers.html", **values)
