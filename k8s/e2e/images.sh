@@ -28,6 +28,16 @@ BUILDAH() { buildah --root "$IMAGES/storage" --runroot "$STATE/buildah-run" --st
 CTR() { ctr --address "$STATE/containerd/containerd.sock" -n k8s.io "$@"; }
 
 [ "$(id -u)" = 0 ] || die "this needs root (buildah's storage and containerd)"
+
+# buildah mounts its overlay store (and a build's layers) on the host: nothing stays mounted after us.
+release_mounts() {
+    BUILDAH rm --all >/dev/null 2>&1 || true
+    local m
+    for m in $(awk '{print $5}' /proc/self/mountinfo | grep "^$IMAGES/storage" | sort -r); do
+        umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
+    done
+}
+trap release_mounts EXIT
 command -v buildah >/dev/null || die "buildah is missing: run k8s/e2e/cluster.sh build first"
 mkdir -p "$IMAGES" "$STATE/buildah-run"
 
