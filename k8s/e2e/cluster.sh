@@ -117,7 +117,7 @@ host_state() {  # one line per fact; `down` compares it with the snapshot
     iptables_chains | sed 's/^/iptables /'
     ip -o link show 2>/dev/null | awk -F': ' '{print "link " $2}' | sed 's/@.*//'
     for p in /sys/fs/cgroup/*/; do [ -d "$p${CGROUP_ROOT#/}" ] && echo "cgroup $p${CGROUP_ROOT#/}"; done
-    awk '{print "mount " $5}' /proc/self/mountinfo | grep -E "^mount ($STATE|/var/lib/kubelet|/run/containerd|/run/netns)" || true
+    awk '{print "mount " $5}' /proc/self/mountinfo | grep -E "^mount ($STATE|$CACHE_ROOT|/var/lib/kubelet|/run/containerd|/run/netns)" | sort || true
 }
 
 snapshot_host() {
@@ -443,9 +443,9 @@ restore_host() {
         rm -rf "$p"
     done
     local after
-    after=$(host_state | grep -v '^mount ')
-    if diff <(grep -v '^mount ' "$before") <(echo "$after") > "$STATE/host-diff.txt"; then
-        log "the host is as before (paths, sysctls, iptables, links, cgroups)"
+    after=$(host_state)
+    if diff "$before" <(echo "$after") > "$STATE/host-diff.txt"; then
+        log "the host is as before (paths, sysctls, iptables, links, cgroups, mounts)"
         rm -f "$before" "$STATE/host-diff.txt"
     else
         log "the host differs from before: $STATE/host-diff.txt"; cat "$STATE/host-diff.txt" >&2; return 1
