@@ -12,6 +12,10 @@
 # $ESSP_K8S_CACHE (default ~/.cache/essp/k8s/<source version>), outside any clone, so that a fresh
 # clone reuses them. Needs root (containerd and the kubelet) and Debian's package archive.
 set -euo pipefail
+# umask 022: the daemons' files (containerd's layer snapshots, the kubelet's volumes) must be readable by
+# the pods' non-root users whatever the caller's umask: with 077 every layer's root became 0700 and the
+# pods' user could not find `essp` (files that must stay private are written in a subshell with 077).
+umask 022
 
 K8S_VERSION=1.20.2
 # Debian bookworm's source package of it (its version says "really 1.20.2").
@@ -192,8 +196,8 @@ TOK
     touch "$pki/done"
 }
 
-kubeconfig() {  # name token
-    umask 077
+kubeconfig() {  # name token (a subshell: the umask must not reach the daemons started after this)
+    (umask 077
     cat > "$STATE/$1.kubeconfig" <<KC
 apiVersion: v1
 kind: Config
@@ -208,6 +212,7 @@ contexts:
   context: {cluster: essp-e2e, user: $1}
 current-context: essp-e2e
 KC
+    )
 }
 
 # --------------------------------------------------------------------------------------------------

@@ -11,6 +11,9 @@
 #
 # Run by `k8s/e2e/cluster.sh up` callers after the cluster is up: images.sh [worker-cpu]
 set -euo pipefail
+# umask 022: the base's root file system and the layers must be readable by the image's non-root user
+# whatever the caller's umask.
+umask 022
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
@@ -87,15 +90,26 @@ import() {  # tag: into containerd, unless that image ID is already there
     id=$(BUILDAH inspect --type image --format '{{.FromImageID}}' "$tag")
     marker=$STATE/containerd/imported-$(echo "$tag" | tr '/:' '__').id
     if [ -f "$marker" ] && [ "$(cat "$marker")" = "$id" ] && CTR images ls -q | grep -qx "docker.io/library/$tag\|$tag"; then
-        log "$tag ($id) is already in containerd"; return 0
+        check "$tag"; log "$tag ($id) is already in containerd"; return 0
     fi
     local tar=$IMAGES/import.tar
     rm -f "$tar"
     BUILDAH push --quiet "$tag" "docker-archive:$tar:$tag" >/dev/null
     CTR images import "$tar" >/dev/null
     rm -f "$tar"
+    check "$tag"
     echo "$id" > "$marker"
     log "imported $tag into containerd in $((SECONDS - t0)) s"
+}
+
+check() {  # tag: its entrypoint runs in containerd as the image's own user, as a pod's would
+    local tag=$1 ref name=essp-image-check-$$
+    ref=$(CTR images ls -q | grep -E "(^|/)$tag\$" | head -1)
+    [ -n "$ref" ] || die "$tag is not in containerd after the import"
+    CTR run --rm --net-host --cgroup "/essp-e2e/$name" "$ref" "$name" essp --help > "$IMAGES/check.log" 2>&1 \
+        || { cat "$IMAGES/check.log" >&2; CTR containers rm "$name" >/dev/null 2>&1 || true
+             die "$ref does not run 'essp --help' in containerd (see above; layers unpacked under a private umask by
+    an earlier version of cluster.sh stay so: k8s/e2e/cluster.sh down && rm -rf $STATE/containerd/root)"; }
 }
 
 base_image
