@@ -3,9 +3,12 @@ buckets, so tests never see each other's data; what a test creates is removed af
 
 from __future__ import annotations
 
+import shutil
 import socket
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,6 +34,32 @@ def settings(base_settings: Settings) -> Iterator[Settings]:
 
 def _cleanup(settings: Settings) -> None:
     remove_isolated(settings)
+
+
+def airflow_test_settings(base_settings: Settings, state: Path, letter: str, **overrides: Any) -> Settings:
+    """Settings for a test's own Airflow: ``state`` as its state folder (with the stack's secrets), free
+    ports, its own PostgreSQL database, and its own prefixes and buckets (tagged ``letter`` + random hex)."""
+    from essp.settings import SECRETS_FILE
+
+    shutil.copy(base_settings.state_dir / SECRETS_FILE, state / SECRETS_FILE)
+    tag = letter + uuid.uuid4().hex[:10]
+    return Settings(state_dir=state, airflow_port=free_port_block(1), pg_database=f"essp_test_{tag}",
+                    topic_prefix=tag, redis_prefix=tag, bucket_videos=f"{tag}-videos",
+                    bucket_models=f"{tag}-models", bucket_runs=f"{tag}-runs", **overrides)
+
+
+def remove_airflow_test(settings: Settings) -> None:
+    """Drops the database of :func:`airflow_test_settings` and removes its topics, keys and buckets."""
+    import psycopg2
+
+    from essp.stack.services import pg_params
+
+    conn = psycopg2.connect(**pg_params(settings, "postgres"))
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{settings.pg_database}" WITH (FORCE)')
+    conn.close()
+    _cleanup(settings)
 
 
 def free_port() -> int:

@@ -17,13 +17,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,17 +29,16 @@ from typing import Any
 from urllib.parse import quote
 
 import numpy as np
-import psycopg2
 import pytest
 from cdp import Browser
-from conftest import _cleanup, free_port_block
+from conftest import airflow_test_settings, remove_airflow_test
 from PIL import Image
 from reports import write_seeded_report
 
-from essp.settings import SECRETS_FILE, Settings
+from essp.settings import Settings
 from essp.stack.airflow import PROCESSES, AirflowStack, api_healthy
 from essp.stack.procs import pid_alive
-from essp.stack.services import LocalStack, pg_params
+from essp.stack.services import LocalStack
 
 pytestmark = pytest.mark.slow
 
@@ -93,12 +90,7 @@ class AirflowUI:
 
 @pytest.fixture(scope="module")
 def airflow_ui(base_settings, tmp_path_factory) -> Iterator[AirflowUI]:
-    state = tmp_path_factory.mktemp("airflow-ui")
-    shutil.copy(base_settings.state_dir / SECRETS_FILE, state / SECRETS_FILE)
-    tag = "t" + uuid.uuid4().hex[:10]
-    settings = Settings(state_dir=state, airflow_port=free_port_block(1), pg_database=f"essp_test_{tag}",
-                        topic_prefix=tag, redis_prefix=tag, bucket_videos=f"{tag}-videos",
-                        bucket_models=f"{tag}-models", bucket_runs=f"{tag}-runs")
+    settings = airflow_test_settings(base_settings, tmp_path_factory.mktemp("airflow-ui"), "t")
     LocalStack(settings).up(["postgres"])  # creates the database
     stack = AirflowStack(settings)
     try:
@@ -119,12 +111,7 @@ def airflow_ui(base_settings, tmp_path_factory) -> Iterator[AirflowUI]:
         assert not any(pid_alive(pid) for pid in pids.values() if pid) and not api_healthy(settings)
     finally:
         stack.down()
-        conn = psycopg2.connect(**pg_params(settings, "postgres"))
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{settings.pg_database}" WITH (FORCE)')
-        conn.close()
-        _cleanup(settings)
+        remove_airflow_test(settings)
 
 
 def _screenshot(b: Browser, url: str, path: Path) -> None:

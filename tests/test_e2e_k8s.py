@@ -11,25 +11,22 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import kubekit
-import psycopg2
 import pytest
-from conftest import free_port_block
+from conftest import airflow_test_settings, remove_airflow_test
 
-from essp.settings import SECRETS_FILE, Settings
+from essp.settings import Settings
 from essp.stack.airflow import AirflowClient, AirflowStack
-from essp.stack.services import LocalStack, pg_params
+from essp.stack.services import LocalStack
 
 pytestmark = [pytest.mark.k8s, pytest.mark.timeout(1800)]
 
@@ -85,14 +82,10 @@ def cluster(base_settings, tmp_path_factory) -> Iterator[tuple[Settings, Ui]]:
     # Stage pods an earlier, interrupted session left (a finished run deletes its own: checked below).
     kubekit.kubectl("-n", kubekit.NAMESPACE, "delete", "pods", "-l", "essp/stage", "--wait=true", check=False)
     state = tmp_path_factory.mktemp("k8s")
-    shutil.copy(base_settings.state_dir / SECRETS_FILE, state / SECRETS_FILE)
-    tag = "k" + uuid.uuid4().hex[:10]
-    settings = Settings(
-        state_dir=state, airflow_port=free_port_block(1), pg_database=f"essp_test_{tag}", topic_prefix=tag,
-        redis_prefix=tag, bucket_videos=f"{tag}-videos", bucket_models=f"{tag}-models", bucket_runs=f"{tag}-runs",
-        stage_mode="kubernetes", worker_mode="kubernetes", k8s_trainer_gpus=False, k8s_host_network=True,
-        k8s_api_server=kubekit.api_server(), k8s_stage_max_cpu="250m", k8s_stage_max_memory="1Gi",
-        image_worker_cpu=IMAGE, image_worker_gpu=IMAGE, heartbeat_s=1.0)
+    settings = airflow_test_settings(
+        base_settings, state, "k", stage_mode="kubernetes", worker_mode="kubernetes", k8s_trainer_gpus=False,
+        k8s_host_network=True, k8s_api_server=kubekit.api_server(), k8s_stage_max_cpu="250m",
+        k8s_stage_max_memory="1Gi", image_worker_cpu=IMAGE, image_worker_gpu=IMAGE, heartbeat_s=1.0)
     kubekit.write_pod_settings(settings)
     airflow_kubeconfig = kubekit.service_account_kubeconfig("essp-airflow", state / "airflow.kubeconfig")
     LocalStack(settings).up(["postgres"])
@@ -114,14 +107,7 @@ def cluster(base_settings, tmp_path_factory) -> Iterator[tuple[Settings, Ui]]:
             os.environ["KUBECONFIG"] = saved
         kubekit.kubectl("-n", kubekit.NAMESPACE, "delete", "deployments", "-l", "essp/run", "--cascade=foreground",
                         "--wait=true", check=False)
-        conn = psycopg2.connect(**pg_params(settings, "postgres"))
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{settings.pg_database}" WITH (FORCE)')
-        conn.close()
-        from conftest import _cleanup
-
-        _cleanup(settings)
+        remove_airflow_test(settings)
 
 
 @pytest.fixture(scope="module")
