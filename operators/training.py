@@ -117,7 +117,8 @@ class TrainStreamOperator(BaseOperator):
                                             poll_s=self.poll_s, state_dir=str(settings.state_dir) if local else None,
                                             paused_base=observe_pause(settings, self.run), carry=carry,
                                             keep=spec.workers() if local else None,
-                                            scope=scope_digest(scope_of(settings)) if local else None),
+                                            scope=scope_digest(scope_of(settings)) if local else None,
+                                            namespace=None if local else settings.k8s_namespace),
                    method_name="epoch_done",
                    timeout=None)  # the trigger times out itself, and not while the run is paused
         raise AssertionError("unreachable: defer() raises")  # pragma: no cover

@@ -8,11 +8,14 @@ local trainer process has died (the embedded default; in Kubernetes the Deployme
 resumes from its checkpoint), when fewer local data workers run than the run wants (``keep``: one
 crashed; the task starts it again, as a Deployment would, and waits on), when a trainer is dead by its
 heartbeats (its live key expired: :func:`essp.lifecycle.liveness.silent_trainers`, any deployment), when
-the run is stopped (``essp control stop``), or when the timeout passes. The timeout leaves out the run's
-paused time, read from the run's pause ledger in Redis (:mod:`essp.lifecycle.liveness`), not counted by
-the trigger itself: a triggerer restarted during a long pause rebuilds the trigger, which reads the same
-ledger and the same start. Redis comes from an Airflow connection id (the trigger's kwargs are stored in
-Airflow's database: no credential goes there).
+the run is stopped (``essp control stop``), or when the timeout passes. In Kubernetes (``namespace``)
+it also reads the trainer pods every ``BLOCKER_CHECK_S`` and logs why one does not run (not schedulable,
+its image missing, ...: :func:`essp.deploy.kube.trainer_blockers`) as soon as it is seen; a timeout says
+it too. It does not fail the task for it: a cluster autoscaler may add the node, or a user the image.
+The timeout leaves out the run's paused time, read from the run's pause ledger in Redis
+(:mod:`essp.lifecycle.liveness`), not counted by the trigger itself: a triggerer restarted during a long
+pause rebuilds the trigger, which reads the same ledger and the same start. Redis comes from an Airflow
+connection id (the trigger's kwargs are stored in Airflow's database: no credential goes there).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from essp.stack.procs import ProcessTable
 
 POLL_S = 1.0
 MIN_FIRE_S = 8.0
+BLOCKER_CHECK_S = 30.0
 
 
 class EpochDoneTrigger(BaseTrigger):
@@ -46,6 +50,7 @@ class EpochDoneTrigger(BaseTrigger):
     :param keep: data workers per kind that the run wants running in the scope whose digest is ``scope``
         (:func:`essp.deploy.local.scope_digest`; local only; None: not watched); fewer fire the event
         ``short``, naming them.
+    :param namespace: the namespace of the run's trainer pods (Kubernetes worker mode), or None.
     :param started: when the wait began (wall clock); ``paused_base``: the run's paused seconds in all
         (its pause ledger) then. Both are kept across a triggerer restart (they are in serialize()), so the
         timeout counts the time since ``started`` less what the ledger gained since.
@@ -55,10 +60,13 @@ class EpochDoneTrigger(BaseTrigger):
                  redis_conn_id: str = REDIS_CONN_ID, state_dir: str | None = None, poll_s: float = POLL_S,
                  started: float | None = None, paused_base: float = 0.0,
                  carry: dict[str, Any] | None = None, keep: dict[str, int] | None = None,
-                 scope: str | None = None) -> None:
+                 scope: str | None = None, namespace: str | None = None) -> None:
         super().__init__()
         self.keep = {str(k): int(v) for k, v in (keep or {}).items() if int(v) > 0}
         self.scope = scope
+        self.namespace = namespace
+        self._blockers: dict[str, str] = {}
+        self._blockers_at = 0.0
         self.essp_run = run
         self.streams = list(streams)
         self.epoch = int(epoch)
@@ -77,7 +85,7 @@ class EpochDoneTrigger(BaseTrigger):
                 {"run": self.essp_run, "streams": self.streams, "epoch": self.epoch,
                  "redis_conn_id": self.redis_conn_id, "timeout_s": self.timeout_s, "state_dir": self.state_dir,
                  "poll_s": self.poll_s, "started": self.started, "paused_base": self.paused_base,
-                 "carry": self.carry, "keep": self.keep, "scope": self.scope})
+                 "carry": self.carry, "keep": self.keep, "scope": self.scope, "namespace": self.namespace})
 
     def _gone(self, table: ProcessTable | None) -> dict[str, str]:
         """The streams whose local trainer process is gone, with the end of its log."""
@@ -93,6 +101,24 @@ class EpochDoneTrigger(BaseTrigger):
         short = [f"{kind} {live} of {wanted}" for kind, wanted in self.keep.items()
                  if (live := running_workers(table, kind, self.scope)) < wanted]
         return ", ".join(short) or None
+
+    async def _check_pods(self, waiting: list[str]) -> None:
+        """Every BLOCKER_CHECK_S in Kubernetes: why the waiting streams' trainer pods do not run, logged when
+        it changes and kept for a timeout's detail."""
+        if not self.namespace or not waiting or time.monotonic() - self._blockers_at < BLOCKER_CHECK_S:
+            return
+        self._blockers_at = time.monotonic()
+        from essp.deploy.kube import trainer_blockers
+
+        try:
+            found = await asyncio.to_thread(trainer_blockers, self.namespace, self.essp_run, waiting)
+        except Exception as exc:  # noqa: BLE001 - the API unreachable: the wait goes on, says so
+            self.log.warning("Could not read the trainer pods of run %s: %s", self.essp_run, exc)
+            return
+        for stream, why in sorted(found.items()):
+            if self._blockers.get(stream) != why:
+                self.log.warning("The %s trainer of run %s does not run: %s", stream, self.essp_run, why)
+        self._blockers = found
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         client, prefix = await redis_client(self.redis_conn_id)
@@ -131,13 +157,17 @@ class EpochDoneTrigger(BaseTrigger):
                 if progress.over:
                     # a trainer gone before the epoch's end fails the task as a failed trainer does
                     status = "failed" if progress.status == "stalled" else progress.status
-                    yield TriggerEvent({**base, "status": status, "stream": progress.stream,
-                                        "detail": progress.detail})
+                    detail = progress.detail
+                    if status == "timeout" and self._blockers:
+                        detail += "; the trainer pods: " + "; ".join(
+                            f"{stream}: {why}" for stream, why in sorted(self._blockers.items()))
+                    yield TriggerEvent({**base, "status": status, "stream": progress.stream, "detail": detail})
                     return
                 short = self._short(table) if run_state == "running" else None
                 if short:
                     yield TriggerEvent({**base, "status": "short", "detail": f"data workers running: {short}"})
                     return
+                await self._check_pods(progress.waiting)
                 await asyncio.sleep(self.poll_s)  # paused: the ledger holds the timeout, however long
         finally:
             await client.aclose()

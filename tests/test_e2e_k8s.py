@@ -274,6 +274,41 @@ def test_the_service_account_of_airflow_and_the_stage_pods_cannot_read_secrets(c
         assert can(verb, resource) == "no", (verb, resource)
 
 
+def test_a_trainer_pod_that_cannot_run_is_named_with_the_clusters_reason(cluster):
+    # what the epoch trigger logs (and a timeout says) and the worker-logs page shows, read as Airflow's
+    # service account from the real scheduler and kubelet: a trainer asking for more CPU than the node has,
+    # and one whose image is not on the node (imagePullPolicy Never)
+    from essp.deploy.kube import trainer_blockers
+    from essp.orchestration.webui import dag_run_context, render_workers
+
+    settings, _ = cluster
+    run, names = "k8s-blocked", {"rgb": "essp-blocked-rgb", "flow": "essp-blocked-flow"}
+    images = {"rgb": (IMAGE, {"cpu": "4"}), "flow": ("essp-worker-cpu:no-such-tag", {"cpu": "10m"})}
+    for stream, name in names.items():
+        image, requests = images[stream]
+        pod = {"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": name, "namespace": kubekit.NAMESPACE,
+                            "labels": {"essp/run": run, "essp/stream": stream}},
+               "spec": {"hostNetwork": True, "automountServiceAccountToken": False,
+                        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
+                        "containers": [{"name": "trainer", "image": image, "imagePullPolicy": "Never",
+                                        "args": ["--help"], "resources": {"requests": requests}}]}}
+        kubekit.kubectl("apply", "-f", "-", stdin=json.dumps(pod))
+    try:
+        found = kubekit.wait_until("both trainer pods' reasons", lambda: (
+            b if len(b := trainer_blockers(kubekit.NAMESPACE, run, ["rgb", "flow", "framediff"])) == 2 else None),
+            timeout_s=60)
+        assert found["rgb"] == (f"pod {names['rgb']}: not scheduled (Unschedulable): 0/1 nodes are available: "
+                                "1 Insufficient cpu."), found
+        assert found["flow"].startswith(f"pod {names['flow']}: container trainer waiting (ErrImageNeverPull): "), found
+        assert "essp-worker-cpu:no-such-tag" in found["flow"], found
+        context = dag_run_context("essp_train", "manual__blocked", run, "/essp/", workers_link=False)
+        page = render_workers(settings, run, ["rgb", "flow"], context=context, root="/essp/", report="").body.decode()
+        assert "1 Insufficient cpu." in page and "ErrImageNeverPull" in page, page[:3000]
+    finally:
+        kubekit.kubectl("-n", kubekit.NAMESPACE, "delete", "pods", "-l", f"essp/run={run}", "--wait=true", check=False)
+
+
 def test_a_stage_failing_in_its_pod_fails_its_task_with_the_pods_log(cluster, dataset):
     settings, ui = cluster
     conf = {**TRAIN_CONF, "dataset": "no-such-dataset", "run": "k8s-fail", "epochs": 1}

@@ -31,6 +31,7 @@ from essp.deploy.kube import (
     WORKER_DEPLOYMENTS,
     KubeWorkers,
     deployment_name,
+    pod_blocker,
     trainer_deployment,
     trainer_name,
 )
@@ -661,3 +662,28 @@ def test_the_fake_answers_like_the_client():
     with pytest.raises(ApiException) as caught:
         api.read_namespaced_deployment("essp-decode", "default")
     assert caught.value.status == 404
+
+
+_UNSCHEDULABLE = {"phase": "Pending", "conditions": [
+    {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+     "message": "0/1 nodes are available: 1 Insufficient cpu."}]}
+_NO_IMAGE = {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"}], "containerStatuses": [
+    {"name": "trainer", "ready": False, "state": {"waiting": {
+        "reason": "ErrImageNeverPull", "message": 'Container image "essp-worker-cpu:nope" is not present with pull '
+                                                  'policy of Never'}}}]}
+
+
+@pytest.mark.parametrize("status,why", [
+    (_UNSCHEDULABLE, "not scheduled (Unschedulable): 0/1 nodes are available: 1 Insufficient cpu."),
+    (_NO_IMAGE, 'container trainer waiting (ErrImageNeverPull): Container image "essp-worker-cpu:nope" is not '
+                "present with pull policy of Never"),
+    ({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"}], "containerStatuses": [
+        {"name": "trainer", "state": {"waiting": {"reason": "ContainerCreating"}}}]}, None),  # starting: no verdict
+    ({"phase": "Running", "containerStatuses": [{"name": "trainer", "state": {"running": {}}}]}, None),
+    ({"phase": "Running", "containerStatuses": [
+        {"name": "trainer", "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]},
+     "container trainer waiting (CrashLoopBackOff)"),
+    ({"phase": "Failed", "conditions": _UNSCHEDULABLE["conditions"]}, None),  # over: not a blocker
+])
+def test_pod_blocker_says_why_a_pod_does_not_run(status: dict[str, Any], why: str | None):
+    assert pod_blocker({"metadata": {"name": "p"}, "status": status}) == why

@@ -249,3 +249,43 @@ async def _event(trigger: EpochDoneTrigger):
     async for event in trigger.run():
         return event.payload
     return None
+
+
+def test_a_trainer_pod_that_cannot_run_is_logged_at_once_and_named_by_the_timeout(settings, redis_kwargs,
+                                                                                   monkeypatch, capfd):
+    # Kubernetes: the trigger reads the waiting streams' trainer pods (tests/test_e2e_k8s.py reads a real
+    # cluster's); an unschedulable one is logged within the first poll and the timeout's detail names it,
+    # but the wait is not cut short (an autoscaler may still add the node)
+    from essp.deploy import kube
+
+    asked = []
+
+    def blockers(namespace, run, streams, core_api=None):  # noqa: ANN001, ANN202
+        asked.append((namespace, run, list(streams)))
+        return {"flow": "pod essp-train-x-flow-1: not scheduled (Unschedulable): 0/1 nodes are available: "
+                        "1 Insufficient cpu."}
+
+    monkeypatch.setattr(kube, "trainer_blockers", blockers)
+    _state(settings, "rgb", status="training", epoch_done=0)  # rgb has finished: only flow is asked for
+    trigger = _rebuilt(EpochDoneTrigger(run=RUN, streams=["rgb", "flow"], epoch=0, **redis_kwargs, timeout_s=1.5,
+                                        poll_s=0.1, namespace="essp"))
+    payload = _first_event(trigger, timeout=10)
+    seen = capfd.readouterr()  # structlog: what the triggerer writes to the task's log
+    assert payload["status"] == "timeout", payload
+    assert payload["detail"].endswith("; the trainer pods: flow: pod essp-train-x-flow-1: not scheduled "
+                                      "(Unschedulable): 0/1 nodes are available: 1 Insufficient cpu."), payload
+    assert asked and asked[0] == ("essp", RUN, ["flow"])
+    assert len(asked) == 1  # once per BLOCKER_CHECK_S, not every poll
+    line = (f"The flow trainer of run {RUN} does not run: pod essp-train-x-flow-1: not scheduled (Unschedulable): "
+            "0/1 nodes are available: 1 Insufficient cpu.")
+    assert (seen.out + seen.err).count(line) == 1, seen
+
+
+def test_without_a_namespace_no_pod_is_read(settings, redis_kwargs, monkeypatch):
+    from essp.deploy import kube
+
+    monkeypatch.setattr(kube, "trainer_blockers", lambda *a, **k: pytest.fail("read pods in local mode"))
+    _state(settings, "rgb", status="training", epoch_done=-1)
+    payload = _first_event(EpochDoneTrigger(run=RUN, streams=["rgb"], epoch=0, **redis_kwargs, timeout_s=0.5,
+                                            poll_s=0.1))
+    assert payload["status"] == "timeout" and "trainer pods" not in payload["detail"], payload

@@ -214,17 +214,75 @@ def _kube_config() -> None:
                             f"usable kubeconfig ({exc})") from exc
 
 
-def pod_records(namespace: str, run: str, tail_lines: int, core_api: Any = None) -> list[dict[str, Any]]:
-    """The run's trainer pods and the data-worker pods of ``namespace``, each with the last ``tail_lines``
-    of its log read through the API (``pods/log``, which the Role of k8s/ grants): name, role, phase,
-    ready, node, restarts, tail."""
-    from kubernetes.client.exceptions import ApiException
-
+def _core_api(core_api: Any = None) -> Any:
     if core_api is None:
         from kubernetes import client
 
         _kube_config()
         core_api = client.CoreV1Api()
+    return core_api
+
+
+# A container waiting for one of these will not start by waiting alone (a missing image under
+# imagePullPolicy Never, a bad name, a missing Secret key, a crash loop).
+WAITING_BLOCKERS = frozenset({"ErrImageNeverPull", "ErrImagePull", "ImagePullBackOff", "InvalidImageName",
+                              "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
+                              "CrashLoopBackOff"})
+
+
+def pod_blocker(pod: dict[str, Any]) -> str | None:
+    """Why ``pod`` (as the API returns it, a dict) does not run, in the API's words: the scheduler's reason
+    (e.g. "0/1 nodes are available: 1 Insufficient cpu.") or its container's waiting reason; else None."""
+    status = pod.get("status") or {}
+    if status.get("phase") in ("Succeeded", "Failed"):
+        return None
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+            reason, message = condition.get("reason") or "no reason", (condition.get("message") or "").strip()
+            return f"not scheduled ({reason}): {message}" if message else f"not scheduled ({reason})"
+    for container in status.get("containerStatuses") or []:
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in WAITING_BLOCKERS:
+            message = (waiting.get("message") or "").strip()
+            head = f"container {container.get('name')} waiting ({waiting['reason']})"
+            return f"{head}: {message}" if message else head
+    return None
+
+
+def trainer_blockers(namespace: str, run: str, streams: list[str], core_api: Any = None) -> dict[str, str]:
+    """The streams of ``run`` whose trainer pods do not run, each with "pod NAME: why" (:func:`pod_blocker`)
+    for those pods; a stream with one running pod is left out."""
+    from kubernetes.client.exceptions import ApiException
+
+    core_api = _core_api(core_api)
+    selector = f"{LABEL_RUN}={label_value(run)}"
+    try:
+        pods = _to_dict(core_api.list_namespaced_pod(namespace, label_selector=selector)).get("items") or []
+    except ApiException as exc:
+        raise EsspError(f"list the trainer pods ({selector}) in namespace {namespace}: the Kubernetes API "
+                        f"answered {_status(exc)} {getattr(exc, 'reason', '')}") from None
+    by_label = {label_value(stream): stream for stream in streams}
+    why: dict[str, list[str]] = {}
+    running: set[str] = set()
+    for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
+        stream = by_label.get(((pod["metadata"].get("labels") or {}).get(LABEL_STREAM)) or "")
+        if stream is None or pod["metadata"].get("deletionTimestamp"):
+            continue
+        blocker = pod_blocker(pod)
+        if blocker is None:
+            running.add(stream)
+        else:
+            why.setdefault(stream, []).append(f"pod {pod['metadata']['name']}: {blocker}")
+    return {stream: "; ".join(lines) for stream, lines in why.items() if stream not in running}
+
+
+def pod_records(namespace: str, run: str, tail_lines: int, core_api: Any = None) -> list[dict[str, Any]]:
+    """The run's trainer pods and the data-worker pods of ``namespace``, each with the last ``tail_lines``
+    of its log read through the API (``pods/log``, which the Role of k8s/ grants): name, role, phase,
+    ready, node, restarts, why (:func:`pod_blocker`), tail."""
+    from kubernetes.client.exceptions import ApiException
+
+    core_api = _core_api(core_api)
     selectors = (("trainer", f"{LABEL_RUN}={label_value(run)}"),
                  ("data worker", "app.kubernetes.io/component=data-worker"))
     out = []
@@ -245,7 +303,7 @@ def pod_records(namespace: str, run: str, tail_lines: int, core_api: Any = None)
             out.append({"name": name, "role": role, "phase": status.get("phase"),
                         "ready": bool(containers) and all(c.get("ready") for c in containers),
                         "restarts": sum(int(c.get("restartCount") or 0) for c in containers),
-                        "node": (pod.get("spec") or {}).get("nodeName"), "tail": tail})
+                        "node": (pod.get("spec") or {}).get("nodeName"), "why": pod_blocker(pod), "tail": tail})
     return out
 
 
