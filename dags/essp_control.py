@@ -14,7 +14,7 @@ import pendulum
 from airflow.sdk import dag
 
 from essp.lifecycle.params import ControlParams
-from essp.operators.params import dag_params
+from essp.operators.params import dag_docs, dag_params
 from essp.operators.stage import EsspStageOperator
 
 
@@ -25,7 +25,7 @@ from essp.operators.stage import EsspStageOperator
     catchup=False,
     tags=["essp", "control"],
     params=dag_params(ControlParams),
-    doc_md=__doc__,
+    **dag_docs(__doc__),
 )
 def essp_control():
     EsspStageOperator(task_id="control_run", dag_params=True, cpu="100m", memory="256Mi")

@@ -17,7 +17,7 @@ from airflow.sdk import dag, task
 
 from essp.lifecycle.params import NightlyParams
 from essp.operators import training
-from essp.operators.params import dag_params
+from essp.operators.params import dag_docs, dag_params
 from essp.operators.stage import EsspStageOperator
 
 MANIFEST = "{{ ti.xcom_pull('refresh_manifest')['manifest'] }}"
@@ -32,7 +32,7 @@ MANIFEST = "{{ ti.xcom_pull('refresh_manifest')['manifest'] }}"
     render_template_as_native_obj=True,
     tags=["essp", "training", "nightly"],
     params=dag_params(NightlyParams),
-    doc_md=__doc__,
+    **dag_docs(__doc__),
 )
 def essp_nightly_retrain():
     detect = EsspStageOperator(task_id="detect_changes", stage_params={"registry": "{{ params.registry }}"},

@@ -3,7 +3,7 @@
 `prefix` is an s3:// URI or a key prefix in the videos bucket; every video under it is scored,
 oldest first (25 snippets per stream, fused as the registered model was). A video that cannot be
 read is listed with its error; the others are still scored. predictions.json and predictions.csv go
-to s3://<runs bucket>/predictions/<registry>/<DAG run>/. The task runs the stage predict-prefix
+to `s3://<runs bucket>/predictions/<registry>/<DAG run>/`. The task runs the stage predict-prefix
 (essp.orchestration.predict.predict_prefix); the params are essp.lifecycle.params.PredictParams.
 """
 
@@ -13,7 +13,7 @@ import pendulum
 from airflow.sdk import dag
 
 from essp.lifecycle.params import PredictParams
-from essp.operators.params import dag_params
+from essp.operators.params import dag_docs, dag_params
 from essp.operators.stage import EsspStageOperator
 
 
@@ -25,7 +25,7 @@ from essp.operators.stage import EsspStageOperator
     tags=["essp", "prediction"],
     params=dag_params(PredictParams),
     render_template_as_native_obj=True,
-    doc_md=__doc__,
+    **dag_docs(__doc__),
 )
 def essp_predict():
     EsspStageOperator(task_id="predict_prefix", dag_params=True, cpu="2", memory="4Gi",

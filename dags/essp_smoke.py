@@ -12,6 +12,7 @@ import json
 import pendulum
 from airflow.sdk import dag, task
 
+from essp.operators.params import dag_docs
 from essp.operators.stage import EsspStageOperator
 
 
@@ -21,7 +22,7 @@ from essp.operators.stage import EsspStageOperator
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     tags=["essp", "smoke"],
-    doc_md=__doc__,
+    **dag_docs(__doc__),
 )
 def essp_smoke():
     checks = [

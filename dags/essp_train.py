@@ -19,7 +19,7 @@ from airflow.sdk import dag, get_current_context, task
 
 from essp.lifecycle.params import RunParams
 from essp.operators import training
-from essp.operators.params import dag_params
+from essp.operators.params import dag_docs, dag_params
 
 
 @dag(
@@ -30,7 +30,7 @@ from essp.operators.params import dag_params
     max_active_runs=4,
     tags=["essp", "training"],
     params=dag_params(RunParams),
-    doc_md=__doc__,
+    **dag_docs(__doc__),
 )
 def essp_train():
     @task(multiple_outputs=True)

@@ -138,7 +138,8 @@ SAMPLE_PARAMS = {"run": "r1", "split": "test", "registry": "reg", "manifest": "s
                  "command": "pause", "token": "t", "replicas": {"decode": 1}, "streams": ["rgb", "flow"]}
 
 
-def _dag_stage_tasks():
+def _dags():
+    """Every DAG of dags/, by id."""
     import importlib.util
     from pathlib import Path
 
@@ -152,9 +153,31 @@ def _dag_stage_tasks():
         dags += [v for v in vars(module).values() if isinstance(v, DAG)]
         # @dag functions are called at import; their DAGs are kept by the module's dag function
         dags += [fn() for name, fn in vars(module).items() if name == path.stem and callable(fn)]
-    tasks = [(d.dag_id, t) for d in {d.dag_id: d for d in dags}.values() for t in d.tasks
-             if isinstance(t, EsspStageOperator)]
-    return tasks
+    return {d.dag_id: d for d in dags}
+
+
+def _dag_stage_tasks():
+    return [(d.dag_id, t) for d in _dags().values() for t in d.tasks if isinstance(t, EsspStageOperator)]
+
+
+def test_every_dag_has_a_description_and_docs_that_render():
+    # the DAG list shows the description; the docs are Markdown, where a bare <placeholder> is dropped as HTML
+    import re
+
+    from essp.operators.params import dag_docs
+
+    dags = _dags()
+    assert {"essp_train", "essp_nightly_retrain", "essp_predict", "essp_control", "essp_smoke"} <= set(dags)
+    for dag_id, dag in dags.items():
+        assert dag.description and 10 < len(dag.description) <= 300 and "\n" not in dag.description, dag_id
+        assert dag.description[0].isupper(), dag.description
+        assert dag.doc_md and dag.doc_md.lower().startswith(f"{dag_id}: {dag.description[:20].lower()}"), dag_id
+        assert not re.findall(r"<[^>\s][^>]*>", re.sub(r"`[^`]*`", "", dag.doc_md)), dag_id
+    assert "`s3://<runs bucket>/predictions/<registry>/<DAG run>/`" in dags["essp_predict"].doc_md
+    with pytest.raises(ValueError, match=r"<registry> outside a code span"):
+        dag_docs("essp_x: does things.\n\nWrites to s3://bucket/<registry>/.")
+    with pytest.raises(ValueError, match="starts with 'dag_id: what it does'"):
+        dag_docs("Does things.")
 
 
 def test_every_stage_of_every_dag_renders_a_valid_pod_in_kubernetes_mode(monkeypatch):
