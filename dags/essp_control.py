@@ -4,7 +4,10 @@ The command goes out on the control topic (and into the run's state in Redis, fo
 later); every decode and extract worker and the run's trainers obey it. A paused run's epoch waits
 do not time out; a stopped run's trainers checkpoint where they are and its train tasks fail with
 "stopped" (trigger essp_train again with the same `run` to resume). The same from a shell:
-`essp control pause|resume|stop --run RUN`. The task runs the stage control-run
+`essp control pause|resume|stop --run RUN`. The task refuses a run that does not exist (a typo'd id:
+it names the closest runs) and one that has finished, says so when the run is already in that state,
+and otherwise logs the run's state after the command in words (a stop waits up to 20 s for the run's
+live trainers to confirm). The task runs the stage control-run
 (essp.orchestration.control.control_run); the params are essp.lifecycle.params.ControlParams.
 """
 
