@@ -66,7 +66,7 @@ class EpochDoneTrigger(BaseTrigger):
         self.scope = scope
         self.namespace = namespace
         self._blockers: dict[str, str] = {}
-        self._blockers_at = 0.0
+        self._blockers_at: float | None = None  # when the pods were last read (monotonic clock)
         self.essp_run = run
         self.streams = list(streams)
         self.epoch = int(epoch)
@@ -105,7 +105,9 @@ class EpochDoneTrigger(BaseTrigger):
     async def _check_pods(self, waiting: list[str]) -> None:
         """Every BLOCKER_CHECK_S in Kubernetes: why the waiting streams' trainer pods do not run, logged when
         it changes and kept for a timeout's detail."""
-        if not self.namespace or not waiting or time.monotonic() - self._blockers_at < BLOCKER_CHECK_S:
+        if not self.namespace or not waiting:
+            return
+        if self._blockers_at is not None and time.monotonic() - self._blockers_at < BLOCKER_CHECK_S:
             return
         self._blockers_at = time.monotonic()
         from essp.deploy.kube import trainer_blockers
