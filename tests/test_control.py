@@ -76,6 +76,22 @@ def test_pause_then_pause_again_then_resume_say_what_happened(settings):
     assert RunControl(settings).get(RUN, fresh=True) == "running"
 
 
+def test_essp_controls_dag_run_records_what_happened_for_its_report_tab(settings):
+    from essp.orchestration.links import DagRun, load_link
+
+    _started(settings)
+    dag_run = DagRun(dag_id="essp_control", dag_run_id="manual__ctl-1")
+    done = control_run(settings, ControlParams(run=RUN, command="pause"), dag_run)
+    record = load_link(settings, "essp_control", "manual__ctl-1")
+    assert record["control"]["message"] == done["message"] and record["control"]["state"] == "paused"
+    assert "run" not in record  # it drives no run: the tab shows what it did, not a report
+    refused = DagRun(dag_id="essp_control", dag_run_id="manual__ctl-2")
+    with pytest.raises(RunParamsError):
+        control_run(settings, ControlParams(run="ctl-nope-9", command="stop"), refused)
+    record = load_link(settings, "essp_control", "manual__ctl-2")
+    assert record["error"].startswith("run: there is no run 'ctl-nope-9'") and record["control"]["command"] == "stop"
+
+
 def test_stop_waits_for_the_live_trainers_to_confirm(settings, monkeypatch):
     monkeypatch.setattr(control, "STOP_CONFIRM_S", 10.0)
     _started(settings)

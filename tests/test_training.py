@@ -80,7 +80,7 @@ def test_both_streams_learn_and_the_fusion_is_at_least_as_good(trained):
 
 
 def test_the_run_resumed_from_its_checkpoints_and_kept_the_history(trained):
-    settings, _, spec, first, outcome, lines, _ = trained
+    settings, manifest, spec, first, outcome, lines, _ = trained
     assert "  resuming after epoch 1" in lines
     report = read_report(settings, spec.run)
     for stream in ("rgb", "flow"):
@@ -93,6 +93,14 @@ def test_the_run_resumed_from_its_checkpoints_and_kept_the_history(trained):
         assert (state["epoch"], state["iteration"]) == (5, history[-1]["iteration"])
     epochs_lines = [line for line in lines if line.startswith("  epoch ")]
     assert len(epochs_lines) == 2 * 5  # each epoch trained once per stream, none twice
+    # what a watcher reads without loading a checkpoint: each stream's figures in its checkpoint pointer,
+    # and the scoring's progress per split (the UI's report tab, essp.orchestration.progress)
+    from essp.lifecycle.progress import scoring_progress, stream_histories
+
+    assert stream_histories(settings, spec.run, ["rgb", "flow"]) == report["history"]
+    scoring = scoring_progress(settings, spec.run)
+    assert {split: (p["scored"], p["total"], p["finished"]) for split, p in scoring.items()} == {
+        split: (len(manifest.split(split)),) * 2 + (True,) for split in ("test", "train")}
 
 
 def test_the_registry_promotes_only_a_better_model(trained):
@@ -304,6 +312,10 @@ def test_the_steps_run_as_stages_with_small_json(trained):
     before = len(ModelRegistry(settings, "e2e").versions())
     registered = run_stage("register-model", settings, {"run": spec.run, "fused": fused})
     assert registered["version"] == before + 1 and registered["promoted"] is False  # not better than itself
+    from essp.lifecycle.progress import registration
+
+    recorded = registration(settings, spec.run)  # what the report's first card says
+    assert {k: recorded[k] for k in registered} == registered and recorded["metric"] == spec.promote_metric
     with pytest.raises(EsspError, match="stage verify-manifest: spec: fusion: 'median' is not one of"):
         run_stage("verify-manifest", settings, {"spec": {"run": "x1", "dataset": "tiny", "fusion": "median"}})
     with pytest.raises(Exception, match="epoch"):

@@ -177,6 +177,10 @@ class RedisKeys:
         """running / paused / stopped, set by control commands and read by every worker."""
         return f"{self.prefix}:{check_run_id(run)}:runstate"
 
+    def scoring(self, run: str) -> str:
+        """Hash split -> JSON ``{scored, total, finished, ...}``: how far the run's scoring has come (for the UI)."""
+        return f"{self.prefix}:{check_run_id(run)}:scoring"
+
     def decode_attempts(self, run: str) -> str:
         """Hash video URI -> decodes started and not finished (a crash or a hang), for poison videos."""
         return f"{self.prefix}:{check_run_id(run)}:attempts"

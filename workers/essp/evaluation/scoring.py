@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,8 +161,11 @@ def forward_snippets(model: StreamModel, arrays: list[np.ndarray],
 def score_split(settings: Settings, models: dict[str, StreamModel], videos: list[ScoredVideo], *, run: str,
                 split: str, features: dict[str, dict[str, Any]], length: int, height: int, width: int,
                 snippets: int = DEFAULT_SNIPPETS, batch_size: int = 32, timeout_s: float = 300.0,
-                max_inflight: int = 64, exclude: Iterable[str] = ()) -> tuple[dict[str, VideoScores], SnippetPlan]:
-    """Score ``videos`` with each stream's model through the resident workers of the data plane.
+                max_inflight: int = 64, exclude: Iterable[str] = (),
+                progress: Callable[[int, int], None] | None = None) -> tuple[dict[str, VideoScores], SnippetPlan]:
+    """Score ``videos`` with each stream's model through the resident workers of the data plane;
+    ``progress(scored, total)`` is called as videos are done (every snippet of every stream in), from the
+    streams' threads, one at a time.
 
     The snippets travel as a scoring run of their own (:func:`scoring_run_id`); its topics and keys are
     removed at the end. Each stream is consumed on its own thread so that the in-flight bound, which
@@ -176,6 +179,14 @@ def score_split(settings: Settings, models: dict[str, StreamModel], videos: list
     accumulators = {stream: ScoreAccumulator(plan, stream) for stream in models}
     errors: list[BaseException] = []
     streams_ready = threading.Barrier(len(models) + 1)
+    told = threading.Lock()
+
+    def add(stream: str, ids: list[str], arrays: list[np.ndarray], device: Any) -> None:
+        accumulators[stream].add(ids, *forward_snippets(models[stream], arrays, device))
+        if progress is not None:
+            with told:
+                done = np.logical_and.reduce([acc.mask.all(axis=1) for acc in accumulators.values()])
+                progress(int(done.sum()), len(plan.videos))
 
     def consume(stream: str) -> None:
         model = models[stream]
@@ -190,10 +201,10 @@ def score_split(settings: Settings, models: dict[str, StreamModel], videos: list
                     arrays.append(sample.array)
                     ids.append(sample.sample_id)
                     if len(arrays) == batch_size:
-                        accumulators[stream].add(ids, *forward_snippets(model, arrays, device))
+                        add(stream, ids, arrays, device)
                         arrays, ids = [], []
                 if arrays:
-                    accumulators[stream].add(ids, *forward_snippets(model, arrays, device))
+                    add(stream, ids, arrays, device)
                 if source.stats.dead:
                     log.warning("stream %s: %d snippet(s) dead: %s", stream, source.stats.dead,
                                 source.stats.dead_reasons[:3])
@@ -206,6 +217,8 @@ def score_split(settings: Settings, models: dict[str, StreamModel], videos: list
         thread.start()
     try:
         streams_ready.wait(timeout=60)
+        if progress is not None:
+            progress(0, len(plan.videos))
         publish_plan(settings, EpochPlan(run=score_run, epoch=0, seed=0, jobs=plan.jobs))
     except threading.BrokenBarrierError:
         pass

@@ -33,6 +33,7 @@ from essp.evaluation.scoring import manifest_videos
 from essp.evaluation.scoring import score_split as score_videos
 from essp.lifecycle.epochs import load_run, start_epoch, trained_epochs, verify_manifest, wait_epoch_done
 from essp.lifecycle.params import RunParams, RunParamsError
+from essp.lifecycle.progress import REGISTRATION_FILE, ScoringRecorder
 from essp.settings import Settings
 from essp.training.artifacts import RunStore, VideoScores
 from essp.training.models import build_model
@@ -85,12 +86,14 @@ def score_split(settings: Settings, spec: RunParams, split: str, *, snippets: in
     models = load_stream_models(settings, spec, len(facts["classes"]), device=str(resolve_device(spec.device)))
     videos = manifest_videos(manifest, split)
     started = time.monotonic()
+    recorder = ScoringRecorder(settings, spec.run_id(), split)
     scores, plan = score_videos(settings, models, videos, run=spec.run_id(), split=split, features=spec.features(),
                                 length=spec.length, height=spec.size, width=spec.size,
                                 snippets=snippets or spec.snippets, max_inflight=spec.max_inflight,
-                                exclude=set(decode_quarantine(settings, spec.run_id())))
+                                exclude=set(decode_quarantine(settings, spec.run_id())), progress=recorder)
     runs = RunStore(settings, spec.run_id())
     uris = {stream: runs.save_scores(split, result) for stream, result in scores.items()}
+    recorder(len(plan.videos), len(plan.videos), finished=True)
     log(f"  scored {len(plan.videos)} {split} videos x {plan.snippets} snippets x {len(models)} streams in "
         f"{time.monotonic() - started:.1f}s" + (f" (skipped {len(plan.skipped)})" if plan.skipped else ""))
     return uris
@@ -172,7 +175,10 @@ def register_model(settings: Settings, spec: RunParams, metrics: dict[str, Any],
         result = registry.promote(version.version, metric=spec.promote_metric)
         promoted, reason = result.promoted, result.reason
     log(f"  registered {name} v{version.version}; {'promoted to production' if promoted else 'not promoted'}: {reason}")
-    return {"registry": name, "version": version.version, "promoted": promoted, "reason": reason}
+    outcome = {"registry": name, "version": version.version, "promoted": promoted, "reason": reason}
+    # next to the report, for its first card (essp.orchestration.webui): the report is written before this
+    runs.save_json(REGISTRATION_FILE, {**outcome, "metric": spec.promote_metric, "registered_at": time.time()})
+    return outcome
 
 
 def registry_name(spec: RunParams, facts: dict[str, Any]) -> str:

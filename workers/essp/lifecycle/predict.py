@@ -46,8 +46,8 @@ def resolve_registry(settings: Settings, registry: str | None) -> str:
     if not names:
         raise PredictionError("no model registry has a production model yet: train one (`essp train` / the "
                               "essp_train DAG)")
-    raise PredictionError(f"several registries have a production model ({', '.join(names)}): name one with "
-                          "--registry")
+    raise PredictionError(f"registry: several registries have a production model ({', '.join(names)}): name one "
+                          "(the `registry` param of essp_predict, --registry of `essp predict`)")
 
 
 def resolve_model(settings: Settings, registry: str, version: int | None) -> ModelVersion:

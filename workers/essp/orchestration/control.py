@@ -17,10 +17,12 @@ from essp.clients.redis import redis_client
 from essp.clients.s3 import ObjectStore
 from essp.contract import RedisKeys
 from essp.dataplane.resident import RunControl, publish_control
+from essp.errors import EsspError
 from essp.evaluation.report import report_uri
 from essp.lifecycle.epochs import trainer_states
 from essp.lifecycle.liveness import observe_pause
 from essp.lifecycle.params import ControlParams, RunParamsError
+from essp.orchestration.links import DagRun, save_dag_run_record
 from essp.orchestration.stages import stage
 from essp.settings import Settings
 from essp.training.artifacts import RunArtifactMissing, RunStore
@@ -59,9 +61,24 @@ def run_facts(settings: Settings, run: str) -> dict[str, Any]:
 
 
 @stage
-def control_run(settings: Settings, params: ControlParams) -> dict[str, Any]:
+def control_run(settings: Settings, params: ControlParams, dag_run: DagRun | None = None) -> dict[str, Any]:
     """Send ``params.command`` for ``params.run``, after checking that it can take effect; returns the run's
-    state before and after, the trainers' states, and ``message``, which says it in words."""
+    state before and after, the trainers' states, and ``message``, which says it in words. With ``dag_run``
+    (essp_control's), what happened (or why it was refused) is recorded for the DAG run's report tab."""
+    try:
+        done = _control_run(settings, params)
+    except EsspError as exc:
+        if dag_run is not None:
+            save_dag_run_record(settings, dag_run.dag_id, dag_run.dag_run_id, error=str(exc),
+                                control={"command": params.command, "run": params.run})
+        raise
+    if dag_run is not None:
+        save_dag_run_record(settings, dag_run.dag_id, dag_run.dag_run_id,
+                            control={k: done[k] for k in ("run", "command", "before", "state", "trainers", "message")})
+    return done
+
+
+def _control_run(settings: Settings, params: ControlParams) -> dict[str, Any]:
     run, command = params.run, params.command
     facts = run_facts(settings, run)
     if facts["spec"] is None and facts["state"] is None:

@@ -8,16 +8,21 @@ from typing import Any
 
 from essp.lifecycle import nightly
 from essp.lifecycle.params import NightlyParams
-from essp.orchestration.links import run_id_for
+from essp.orchestration.links import DagRun, run_id_for, save_dag_run_record
 from essp.orchestration.stages import stage
-from essp.orchestration.train import DagRun, plan_run
+from essp.orchestration.train import plan_run
 from essp.settings import Settings
 
 
 @stage
-def detect_changes(settings: Settings, registry: str) -> dict[str, Any]:
-    """Whether the registry's dataset changed since the last successful retrain (``changed``, ``reason``)."""
-    return nightly.detect_changes(settings, registry)
+def detect_changes(settings: Settings, registry: str, dag_run: DagRun | None = None) -> dict[str, Any]:
+    """Whether the registry's dataset changed since the last successful retrain (``changed``, ``reason``);
+    with ``dag_run``, a night with nothing to train is recorded for the DAG run's report tab, with the reason."""
+    found = nightly.detect_changes(settings, registry)
+    if dag_run is not None and not found["changed"]:
+        save_dag_run_record(settings, dag_run.dag_id, dag_run.dag_run_id,
+                            skipped={"registry": registry, "reason": found.get("reason") or "nothing changed"})
+    return found
 
 
 @stage

@@ -22,16 +22,9 @@ from essp.evaluation.metrics import SUMMARY_METRICS
 from essp.lifecycle import epochs
 from essp.lifecycle.claims import release_run
 from essp.lifecycle.params import RunParams, parse_params
-from essp.orchestration.links import run_id_for, save_link
+from essp.orchestration.links import DagRun, run_id_for, save_link
 from essp.orchestration.stages import stage
 from essp.settings import Settings
-
-
-class DagRun(BaseModel):
-    """The Airflow DAG run that drives an ESSP run (recorded so that the UI finds the run's report)."""
-
-    dag_id: str
-    dag_run_id: str
 
 
 class Fused(BaseModel):

@@ -30,10 +30,10 @@ import datetime as dt
 import html
 import json
 import re
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -44,8 +44,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 from markupsafe import Markup
 
 from essp.clients.s3 import ObjectNotFound, ObjectStore
-from essp.contract import check_run_id, epoch_progress
-from essp.dataplane.resident import RunControl
+from essp.contract import check_run_id
 from essp.deploy.fleet import worker_mode
 from essp.deploy.kube import LABEL_RUN, label_value, pod_records
 from essp.deploy.kube import trainer_name as kube_trainer_name
@@ -61,8 +60,12 @@ from essp.evaluation.report import (
     read_report,
     summary_lines,
 )
-from essp.lifecycle.epochs import load_run, trainer_states
+from essp.lifecycle.epochs import load_run
 from essp.lifecycle.params import RunParams
+from essp.lifecycle.progress import registration
+from essp.orchestration.links import dag_run_of, load_link
+from essp.orchestration.progress import live_view
+from essp.orchestration.records import record_view
 from essp.settings import Settings
 from essp.stack.procs import ProcessTable, pid_alive
 from essp.training.artifacts import RunArtifactMissing
@@ -78,14 +81,17 @@ METRIC_KEYS = SUMMARY_METRICS  # the metrics table's figures, in its columns
 INDEX_DETAILS = 25  # the newest runs whose report the index reads for its figures
 LOG_TAIL_LINES = 200
 LOG_TAIL_BYTES = 256 * 1024  # a log's tail is read from at most its last this many bytes
-STATUS_REFRESH_S = 30
+STATUS_REFRESH_S = 10  # a run's status page reloads itself this often
 SECURITY_HEADERS = {
-    # Pages are self-contained: no scripts at all, styles inline, images from this app only.
-    "Content-Security-Policy": "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; "
+    # Pages are self-contained: one script of this app's (static/essp.js), styles inline, images from this app.
+    "Content-Security-Policy": "default-src 'none'; img-src 'self'; script-src 'self'; style-src 'unsafe-inline'; "
                                "base-uri 'none'; form-action 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "same-origin",
 }
+
+
+SCRIPT = resources.files("essp.orchestration").joinpath("static/essp.js").read_bytes()
 
 
 class BadRequest(EsspError):
@@ -118,17 +124,6 @@ def _when(value: Any) -> str:
     if isinstance(value, dt.datetime):
         return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     return _text(value)
-
-
-def _age(ts: Any) -> str:
-    if not isinstance(ts, int | float):
-        return ""
-    seconds = max(0.0, time.time() - ts)
-    if seconds < 120:
-        return f"{seconds:.0f} s ago"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min ago"
-    return f"{seconds / 3600:.1f} h ago"
 
 
 def _checked_run(run: str) -> str:
@@ -217,7 +212,8 @@ def list_reports(settings: Settings) -> list[dict[str, Any]]:
             report = read_report(settings, entry["run"])
         except EsspError as exc:
             return {**entry, "error": str(exc)}
-        return {**entry, "summary": report.get("summary") or {}, "created_at": report.get("created_at")}
+        return {**entry, "summary": report.get("summary") or {}, "created_at": report.get("created_at"),
+                "dag_run": dag_run_of(settings, entry["run"]), "registration": registration(settings, entry["run"])}
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         found = [e for e in pool.map(stat, runs) if e is not None]
@@ -228,9 +224,11 @@ def list_reports(settings: Settings) -> list[dict[str, Any]]:
 
 
 def render_index(settings: Settings, root: str) -> HTMLResponse:
-    entries = [{"href": f"{root}runs/{q(e['run'])}", "summary": None, "error": None, **e}
-               for e in list_reports(settings)]
-    return render("index.html", entries=entries, bucket=settings.bucket_runs)
+    entries = [{"href": f"{root}runs/{q(e['run'])}", "summary": None, "error": None, "dag_run": None,
+                "registration": None, **e} for e in list_reports(settings)]
+    for e in entries:
+        e["airflow"] = airflow_href(root, e["dag_run"]["dag_id"], e["dag_run"]["dag_run_id"]) if e["dag_run"] else None
+    return render("index.html", entries=entries, bucket=settings.bucket_runs, root=root)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,8 +254,24 @@ def metric_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def verdict_cards(report: dict[str, Any]) -> list[dict[str, str]]:
-    """The result's cards: key, value (text) and CSS class (``good`` / ``warn`` for the verdict)."""
+def registration_card(registration: dict[str, Any] | None) -> tuple[str, str, str, str]:
+    """The report's first card: key, value, CSS class and note (the registry's reason) of what the registry
+    did with the run's model (:func:`essp.lifecycle.progress.registration`)."""
+    if registration is None:
+        return ("model registry", "not registered (yet)", "",
+                "register_model records the run's model after its report (a run of the CLI's `essp train` is "
+                "not registered)")
+    name, version = registration.get("registry"), registration.get("version")
+    if registration.get("promoted"):
+        return ("model registry", f"v{version} of {name}: promoted", "good",
+                f"now production; {registration.get('reason') or ''}".rstrip("; "))
+    return ("model registry", f"v{version} of {name}: not promoted", "warn",
+            f"production stays: {registration.get('reason') or 'no reason recorded'}")
+
+
+def verdict_cards(report: dict[str, Any], registration: dict[str, Any] | None = None) -> list[dict[str, str]]:
+    """The result's cards: key, value (text), CSS class (``good`` / ``warn`` for a verdict) and note; the first
+    says what the registry did with the run's model."""
     s = report.get("summary") or {}
     cards = [("selected fusion", s.get("selected"), ""), ("selected top-1", pct(s.get("selected_top1")), ""),
              ("best stream", f'{_text(s.get("best_stream"))} {pct(s.get("best_stream_top1"))}', ""),
@@ -269,7 +283,9 @@ def verdict_cards(report: dict[str, Any]) -> list[dict[str, str]]:
         cards.append(("fused ≥ best stream", ("yes" if verdict else "no") + gain_text, "good" if verdict else "warn"))
     selected = report.get("selected_metrics") or {}
     cards += [("selected top-5", pct(selected.get("top5")), ""), ("selected mAP", pct(selected.get("mAP")), "")]
-    return [{"key": k, "value": v, "cls": cls} for k, v, cls in cards]
+    first = registration_card(registration)
+    return [{"key": first[0], "value": first[1], "cls": first[2], "note": first[3]},
+            *({"key": k, "value": v, "cls": cls, "note": ""} for k, v, cls in cards)]
 
 
 def param_rows(params: dict[str, Any]) -> list[tuple[str, str]]:
@@ -285,14 +301,26 @@ def no_report_message(run: str, exc: ReportNotFound) -> str:
     return f"run {run} has no report yet: {cause[len(prefix):] if cause.startswith(prefix) else cause}"
 
 
-def render_report(report: dict[str, Any], root: str, *, context: dict[str, Any] | None = None) -> HTMLResponse:
-    """The report page; ``context``: the DAG run it is shown for (:func:`dag_run_context`)."""
+def airflow_href(root: str, dag_id: str, dag_run_id: str) -> str:
+    """The Airflow UI's page of a DAG run, relative to a page whose app root is ``root`` (the app is mounted
+    one level under the UI's base: ``/essp``)."""
+    return f"{root}../dags/{q(dag_id)}/runs/{q(dag_run_id)}"
+
+
+def render_report(report: dict[str, Any], root: str, *, context: dict[str, Any] | None = None,
+                  registration: dict[str, Any] | None = None, dag_run: dict[str, str] | None = None) -> HTMLResponse:
+    """The report page; ``context``: the DAG run it is shown for (:func:`dag_run_context`); ``registration``:
+    what the registry did; ``dag_run``: the DAG run that drives the run (linked to in the Airflow UI)."""
     run = str(report["run"])
+    if dag_run is None and context is not None:
+        dag_run = {"dag_id": context["dag_id"], "dag_run_id": context["dag_run_id"]}
     href = f"{root}runs/{q(run)}"
     files = f"{href}/files/"
     return render("report.html", run=run, root=root, href=href, context=context, summary_file=SUMMARY_FILE,
                   created_at=report.get("created_at"), summary=report.get("summary") or {},
-                  cards=verdict_cards(report), metrics=metric_rows(report),
+                  cards=verdict_cards(report, registration), metrics=metric_rows(report),
+                  airflow=airflow_href(root, dag_run["dag_id"], dag_run["dag_run_id"]) if dag_run else None,
+                  dag_run_ids=dag_run,
                   plots=[{"href": f"{files}{name}", "title": PLOT_TITLES[name]} for name in PLOTS],
                   streams=report.get("streams") or {}, history=report.get("history") or {},
                   summary_text="\n".join(summary_lines(report)), params=param_rows(report.get("params") or {}))
@@ -310,46 +338,19 @@ def _run_spec(settings: Settings, run: str) -> RunParams | None:
         return None
 
 
-def trainer_rows(settings: Settings, run: str, spec: RunParams) -> tuple[list[dict[str, Any]], str]:
-    """Each stream's trainer state as the status page shows it (stream and either error (the states could
-    not be read), or started (False: no state yet) and status, epochs, worker, updated, figures, detail),
-    and a line saying where the run's current epoch stands (:func:`essp.contract.epoch_progress`)."""
-    try:
-        states = trainer_states(settings, run, spec.streams)
-        run_state = RunControl(settings).get(run, fresh=True)
-    except EsspError as exc:
-        return [{"stream": stream, "error": str(exc)} for stream in spec.streams], ""
-    rows: list[dict[str, Any]] = []
-    for stream, state in states.items():
-        if state is None:
-            rows.append({"stream": stream, "error": None, "started": False})
-            continue
-        figures = ", ".join(f"{k} {_number(state.stats[k])}" for k in ("loss", "accuracy", "samples_per_s")
-                            if k in state.stats)
-        rows.append({"stream": stream, "error": None, "started": True, "status": state.status,
-                     "epochs": f"{state.epoch_done + 1} / {spec.epochs}", "worker": state.worker,
-                     "updated": _age(state.updated_at), "figures": figures, "detail": state.detail or ""})
-    epoch = min((s.epoch_done + 1 if s else 0) for s in states.values())
-    if epoch >= spec.epochs:
-        return rows, f"all {spec.epochs} epochs trained; scoring, fusion and the report come next"
-    progress = epoch_progress(run, epoch, states, run_state=run_state)
-    line = {"done": f"epoch {epoch} done", "waiting": f"epoch {epoch} of {spec.epochs}: training"}.get(
-        progress.status, f"epoch {epoch} of {spec.epochs}: {progress.status} - {progress.detail}")
-    return rows, line
-
-
 def dag_run_context(dag_id: str, dag_run_id: str, run: str, root: str, *, workers_link: bool = True) -> dict[str, Any]:
-    """The line that heads a DAG run's pages: which ESSP run it drives, and (``workers_link``) a link to its workers."""
-    return {"dag_id": dag_id, "dag_run_id": dag_run_id, "run": run,
+    """The line that heads a DAG run's pages: which ESSP run it drives, a link to the DAG run in the Airflow UI,
+    and (``workers_link``) a link to its workers."""
+    return {"dag_id": dag_id, "dag_run_id": dag_run_id, "run": run, "airflow": airflow_href(root, dag_id, dag_run_id),
             "workers": f"{root}dag-runs/{q(dag_id)}/{q(dag_run_id)}/workers" if workers_link else None}
 
 
-def render_status(settings: Settings, run: str, dag_id: str, dag_run_id: str, cause: str, root: str) -> HTMLResponse:
-    """What a started run that has no report yet shows: each stream's trainer state; the page reloads."""
+def render_status(settings: Settings, run: str, dag_id: str, dag_run_id: str, root: str) -> HTMLResponse:
+    """What a started run that has no report yet shows: the phase it is in, its trainers, the training curves
+    so far, samples/s and data wait per stream, and scoring progress; the page reloads itself."""
     spec = _run_spec(settings, run)
-    trainers, progress = trainer_rows(settings, run, spec) if spec is not None else (None, "")
-    return render("status.html", refresh_s=STATUS_REFRESH_S, run=run, root=root, cause=cause,
-                  context=dag_run_context(dag_id, dag_run_id, run, root), trainers=trainers, progress=progress)
+    return render("status.html", refresh_s=STATUS_REFRESH_S, run=run, root=root, spec=spec,
+                  context=dag_run_context(dag_id, dag_run_id, run, root), **live_view(settings, run, spec))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,6 +474,11 @@ def create_app(settings_factory: SettingsFactory = Settings, access: Access | No
     def _essp_error(request: Request, exc: EsspError) -> Response:
         return message_page(500, "ESSP error", str(exc), _root(request))
 
+    @app.get("/static/essp.js", dependencies=guard("runs"))
+    def script() -> Response:
+        return Response(SCRIPT, media_type="text/javascript; charset=utf-8",
+                        headers={"Cache-Control": "no-cache", **SECURITY_HEADERS})
+
     @app.get("/", response_class=HTMLResponse, dependencies=guard("runs"))
     def index(request: Request) -> Response:
         return render_index(settings_factory(), _root(request))
@@ -481,11 +487,12 @@ def create_app(settings_factory: SettingsFactory = Settings, access: Access | No
     def run_report(request: Request, run: str) -> Response:
         run = _checked_run(run)
         root = _root(request)
+        settings = settings_factory()
         try:
-            report = read_report(settings_factory(), run)
+            report = read_report(settings, run)
         except ReportNotFound as exc:
             return message_page(404, "No report", no_report_message(run, exc), root)
-        return render_report(report, root)
+        return render_report(report, root, registration=registration(settings, run), dag_run=dag_run_of(settings, run))
 
     @app.get("/runs/{run}/report.json", dependencies=guard("runs"))
     def run_report_json(run: str) -> Response:
@@ -510,34 +517,34 @@ def create_app(settings_factory: SettingsFactory = Settings, access: Access | No
         return StreamingResponse(chunks, media_type=content_type,
                                  headers={"Cache-Control": "no-cache", **SECURITY_HEADERS})
 
-    def linked_run(settings: Settings, dag_id: str, dag_run_id: str, root: str, why: str) -> str | Response:
-        """The ESSP run a DAG run drives, or the 404 page saying it has none (yet)."""
-        from essp.orchestration.links import load_link
-
+    def linked_run(settings: Settings, dag_id: str, dag_run_id: str, root: str) -> str | Response:
+        """The ESSP run a DAG run drives, or the page saying what the DAG run did instead (or will show)."""
         link = load_link(settings, dag_id, dag_run_id)
-        if link is None:
-            return message_page(404, "No ESSP run", f"DAG run {dag_run_id} of {dag_id} has not started an ESSP run "
-                                f"(yet){why}", root)
-        return _checked_run(str(link.get("run", "")))
+        if link is None or not link.get("run"):
+            view = record_view(settings, dag_id, dag_run_id, link, root)
+            return render("record.html", refresh_s=STATUS_REFRESH_S if view.pop("refresh") else None, root=root,
+                          **view)
+        return _checked_run(str(link["run"]))
 
     @app.get("/dag-runs/{dag_id}/{dag_run_id}", response_class=HTMLResponse, dependencies=guard("dag_run"))
     def dag_run_report(request: Request, dag_id: str, dag_run_id: str) -> Response:
         settings = settings_factory()
         root = _root(request)
-        run = linked_run(settings, dag_id, dag_run_id, root, ": its first task records the run it trains.")
+        run = linked_run(settings, dag_id, dag_run_id, root)
         if isinstance(run, Response):
             return run
         try:
             report = read_report(settings, run)
-        except ReportNotFound as exc:
-            return render_status(settings, run, dag_id, dag_run_id, str(exc), root)
-        return render_report(report, root, context=dag_run_context(dag_id, dag_run_id, run, root))
+        except ReportNotFound:
+            return render_status(settings, run, dag_id, dag_run_id, root)
+        return render_report(report, root, context=dag_run_context(dag_id, dag_run_id, run, root),
+                             registration=registration(settings, run))
 
     @app.get("/dag-runs/{dag_id}/{dag_run_id}/workers", response_class=HTMLResponse, dependencies=guard("logs"))
     def dag_run_workers(request: Request, dag_id: str, dag_run_id: str) -> Response:
         settings = settings_factory()
         root = _root(request)
-        run = linked_run(settings, dag_id, dag_run_id, root, ", so it has no workers.")
+        run = linked_run(settings, dag_id, dag_run_id, root)
         if isinstance(run, Response):
             return run
         spec = _run_spec(settings, run)

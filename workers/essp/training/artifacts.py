@@ -42,6 +42,7 @@ class PretrainedRefused(EsspError, ValueError):
 
 
 _CHECKPOINT_KEY = re.compile(r"[A-Za-z0-9_-]+/checkpoints/[a-z][a-z0-9_]*/[A-Za-z0-9_.-]+\.pt")
+HISTORY_IN_POINTER = 1000  # epochs of figures latest.json carries (a few KiB per 100)
 
 
 def pretrained_dirs(settings: Settings) -> list[Path]:
@@ -143,7 +144,9 @@ class RunStore:
         uri = str(S3Uri(self.bucket, key))
         self.store.put_json(self.bucket, f"{self.run}/checkpoints/{stream}/latest.json", {
             "uri": uri, "epoch": int(state["epoch"]), "iteration": int(state["iteration"]),
-            "finished_epoch": finished_epoch, "saved_at": time.time()})
+            "finished_epoch": finished_epoch, "saved_at": time.time(),
+            # the finished epochs' figures, so that a watcher (the UI) has them without loading a checkpoint
+            "history": [dict(h) for h in state.get("history", [])][-HISTORY_IN_POINTER:]})
         return uri
 
     def latest_pointer(self, stream: str) -> dict[str, Any] | None:
