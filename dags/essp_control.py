@@ -18,7 +18,7 @@ from airflow.sdk import dag
 
 from essp.lifecycle.params import ControlParams
 from essp.operators.params import dag_docs, dag_params
-from essp.operators.stage import EsspStageOperator
+from essp.operators.stage import DAG_RUN, EsspStageOperator
 
 
 @dag(
@@ -31,7 +31,8 @@ from essp.operators.stage import EsspStageOperator
     **dag_docs(__doc__),
 )
 def essp_control():
-    EsspStageOperator(task_id="control_run", dag_params=True, cpu="100m", memory="256Mi")
+    EsspStageOperator(task_id="control_run", dag_params=True, cpu="100m", memory="256Mi",
+                      stage_params={"dag_run": DAG_RUN})
 
 
 essp_control()

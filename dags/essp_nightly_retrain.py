@@ -18,7 +18,7 @@ from airflow.sdk import dag, task
 from essp.lifecycle.params import NightlyParams
 from essp.operators import training
 from essp.operators.params import dag_docs, dag_params
-from essp.operators.stage import EsspStageOperator
+from essp.operators.stage import DAG_RUN, EsspStageOperator
 
 MANIFEST = "{{ ti.xcom_pull('refresh_manifest')['manifest'] }}"
 
@@ -35,8 +35,8 @@ MANIFEST = "{{ ti.xcom_pull('refresh_manifest')['manifest'] }}"
     **dag_docs(__doc__),
 )
 def essp_nightly_retrain():
-    detect = EsspStageOperator(task_id="detect_changes", stage_params={"registry": "{{ params.registry }}"},
-                               cpu="500m", memory="1Gi")
+    detect = EsspStageOperator(task_id="detect_changes", stage_params={"registry": "{{ params.registry }}",
+                                                                       "dag_run": DAG_RUN}, cpu="500m", memory="1Gi")
 
     @task.short_circuit(task_id="changed")
     def changed(found: dict) -> bool:
@@ -47,8 +47,7 @@ def essp_nightly_retrain():
                                 stage_params={"manifest": "{{ ti.xcom_pull('detect_changes')['latest_manifest'] }}"},
                                 cpu="1", memory="2Gi")
     plan = EsspStageOperator(task_id="plan_finetune", dag_params=True, multiple_outputs=True, cpu="250m",
-                             memory="512Mi", stage_params={"manifest": MANIFEST, "dag_run": {
-                                 "dag_id": "{{ dag.dag_id }}", "dag_run_id": "{{ run_id }}"}})
+                             memory="512Mi", stage_params={"manifest": MANIFEST, "dag_run": DAG_RUN})
     changed(detect.output) >> refresh >> plan
     prepared = training.prepare(plan.output)
     trained = training.train(plan.output)
@@ -56,8 +55,9 @@ def essp_nightly_retrain():
     registered = training.register(plan.output, evaluated)
     plan >> prepared.group >> trained >> evaluated.group >> registered.group
     record = EsspStageOperator(task_id="record_retrain", cpu="250m", memory="512Mi",
-                               stage_params={"registry": "{{ params.registry }}", "manifest": MANIFEST,
-                                             "run": plan.output["run"], "registered": registered.register_model.output})
+                               stage_params={"registry": "{{ params.registry }}", "manifest": MANIFEST},
+                               xcom_params={**training.from_plan(plan.output, "run"),
+                                            "registered": (registered.register_model.task_id, None)})
     registered.group >> record
     training.release_workers(plan.output, prepared, record)
 

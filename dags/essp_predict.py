@@ -14,7 +14,7 @@ from airflow.sdk import dag
 
 from essp.lifecycle.params import PredictParams
 from essp.operators.params import dag_docs, dag_params
-from essp.operators.stage import EsspStageOperator
+from essp.operators.stage import DAG_RUN, EsspStageOperator
 
 
 @dag(
@@ -29,7 +29,8 @@ from essp.operators.stage import EsspStageOperator
 )
 def essp_predict():
     EsspStageOperator(task_id="predict_prefix", dag_params=True, cpu="2", memory="4Gi",
-                      stage_params={"tag": "{{ run_id | replace(':', '') | replace('+', '-') | replace('.', '-') }}"})
+                      stage_params={"tag": "{{ run_id | replace(':', '') | replace('+', '-') | replace('.', '-') }}",
+                                    "dag_run": DAG_RUN})
 
 
 essp_predict()

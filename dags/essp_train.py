@@ -4,7 +4,8 @@ Trigger it from the UI (the form shows every param with its description; its sch
 essp.lifecycle.params.RunParams), the REST API or `airflow dags trigger essp_train --conf
 '{"fusion": "max", ...}'`. Airflow refuses a value outside a param's schema when the run is created;
 `validate_params` refuses what one param alone cannot say (e.g. `fusion: weighted` without
-`fusion_weights`), naming the param.
+`fusion_weights`, or a weight missing for one of the `streams`), naming the param: the task fails with that
+one line, no traceback (the DAG run's note too, with the ESSP plugin's listener: essp.operators.refusal).
 
 Each task runs the stage of its own name (`essp stage verify-manifest` for verify_manifest, the function
 essp.orchestration.train.verify_manifest) as a local process (the embedded default) or as a pod
@@ -35,12 +36,14 @@ from essp.operators.params import dag_docs, dag_params
 def essp_train():
     @task(multiple_outputs=True)
     def validate_params() -> dict:
+        from essp.operators.refusal import refusing
         from essp.orchestration.train import validate_params as validate
 
         context = get_current_context()
         run = context["dag_run"]
-        plan = validate(dict(context["params"]), dag_id=run.dag_id, dag_run_id=run.run_id)
-        claimed = training.claim_run(context, plan)  # one DAG run at a time trains a run (RunClaimed otherwise)
+        with refusing(context):  # a bad param, or a run another DAG run trains: one line, no traceback
+            plan = validate(dict(context["params"]), dag_id=run.dag_id, dag_run_id=run.run_id)
+            claimed = training.claim_run(context, plan)  # one DAG run at a time trains a run
         print(f"ESSP run {plan['run']}: streams {', '.join(plan['streams'])}, fusion {plan['spec']['fusion']}; "
               f"claimed by this DAG run ({claimed['claimed']})")
         return plan

@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,15 @@ from kubernetes.client import models as k8s
 
 from essp.operators.hooks import EsspHook
 from essp.operators.links import WorkerLogsLink
+from essp.operators.refusal import StageRefused, refuse
 from essp.orchestration.stages import RESULT_FILE_ENV, kubernetes_result_uri, stage_name
 from essp.settings import Settings, worker_environ
 from essp.stack.services import venv_binary
 
 OUTPUT_TAIL_LINES = 40
+# The stage param naming the task's DAG run (essp.orchestration.links.DagRun), templated: what a stage records
+# for the DAG run's "ESSP report" tab.
+DAG_RUN = {"dag_id": "{{ dag.dag_id }}", "dag_run_id": "{{ run_id }}"}
 LOGGING_INTERVAL_S = 120
 TERMINATION_GRACE_S = 60
 # Stages that call the Kubernetes API (essp.deploy.kube: scale the workers, clone and delete trainers): only
@@ -52,6 +56,30 @@ def _capped(request: str, cap: str) -> str:
     return cap if cap and _quantity(cap) < _quantity(request) else request
 
 
+def pull_upstream(context: Any, task: Any, sources: Mapping[str, tuple[str, str | None]]) -> dict[str, Any]:
+    """``{name: value}`` read, when ``task`` runs, from the results of tasks upstream of it: ``sources`` maps
+    each name to ``(task_id, key)``, ``key`` an item of that task's result dict, or None for all of it.
+
+    A task of an ESSP DAG takes XComArgs only from the task right before it, so that the edge the graph draws
+    is the dependency; a value from further up (the run id of the plan, read by every task) is read this way,
+    or every task would have an edge from the plan task (issue 13: ten edges out of validate_params)."""
+    ti = context["ti"]
+    upstream = task.get_flat_relative_ids(upstream=True)
+    results: dict[str, Any] = {}
+    out = {}
+    for name, (task_id, key) in sources.items():
+        if task_id not in upstream:
+            raise AirflowException(f"{task.task_id} reads {name!r} from task {task_id}, which is not upstream of it")
+        if task_id not in results:
+            results[task_id] = ti.xcom_pull(task_ids=task_id)
+        result = results[task_id]
+        if result is None or (key is not None and key not in result):
+            raise AirflowException(f"{task.task_id} reads {name!r} from task {task_id}, whose result has none "
+                                   f"(it returned {result!r:.200})")
+        out[name] = result if key is None else result[key]
+    return out
+
+
 class EsspStageOperator(KubernetesPodOperator):
     """Run the ESSP stage named after the task (task ``verify_manifest``: stage ``verify-manifest``, the
     function :func:`essp.orchestration.train.verify_manifest`) with ``stage_params`` (templated) and push
@@ -59,6 +87,8 @@ class EsspStageOperator(KubernetesPodOperator):
 
     :param stage_params: JSON-serialisable params, passed as ``--params-json``; templated.
     :param dag_params: also pass the DAG run's params, as the stage param ``params``.
+    :param xcom_params: stage params read, when the task runs, from the results of upstream tasks: ``{param:
+        (task_id, key)}`` (see :func:`pull_upstream`); an XComArg in ``stage_params`` is for the task right before.
     :param gpus: GPUs the pod requests (``nvidia.com/gpu``); a GPU stage uses the GPU image.
     :param cpu: CPU request (and limit) of the pod.
     :param memory: memory request (and limit) of the pod.
@@ -70,7 +100,8 @@ class EsspStageOperator(KubernetesPodOperator):
     operator_extra_links = (WorkerLogsLink(),)
 
     def __init__(self, *, task_id: str, stage_params: dict[str, Any] | None = None, dag_params: bool = False,
-                 gpus: int = 0, cpu: str = "1", memory: str = "2Gi", mode: str | None = None, **kwargs: Any) -> None:
+                 xcom_params: Mapping[str, tuple[str, str | None]] | None = None, gpus: int = 0, cpu: str = "1",
+                 memory: str = "2Gi", mode: str | None = None, **kwargs: Any) -> None:
         stage = stage_name(task_id)
         settings = Settings()
         gpus = gpus if settings.k8s_trainer_gpus else 0  # a cluster without GPUs (k8s/overlays/local)
@@ -126,6 +157,8 @@ class EsspStageOperator(KubernetesPodOperator):
         self.stage = stage
         self.stage_params = stage_params or {}
         self.dag_params = dag_params
+        self.xcom_params = dict(xcom_params or {})
+        self._refused: str | None = None  # what a refused stage's pod wrote (extract_xcom)
         self.gpus = gpus
         self.mode = mode
 
@@ -208,9 +241,25 @@ class EsspStageOperator(KubernetesPodOperator):
                 raise AirflowException(f"stage {self.stage} exited 0 but wrote no result to {uri}") from None
             return None  # a failed pod: its error is the task's
         store.delete(uri.bucket, uri.key)
+        if isinstance(result, dict) and "refused" in result and not (
+                pod.status is not None and container_is_succeeded(pod, self.base_container_name)):
+            self._refused = str(result["refused"])  # trigger_reentry fails the task with it
+            return None
         return result
 
+    def trigger_reentry(self, context: Any, event: dict[str, Any]) -> Any:
+        """The provider's, except that a pod whose stage refused its params fails the task with its one line."""
+        self._refused = None
+        try:
+            return super().trigger_reentry(context, event)
+        except AirflowException:
+            if self._refused is not None:
+                refuse(context, self._refused)
+            raise
+
     def execute(self, context: Any) -> Any:
+        if self.xcom_params:
+            self.stage_params = {**self.stage_params, **pull_upstream(context, self, self.xcom_params)}
         if self.dag_params:
             self.stage_params = {**self.stage_params, "params": dict(context["params"])}
         if self.resolved_mode() == "kubernetes":
@@ -220,7 +269,10 @@ class EsspStageOperator(KubernetesPodOperator):
             self._result_in_worker = None
             result = super().execute(context)  # raises TaskDeferred unless the pod finished in the worker
             return result if result is not None else self._result_in_worker
-        return self.execute_local()
+        try:
+            return self.execute_local()
+        except StageRefused as exc:
+            refuse(context, exc.line)
 
     def execute_local(self) -> dict[str, Any]:
         """Run the same command as a local process, its output streamed into the task log."""
@@ -240,6 +292,9 @@ class EsspStageOperator(KubernetesPodOperator):
                 tail.append(line.rstrip())
             code = proc.wait()
             if code != 0:
+                refused = json.loads(result_file.read_text()).get("refused") if result_file.exists() else None
+                if refused:  # a UserError: its line is the whole story (essp.operators.refusal)
+                    raise StageRefused(self.stage, refused)
                 raise AirflowException(f"stage {self.stage} exited with code {code}:\n" + "\n".join(tail))
             if not result_file.exists():
                 raise AirflowException(f"stage {self.stage} exited 0 but wrote no result")

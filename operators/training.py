@@ -19,13 +19,13 @@ from datetime import timedelta
 from typing import Any, NamedTuple
 
 from airflow.exceptions import AirflowException
-from airflow.sdk import BaseOperator, TaskGroup, task
+from airflow.sdk import BaseOperator, TaskGroup, get_current_context, task
 from airflow.task.trigger_rule import TriggerRule
 
 from essp.connections import REDIS_CONN_ID
 from essp.operators.hooks import stage_settings
 from essp.operators.links import WorkerLogsLink
-from essp.operators.stage import EsspStageOperator
+from essp.operators.stage import EsspStageOperator, pull_upstream
 from essp.operators.triggers import EpochDoneTrigger
 
 HISTORY_KEPT = 50
@@ -182,8 +182,16 @@ def claim_run(context: Any, plan: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- the task groups of a training DAG -----------------------------------------------------------------
-# ``plan`` is the XComArg of a multiple_outputs task returning essp.orchestration.train.plan_run:
-# run, streams, spec, dag_run. Task ids are not prefixed with their group's: each names its stage.
+# ``plan`` is the XComArg of the task returning essp.orchestration.train.plan_run (run, streams, spec,
+# dag_run). Task ids are not prefixed with their group's: each names its stage. One edge per dependency
+# (issue 13): a task takes XComArgs only from the task right before it; what it needs of the plan (the run
+# id, mostly) it reads when it runs (EsspStageOperator's xcom_params), else the plan task would have an edge
+# to every task of the DAG and the graph, ten parallel edges out of it, is unreadable at fit-to-screen.
+def from_plan(plan: Any, *keys: str) -> dict[str, tuple[str, str]]:
+    """``xcom_params`` of a task that reads ``keys`` of the plan when it runs."""
+    return {key: (plan.operator.task_id, key) for key in keys}
+
+
 class Prepared(NamedTuple):
     group: TaskGroup
     ensure_workers: EsspStageOperator  # the setup that release_workers tears down
@@ -196,16 +204,18 @@ def prepare(plan: Any) -> Prepared:
         verify = EsspStageOperator(task_id="verify_manifest", stage_params={"spec": plan["spec"],
                                                                             "dag_run": plan["dag_run"]},
                                    cpu="500m", memory="1Gi")
-        ensure = EsspStageOperator(task_id="ensure_workers", stage_params={"run": plan["run"]}, cpu="250m",
+        ensure = EsspStageOperator(task_id="ensure_workers", xcom_params=from_plan(plan, "run"), cpu="250m",
                                    memory="512Mi")
         verify >> ensure
     return Prepared(group, ensure)
 
 
 @task(task_id="streams")
-def _streams(names: list[str]) -> list[str]:
-    """The run's streams, as a list to map the train task over."""
-    return list(names)
+def _streams(plan_task: str) -> list[dict[str, str]]:
+    """The run's streams, as the keyword arguments of the train task mapped over them."""
+    context = get_current_context()
+    plan = pull_upstream(context, context["task"], {"plan": (plan_task, None)})["plan"]
+    return [{"run": plan["run"], "stream": stream} for stream in plan["streams"]]
 
 
 def train(plan: Any) -> TaskGroup:
@@ -214,11 +224,10 @@ def train(plan: Any) -> TaskGroup:
     with TaskGroup("training", prefix_group_id=False, tooltip="every epoch, every stream") as group:
         # The retries are given to partial(): a mapped task's tries come from its partial arguments, and
         # the defaults TrainStreamOperator.__init__ sets were not seen by the scheduler (no retry ran).
-        trainers = TrainStreamOperator.partial(task_id="train", run=plan["run"], retries=TRAIN_RETRIES,
-                                               retry_delay=TRAIN_RETRY_DELAY,
-                                               map_index_template="{{ task.stream }}").expand(
-            stream=_streams(plan["streams"]))
-        release = EsspStageOperator(task_id="release_trainers", stage_params={"run": plan["run"]}, cpu="250m",
+        trainers = TrainStreamOperator.partial(task_id="train", retries=TRAIN_RETRIES, retry_delay=TRAIN_RETRY_DELAY,
+                                               map_index_template="{{ task.stream }}").expand_kwargs(
+            _streams(plan.operator.task_id))
+        release = EsspStageOperator(task_id="release_trainers", xcom_params=from_plan(plan, "run"), cpu="250m",
                                     memory="512Mi", trigger_rule=TriggerRule.ALL_DONE)
         trainers >> release
     return group
@@ -233,18 +242,20 @@ def evaluate(plan: Any) -> Evaluated:
     """score_test and score_train (every video, each stream's final checkpoint; on a GPU in Kubernetes) ->
     fuse_and_report (every fusion side by side, the report to S3)."""
     with TaskGroup("evaluation", prefix_group_id=False, tooltip="score, fuse, report") as group:
-        scores = [EsspStageOperator(task_id=f"score_{split}", stage_params={"run": plan["run"]}, cpu="4",
+        scores = [EsspStageOperator(task_id=f"score_{split}", xcom_params=from_plan(plan, "run"), cpu="4",
                                     memory="8Gi", gpus=1) for split in ("test", "train")]
-        fuse = EsspStageOperator(task_id="fuse_and_report", stage_params={"run": plan["run"]}, cpu="1",
+        fuse = EsspStageOperator(task_id="fuse_and_report", xcom_params=from_plan(plan, "run"), cpu="1",
                                  memory="2Gi")
         scores >> fuse
     return Evaluated(group, fuse)
 
 
 @task(task_id="report_summary")
-def _report_summary(fused: dict, registered: dict) -> dict:
+def _report_summary(registered: dict, fused_task: str) -> dict:
     from essp.orchestration.train import report_summary
 
+    context = get_current_context()
+    fused = pull_upstream(context, context["task"], {"fused": (fused_task, None)})["fused"]
     for line in report_summary(stage_settings(), fused, registered):
         print(line)
     return {"run": fused["run"], "selected": fused["selected"], "metrics": fused["metrics"],
@@ -259,11 +270,11 @@ class Registered(NamedTuple):
 
 def register(plan: Any, evaluated: Evaluated) -> Registered:
     """register_model (a new registry version, promoted only if better) -> report_summary."""
-    fused = evaluated.fuse_and_report.output
+    fuse = evaluated.fuse_and_report
     with TaskGroup("registry", prefix_group_id=False, tooltip="register, promote, summarise") as group:
-        registered = EsspStageOperator(task_id="register_model", stage_params={"run": plan["run"], "fused": fused},
-                                       cpu="250m", memory="512Mi")
-        summary = _report_summary(fused, registered.output)
+        registered = EsspStageOperator(task_id="register_model", stage_params={"fused": fuse.output},
+                                       xcom_params=from_plan(plan, "run"), cpu="250m", memory="512Mi")
+        summary = _report_summary(registered.output, fuse.task_id)
     return Registered(group, registered, summary)
 
 
@@ -271,8 +282,7 @@ def release_workers(plan: Any, prepared: Prepared, last: Any) -> EsspStageOperat
     """The teardown of ensure_workers: stops the run's trainers (and the data workers, with the run's
     stop_data_workers) however the run ended, without deciding the DAG run's state, and gives the run's
     claim back."""
-    release = EsspStageOperator(task_id="release_workers",
-                                stage_params={"run": plan["run"], "dag_run": plan["dag_run"]},
+    release = EsspStageOperator(task_id="release_workers", xcom_params=from_plan(plan, "run", "dag_run"),
                                 cpu="250m", memory="512Mi", trigger_rule=TriggerRule.ALL_DONE)
     last >> release.as_teardown(setups=prepared.ensure_workers)
     return release

@@ -7,6 +7,17 @@ class EsspError(RuntimeError):
     """Base of ESSP's own errors: the message is meant for the user as it stands."""
 
 
+class UserError(EsspError):
+    """What the user asked for cannot be done as asked (a bad param, a run another DAG run trains): the message,
+    one line, says what to change. A task it fails shows that line, without a traceback, and is not retried
+    (essp.operators.refusal)."""
+
+
+def one_line(error: BaseException | str) -> str:
+    """An error's message on one line (whitespace runs, newlines included, become one space)."""
+    return " ".join(str(error).split())
+
+
 class ServiceUnavailable(EsspError):
     """A service ESSP needs (Redis, Kafka, S3, PostgreSQL, Airflow) does not answer."""
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from essp.clients.s3 import ObjectStore
-from essp.errors import EsspError
+from essp.errors import EsspError, UserError
 from essp.settings import Settings
 
 CLAIM = "owner.json"
@@ -28,7 +28,7 @@ CLAIM = "owner.json"
 FINISHED = ("success", "failed", "deleted")
 
 
-class RunClaimed(EsspError):
+class RunClaimed(UserError):
     """The run is being trained by another DAG run."""
 
 

@@ -10,15 +10,16 @@ strategies. Light on purpose (no torch): the DAG files import it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from essp.contract import RUN_ID_PATTERN, check_run_id
 from essp.dataplane.extractors import create_extractor, extractor_class, extractor_kinds
 from essp.deploy.fleet import data_kinds
-from essp.errors import EsspError, describe_validation
+from essp.errors import EsspError, UserError, describe_validation
 from essp.evaluation.fusion import FUSIONS
 from essp.evaluation.metrics import DEFAULT_SNIPPETS, PROMOTION_METRICS
 from essp.training.architectures import ARCHITECTURES
@@ -38,7 +39,7 @@ MAX_SAMPLE_MIB = 256
 MAX_WORKERS = 512
 
 
-class RunParamsError(EsspError, ValueError):
+class RunParamsError(UserError, ValueError):
     """A training run's params are not valid; the message names the param."""
 
 
@@ -48,6 +49,31 @@ def _flow_methods() -> list[str]:
 
 def _architectures() -> list[str]:
     return ARCHITECTURES.names()
+
+
+def _keyed_schema(keys: dict[str, Callable[[], Sequence[str]]],
+                  more: dict[str, dict[str, Any]] | None = None) -> Callable[[dict[str, Any], type], None]:
+    """A model's ``json_schema_extra``: each dict field of ``keys`` takes only the names its callable returns
+    (a registry's, read when the schema is made) as keys (``propertyNames``), with the schema keywords of
+    ``more`` besides, so that Airflow refuses a wrong key when the run is created (each param is checked
+    against its own schema only: what needs two params, e.g. a weight for each of the run's streams, is left
+    to the model's validators)."""
+
+    def extra(schema: dict[str, Any], _model: type) -> None:
+        for name, allowed in keys.items():
+            _object_branch(schema["properties"][name])["propertyNames"] = {"enum": list(allowed())}
+        for name, keywords in (more or {}).items():
+            _object_branch(schema["properties"][name]).update(keywords)
+
+    return extra
+
+
+def _object_branch(schema: dict[str, Any]) -> dict[str, Any]:
+    """The object schema of a dict field, or of an optional one (``anyOf: [object, null]``)."""
+    for branch in schema.get("anyOf", [schema]):
+        if branch.get("type") == "object":
+            return branch
+    raise ValueError(f"not the schema of a dict field: {schema}")
 
 
 @dataclass(frozen=True)
@@ -63,6 +89,10 @@ class StreamSpec:
 
 class RunParams(OptimParams):
     """Every knob of a training run: what `essp_train`'s form shows and what `essp train` takes."""
+
+    model_config = ConfigDict(json_schema_extra=_keyed_schema(
+        {"pretrained": extractor_kinds, "replicas": data_kinds, "fusion_weights": extractor_kinds},
+        {"fusion_weights": {"minProperties": 1}}))
 
     # -- Data
     dataset: str = knob("synth-demo", min_length=1, title="Dataset", section="Data",
@@ -120,7 +150,8 @@ class RunParams(OptimParams):
                                    "the report.")
     fusion_weights: dict[str, Annotated[float, Field(ge=0)]] | None = knob(
         None, title="Fusion weights", section="Evaluation",
-        description="Per-stream weights of the weighted fusion, e.g. {\"rgb\": 1, \"flow\": 1.5}.")
+        description="Per-stream weights of the weighted fusion, one for each stream of the run, e.g. "
+                    "{\"rgb\": 1, \"flow\": 1.5}.")
     registry: str | None = knob(None, pattern=NAME_PATTERN, title="Model registry", section="Evaluation",
                                 description="Registry name; empty: the dataset's name.")
     promote_metric: str = knob("top1", enum=lambda: PROMOTION_METRICS, title="Promotion metric", section="Evaluation",
@@ -281,6 +312,8 @@ def upgrade_stored(values: dict[str, Any]) -> dict[str, Any]:
 class NightlyParams(FormParams):
     """The `essp_nightly_retrain` DAG's params: which production model to fine-tune, and how."""
 
+    model_config = ConfigDict(json_schema_extra=_keyed_schema({"replicas": data_kinds}))
+
     registry: str = knob("synth-demo", pattern=NAME_PATTERN, title="Model registry", section="Model",
                          description="The registry whose production model is fine-tuned; its dataset is the one "
                                      "checked for new videos.")
@@ -304,7 +337,8 @@ class PredictParams(FormParams):
     prefix: str = knob("incoming/", min_length=1, title="Videos", section="Data",
                        description="s3://bucket/prefix/, or a key prefix in the videos bucket.")
     registry: str | None = knob(None, pattern=NAME_PATTERN, title="Model registry", section="Model",
-                                description="Empty: the only registry there is.")
+                                description="Empty: the one registry with a production model. With several, "
+                                            "name one: the run fails at once, naming them.")
     version: int | None = knob(None, ge=1, title="Model version", section="Model", description="Empty: production.")
     fusion: str | None = knob(None, enum=FUSIONS.names, title="Fusion", section="Model",
                               description="Empty: the registered model's fusion.")

@@ -2,11 +2,14 @@
 them (:class:`~essp.lifecycle.params.RunParams` for essp_train, and the models of the other DAGs).
 
 :func:`form_params` turns each field into the keyword arguments of an ``airflow.sdk.Param``: its default,
-title, description, form section, and its JSON schema (type, enum, bounds, pattern), so that Airflow
-refuses a value outside the schema when the run is created (the form and the REST API alike) and the
-model refuses, naming the param, what one field's schema cannot say. Two shapes are chosen for
-Airflow 3.3's form (tried in Chromium, tests/test_airflow_ui.py): an optional field (``None`` allowed) has
-``null`` in its type, so an empty field is not a missing one (a ``""`` default kept Trigger disabled);
+title, description, form section, and its JSON schema (type, enum, bounds, pattern, the keys a dict
+takes), so that Airflow refuses a value outside the schema when the run is created (the form and the REST
+API alike) and the model refuses, naming the param, what one field's schema cannot say: Airflow checks each
+param against its own schema only (``ParamsDict.validate``, in ``DAG.create_dagrun``), so a condition on two
+params (a weight for each of the run's ``streams``) is the model's, checked by the DAG's first task. Two
+shapes are chosen for Airflow 3.3's form (tried in Chromium, tests/test_airflow_ui.py): an optional field
+(``None`` allowed) has ``null`` in its type, so an empty field is not a missing one (a ``""`` default kept
+Trigger disabled);
 and bounds go inside ``allOf``, so that an out-of-range number is refused with its reason when the run
 is created instead of being clamped by the form's number field (0 in ``epochs`` became 1, silently).
 Airflow-free: ``essp.operators.params.dag_params`` makes the Param objects.
@@ -21,8 +24,9 @@ from pydantic import BaseModel
 from essp.training.params import SECTIONS
 
 # Schema keys the form and Airflow's validation use; the rest of pydantic's output is left out.
-_KEPT = ("type", "enum", "items", "minItems", "maxItems", "uniqueItems", "additionalProperties", "minimum",
-         "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength", "pattern", "format")
+_KEPT = ("type", "enum", "items", "minItems", "maxItems", "uniqueItems", "additionalProperties", "propertyNames",
+         "minProperties", "maxProperties", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength",
+         "maxLength", "pattern", "format")
 _BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 
 

@@ -7,7 +7,9 @@ argument is the settings (locally from Airflow's connections, in Kubernetes from
 Secret); the others are the stage's params, typed: :func:`run_stage` checks the JSON params against those
 types (a pydantic model such as RunParams included) and refuses a missing, unknown or bad one by name. It
 returns small JSON (URIs and metrics, never payloads). The same command runs as a local process or as the
-command of a pod; see operators/stage.py.
+command of a pod; see operators/stage.py. A stage that fails with a :class:`~essp.errors.UserError` (a bad
+param, say) writes ``{"refused": "<the error, one line>"}`` as its result instead, so that its task fails
+with that line (essp.operators.refusal).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
-from essp.errors import EsspError, describe_validation
+from essp.errors import EsspError, UserError, describe_validation, one_line
 from essp.registry import Registry
 from essp.settings import Settings
 
@@ -100,11 +102,21 @@ def bind_params(name: str, fn: StageFn, params: dict[str, Any]) -> dict[str, Any
 
 
 def run_stage(name: str, settings: Settings, params: dict[str, Any]) -> dict[str, Any]:
-    """Run one stage and write its result where ``ESSP_RESULT_FILE`` says, if set."""
+    """Run one stage and write its result where ``ESSP_RESULT_FILE`` says, if set (``{"refused": line}`` if it
+    fails with a :class:`~essp.errors.UserError`, which is raised on)."""
     load_stages()
     fn = STAGES.get(name)
-    result = fn(settings, **bind_params(name, fn, params))
+    try:
+        result = fn(settings, **bind_params(name, fn, params))
+    except UserError as exc:
+        _write_result(settings, {"refused": one_line(exc)})
+        raise
     json.dumps(result)  # a stage result must be small JSON; fail here, not in XCom
+    _write_result(settings, result)
+    return result
+
+
+def _write_result(settings: Settings, result: dict[str, Any]) -> None:
     target = os.environ.get(RESULT_FILE_ENV)
     if target and target.startswith("s3://"):
         from essp.clients.s3 import ObjectStore, S3Uri
@@ -114,4 +126,3 @@ def run_stage(name: str, settings: Settings, params: dict[str, Any]) -> dict[str
     elif target:
         Path(target).parent.mkdir(parents=True, exist_ok=True)
         Path(target).write_text(json.dumps(result))
-    return result
