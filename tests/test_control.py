@@ -116,3 +116,20 @@ def test_stop_waits_for_the_live_trainers_to_confirm(settings, monkeypatch):
     assert result["message"].startswith(f"run {RUN} is now stopped (it was running): its trainers checkpoint")
     with pytest.raises(RunParamsError, match=f"run {RUN} is stopped: a stopped run cannot be paused"):
         _control(settings, "pause")
+
+
+def test_a_stopped_run_is_not_scored_fused_or_registered(settings):
+    # release_trainers runs however training ended (trigger rule all_done), so the scoring stage after it is
+    # what keeps a run stopped part way from being scored and registered as if it were trained
+    from essp.errors import UserError
+    from essp.lifecycle.params import RunParams
+    from essp.orchestration.stages import run_stage
+
+    spec = RunParams(run=RUN, dataset="synth", epochs=5)
+    RunStore(settings, RUN).save_json("spec.json", {"spec": spec.model_dump(mode="json")})
+    for stream in spec.streams:
+        _trainer(settings, stream, status="stopped", epoch_done=1, detail="stopped mid-epoch")
+    for split in ("test", "train"):
+        with pytest.raises(UserError, match=rf"run {RUN} has trained 2 of its 5 epochs \(stopped, or a stream "
+                                            r"failed\): it is not scored"):
+            run_stage(f"score-{split}", settings, {"run": RUN})

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from essp.deploy import fleet
-from essp.errors import EsspError
+from essp.errors import EsspError, UserError
 from essp.evaluation.metrics import SUMMARY_METRICS
 from essp.lifecycle import epochs
 from essp.lifecycle.claims import release_run
@@ -119,6 +119,12 @@ def _score(settings: Settings, run: str, split: str) -> dict[str, Any]:
     from essp.lifecycle.pipeline import score_split
 
     spec, _ = epochs.load_run(settings, run)
+    # release_trainers runs however training ended, so the scoring after it must check: a run stopped (or
+    # failed) part way is not scored, fused or registered as if it were trained
+    done = epochs.trained_epochs(settings, spec)
+    if done < spec.epochs:
+        raise UserError(f"run {run} has trained {done} of its {spec.epochs} epochs (stopped, or a stream failed): "
+                        "it is not scored; trigger essp_train again with the same run to go on")
     return {"split": split, "scores": score_split(settings, spec, split)}
 
 
