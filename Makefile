@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.essp-installed
 
-.PHONY: setup test-data demo test test-e2e e2e-k8s e2e-k8s-down faults lint up down status airflow-up airflow-down clean
+.PHONY: setup test-data demo test test-e2e ui-test e2e-k8s e2e-k8s-down faults lint up down status airflow-up airflow-down clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,12 @@ test: setup test-data
 test-e2e: setup
 	$(BIN)/essp infra up
 	$(BIN)/python -m pytest -m e2e $(PYTEST_ARGS)
+
+# The Airflow UI walked in headless Chromium (tests/test_ui_walk.py): trigger from the form, the live report
+# tab, worker logs, the finished report, a stop from essp_control, a refused run; screenshots to docs/img/.
+ui-test: setup
+	$(BIN)/essp infra up
+	$(BIN)/python -m pytest -m ui tests/test_ui_walk.py $(PYTEST_ARGS)
 
 # The production path on a real single-node Kubernetes (docs/operations.md#a-real-kubernetes-here): the cluster
 # (binaries built from Debian's source once, cached in ~/.cache/essp/k8s), the worker image built from

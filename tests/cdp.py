@@ -168,7 +168,9 @@ class Browser:
         deadline = time.monotonic() + (timeout_s or self.timeout_s)
         while True:
             try:
-                value = self.evaluate(f"(v => v instanceof Node ? true : v)({condition})")
+                # an element counts as true, one of an iframe too (another realm's Node)
+                value = self.evaluate(f"(v => v instanceof Node || (v && typeof v.nodeType === 'number') ? true : v)"
+                                      f"({condition})")
             except BrowserError:  # e.g. the context went away during a navigation
                 value = None
             if value:
@@ -188,6 +190,37 @@ class Browser:
         self.wait_for(f"document.body && document.body.innerText.includes({json.dumps(text)})",
                       what=f"the text {text!r}", timeout_s=timeout_s)
 
+    # --- the page's iframe (the Airflow UI shows plugin pages in one) ---------------------------------------
+    def frame_evaluate(self, expression: str) -> Any:
+        """``expression`` with ``doc``: the document of the page's first iframe (same origin), or null."""
+        return self.evaluate(f"(doc => ({expression}))((document.querySelector('iframe') || {{}}).contentDocument "
+                             "|| null)")
+
+    def frame_text(self) -> str:
+        return self.frame_evaluate("doc && doc.body ? doc.body.innerText : ''") or ""
+
+    def wait_frame(self, condition: str, *, what: str, timeout_s: float | None = None) -> Any:
+        """The first truthy value of ``condition`` (with ``doc``, the iframe's document) in the page's iframe."""
+        return self.wait_for(f"(doc => doc && doc.body && doc.readyState === 'complete' && ({condition}))"
+                             "((document.querySelector('iframe') || {}).contentDocument || null)",
+                             what=f"{what} in the page's iframe", timeout_s=timeout_s)
+
+    def wait_frame_text(self, text: str, *, timeout_s: float | None = None) -> None:
+        self.wait_frame(f"doc.body.innerText.includes({json.dumps(text)})", what=f"the text {text!r}",
+                        timeout_s=timeout_s)
+
+    def click_in_frame(self, selector: str, *, text: str | None = None) -> None:
+        """A real mouse click at the centre of an element of the page's iframe."""
+        find = _find(selector, text).replace("document.querySelectorAll", "doc.querySelectorAll")
+        self.wait_frame(f"{find} !== null", what=f"{selector!r}" + (f" containing {text!r}" if text else ""))
+        x, y = self.frame_evaluate(f"(() => {{ const e = {find}; e.scrollIntoView({{block: 'center'}}); const f = "
+                                   "document.querySelector('iframe').getBoundingClientRect(), r = "
+                                   "e.getBoundingClientRect(); return [f.x + r.x + r.width / 2, f.y + r.y + "
+                                   "r.height / 2]; })()")
+        self.send("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
+        for kind in ("mousePressed", "mouseReleased"):
+            self.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+
     # --- input --------------------------------------------------------------------------------------------
     def click(self, selector: str, *, text: str | None = None, timeout_s: float | None = None) -> None:
         """A real mouse click at the centre of the element (waited for first)."""
@@ -199,9 +232,20 @@ class Browser:
         for kind in ("mousePressed", "mouseReleased"):
             self.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
 
-    def key(self, key: str, *, code: str | None = None, keycode: int = 0, commands: list[str] | None = None) -> None:
-        """Press and release one key (``Tab``, ``Enter``, ...); ``commands`` e.g. ["selectAll"]."""
-        params: dict[str, Any] = {"key": key, "code": code or key, "windowsVirtualKeyCode": keycode}
+    def hover(self, selector: str, *, text: str | None = None) -> None:
+        """Move the mouse over the element's centre (a tooltip shows)."""
+        self.wait_selector(selector, text=text)
+        x, y = self.evaluate(f"(() => {{ const e = {_find(selector, text)}; e.scrollIntoView({{block: 'center'}});"
+                             " const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2];"
+                             " })()")
+        self.send("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
+
+    def key(self, key: str, *, code: str | None = None, keycode: int = 0, commands: list[str] | None = None,
+            modifiers: int = 0) -> None:
+        """Press and release one key (``Tab``, ``Enter``, ...); ``commands`` e.g. ["selectAll"]; ``modifiers``:
+        CDP's bit field (2: Ctrl), for editors that read the key itself (Monaco's Ctrl+A)."""
+        params: dict[str, Any] = {"key": key, "code": code or key, "windowsVirtualKeyCode": keycode,
+                                  "modifiers": modifiers}
         self.send("Input.dispatchKeyEvent", type="rawKeyDown", **params, **({"commands": commands} if commands else {}))
         self.send("Input.dispatchKeyEvent", type="keyUp", **params)
 

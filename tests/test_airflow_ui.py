@@ -8,9 +8,8 @@ the trigger forms of essp_train and essp_predict as a new user meets them in Chr
 CDP, tests/cdp.py): signed in on the real login page, Trigger works at the defaults, and an
 out-of-range value is refused with its reason rather than changed.
 
-The module-scoped ``airflow_ui`` fixture (the four Airflow processes on a database of their own, with
-isolated buckets and prefixes, and a token helper) is meant to be shared by further tests of this
-module, e.g. an ``essp_train`` run triggered through the REST API."""
+The module-scoped ``airflow_ui`` and ``browser`` fixtures are tests/airflowkit.py's (the walk of
+tests/test_ui_walk.py uses them too)."""
 
 from __future__ import annotations
 
@@ -22,108 +21,27 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import airflowkit
 import numpy as np
 import pytest
+from airflowkit import FORM_TIMEOUT_S, SHOT_SIZE, AirflowUI, screenshot
 from cdp import Browser
-from conftest import airflow_test_settings, remove_airflow_test
 from PIL import Image
 from reports import write_seeded_report
 
 from essp.settings import Settings
-from essp.stack.airflow import PROCESSES, AirflowStack, api_healthy
-from essp.stack.procs import pid_alive
-from essp.stack.services import LocalStack
+from essp.stack.airflow import AirflowStack
 
 pytestmark = pytest.mark.slow
+airflow_ui, browser = airflowkit.airflow_ui, airflowkit.browser  # the module's fixtures
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO / "docs" / "img" / "ui-report.png"
-SHOT_SIZE = (1400, 1800)
-BROWSER_SIZE = (1400, 1100)  # the module's browser (tests/cdp.py's default)
 RUN = "ui-demo-run"
-
-
-@dataclass
-class AirflowUI:
-    """A running Airflow (api-server, scheduler, dag-processor, triggerer) with ESSP's isolated settings."""
-
-    settings: Settings
-    _token: str | None = field(default=None, repr=False)
-
-    @property
-    def url(self) -> str:
-        return self.settings.airflow_url
-
-    def token(self) -> str:
-        """A JWT for the REST API (fetched once)."""
-        if self._token is None:
-            body = {"username": self.settings.airflow_user, "password": self.settings.secret("airflow_password")}
-            self._token = self.call("POST", "/auth/token", body, auth=False)["access_token"]
-        return self._token
-
-    def request(self, method: str, path: str, body: dict | None = None, *, auth: bool = True,
-                timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
-        """status, headers, body of one request (an HTTP error status is returned, not raised)."""
-        headers = {"Content-Type": "application/json"}
-        if auth:
-            headers["Authorization"] = f"Bearer {self.token()}"
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path, method=method, data=data, headers=headers)
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as response:
-                return response.status, dict(response.headers), response.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, dict(exc.headers), exc.read()
-
-    def call(self, method: str, path: str, body: dict | None = None, *, auth: bool = True) -> Any:
-        """The JSON answer of a REST call; an error status fails the test with the answer."""
-        status, _, raw = self.request(method, path, body, auth=auth)
-        assert 200 <= status < 300, f"{method} {path} -> {status}: {raw[:2000]!r}"
-        return json.loads(raw or b"{}")
-
-
-@pytest.fixture(scope="module")
-def airflow_ui(base_settings, tmp_path_factory) -> Iterator[AirflowUI]:
-    settings = airflow_test_settings(base_settings, tmp_path_factory.mktemp("airflow-ui"), "t")
-    LocalStack(settings).up(["postgres"])  # creates the database
-    stack = AirflowStack(settings)
-    try:
-        # `essp airflow up` starts the four processes once; again, it finds them running
-        assert stack.up() == {p: "started" for p in PROCESSES}
-        pids = stack.status()
-        assert stack.up() == {p: "already running" for p in PROCESSES} and stack.status() == pids
-        yield AirflowUI(settings)
-        # `essp airflow down` from another process (the processes rename themselves: the PID files
-        # still find them) stops all four
-        done = subprocess.run([str(Path(sys.executable).parent / "essp"), "airflow", "down"],
-                              env={**os.environ, **settings.as_env()}, capture_output=True, text=True, timeout=180)
-        assert done.returncode == 0, done.stderr
-        assert all(process in done.stdout for process in PROCESSES)
-        deadline = time.monotonic() + 30
-        while any(pid_alive(pid) for pid in pids.values() if pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not any(pid_alive(pid) for pid in pids.values() if pid) and not api_healthy(settings)
-    finally:
-        stack.down()
-        remove_airflow_test(settings)
-
-
-def _screenshot(b: Browser, url: str, path: Path) -> None:
-    """``url`` as the signed-in browser shows it, SHOT_SIZE large."""
-    width, height = SHOT_SIZE
-    b.send("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
-    try:
-        b.navigate(url)
-        b.screenshot(path)
-    finally:
-        b.send("Emulation.setDeviceMetricsOverride", width=BROWSER_SIZE[0], height=BROWSER_SIZE[1],
-               deviceScaleFactor=1, mobile=False)
 
 
 def _non_white(region: np.ndarray) -> float:
@@ -170,7 +88,7 @@ def test_plugin_is_served_behind_airflows_login_and_the_report_renders(airflow_u
 
     # What a user sees: headless Chromium, signed in on Airflow's login page, on the api-server's page (kept
     # as documentation): the UI's session cookie is what its iframe sends
-    _screenshot(browser, f"{airflow_ui.url}/essp/runs/{RUN}", SCREENSHOT)
+    screenshot(browser, f"{airflow_ui.url}/essp/runs/{RUN}", SCREENSHOT)
     with Image.open(SCREENSHOT) as image:
         assert image.format == "PNG" and image.size == SHOT_SIZE
         pixels = np.asarray(image.convert("RGB"))
@@ -228,7 +146,7 @@ def test_essp_train_triggered_through_the_rest_api_with_a_fusion_override(airflo
     assert airflow_ui.request("GET", path + "/workers", auth=False)[0] == 401
     status, _, raw = airflow_ui.request("GET", path + "/workers")
     assert status == 200 and "trainer-rest-run-rgb" in raw.decode()
-    _screenshot(browser, airflow_ui.url + path, DAG_RUN_SCREENSHOT)
+    screenshot(browser, airflow_ui.url + path, DAG_RUN_SCREENSHOT)
     with Image.open(DAG_RUN_SCREENSHOT) as image:
         pixels = np.asarray(image.convert("RGB"))
     assert _non_white(pixels[150:800]) > 0.03 and _colours(pixels[800:1700]) > 500
@@ -293,7 +211,6 @@ def test_a_triggerer_restarted_during_a_pause_longer_than_the_epoch_timeout_does
 # default None, "null" among its types) and that refuses an out-of-range value with its reason, never changing
 # it behind the user's back (the form's number input clamps to a schema's top-level minimum/maximum on blur).
 
-FORM_TIMEOUT_S = 30
 REASON = re.compile(r"minimum|maximum|at least|at most|less than|greater than", re.I)
 FORM_STATE_JS = """(() => {
   const submit = document.querySelector('[data-testid=trigger-dag-submit]');
@@ -317,21 +234,6 @@ FORM_STATE_JS = """(() => {
 
 def _field(name: str) -> str:
     return f"[role=dialog] [name=element_{name}]"
-
-
-@pytest.fixture(scope="module")
-def browser(airflow_ui, tmp_path_factory) -> Iterator[Browser]:
-    """One headless Chromium for the module, logged in through Airflow's real login page."""
-    ui = airflow_ui
-    with Browser(shots_dir=tmp_path_factory.mktemp("browser"), timeout_s=FORM_TIMEOUT_S) as b:
-        b.navigate(f"{ui.url}/")
-        b.wait_for("location.pathname.startsWith('/auth/login')", what="the redirect to the login page")
-        b.type("input[name=username]", ui.settings.airflow_user)
-        b.type("input[name=password]", ui.settings.secret("airflow_password"))
-        b.click("button[type=submit]", text="Sign in")
-        b.wait_for("!location.pathname.startsWith('/auth') && document.querySelector('[data-testid=nav-dags-link]')",
-                   what="the UI after signing in")
-        yield b
 
 
 def _dag_params(ui: AirflowUI, dag_id: str) -> dict[str, dict[str, Any]]:
