@@ -58,9 +58,10 @@ def test_plugin_is_served_behind_airflows_login_and_the_report_renders(airflow_u
 
     plugins = airflow_ui.call("GET", "/api/v2/plugins")["plugins"]
     [essp] = [p for p in plugins if p["name"] == "essp"]
-    views = {v["destination"]: v for v in essp["external_views"]}
-    assert views["nav"]["href"] == "essp/" and views["nav"]["name"] == "ESSP reports"
-    assert views["dag_run"]["href"] == "essp/dag-runs/{DAG_ID}/{RUN_ID}"
+    views = {(v["destination"], v["name"]): v for v in essp["external_views"]}
+    assert views["nav", "ESSP"]["href"] == "essp/"
+    assert views["dag_run", "ESSP report"]["href"] == "essp/dag-runs/{DAG_ID}/{RUN_ID}"
+    assert views["task_instance", "Worker logs"]["href"] == "essp/dag-runs/{DAG_ID}/{RUN_ID}/workers"
     assert [a["url_prefix"] for a in essp["fastapi_apps"]] == ["/essp"]
     assert any("WorkerLogsLink" in link for link in essp["operator_extra_links"])
     errors = airflow_ui.call("GET", "/api/v2/plugins/importErrors")["import_errors"]

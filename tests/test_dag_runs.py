@@ -161,6 +161,10 @@ def test_predict_dag_scores_a_prefix_with_the_registered_fusion(dag_env, trained
     rows = list(csv.DictReader(io.StringIO(store.get_bytes(*_split(out["csv"])).decode())))
     assert {r["video"] for r in rows} == {v["video"] for v in payload["videos"]}
     assert any("not a video" in r["error"] or r["error"] for r in rows if r["video"].endswith("broken.mp4"))
+    from essp.orchestration.links import load_link
+
+    record = load_link(settings, "essp_predict", result["run_id"])["predictions"]  # what its report tab says
+    assert record["json"] == out["json"] and record["prefix"] == "incoming/" and record["videos"] == 3
 
 
 def _split(uri: str) -> tuple[str, str]:
@@ -179,6 +183,10 @@ def test_nightly_retrain_skips_when_nothing_changed_then_retrains_on_a_new_video
     assert quiet["tasks"]["detect_changes"] == "success" and quiet["tasks"]["changed"] == "success"
     assert quiet["tasks"]["refresh_manifest"] == "skipped" and quiet["tasks"]["verify_manifest"] == "skipped"
     assert "no video added or changed" in quiet["log"]
+    from essp.orchestration.links import load_link
+
+    skipped = load_link(settings, "essp_nightly_retrain", quiet["run_id"])  # what its report tab says
+    assert "no video added or changed" in skipped["skipped"]["reason"] and "run" not in skipped
 
     # a new training clip of a known class lands in the bucket
     manifest = ManifestStore(settings).load("tiny")

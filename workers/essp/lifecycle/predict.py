@@ -21,7 +21,7 @@ import torch
 
 from essp.clients.s3 import ObjectNotFound, ObjectStore, S3Uri
 from essp.datasets.video import VideoError, probe_video
-from essp.errors import EsspError
+from essp.errors import UserError
 from essp.evaluation.fusion import Fuser, make_fuser
 from essp.evaluation.scoring import ScoredVideo, score_local
 from essp.lifecycle.model_registry import ModelRegistry, ModelVersion, registry_names
@@ -32,8 +32,9 @@ from essp.training.artifacts import load_checkpoint_uri
 from essp.training.models import build_model
 
 
-class PredictionError(EsspError):
-    """No model to predict with, or a fusion that cannot be used."""
+class PredictionError(UserError):
+    """No model to predict with, a fusion that cannot be used, no video under the prefix: what to change is the
+    message (a task it fails shows that one line)."""
 
 
 def resolve_registry(settings: Settings, registry: str | None) -> str:

@@ -52,7 +52,7 @@ class UnknownStage(EsspError):
     pass
 
 
-class StageParamsError(EsspError, ValueError):
+class StageParamsError(UserError, ValueError):
     """A stage's params that do not fit its signature; the message names each bad param."""
 
 
