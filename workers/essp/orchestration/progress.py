@@ -26,7 +26,8 @@ COLOURS = ["#0b6bcb", "#d9480f", "#2b8a3e", "#7048e8", "#c2255c", "#1098ad"]
 CURVES = (("loss", "training loss", False), ("accuracy", "training accuracy", True))
 
 
-def _number(value: Any, digits: int = 3) -> str:
+def figure(value: Any, digits: int = 3) -> str:
+    """A figure as the pages write it: ``n/a`` for none, a float to ``digits`` places (tiny ones in g format)."""
     if value is None:
         return "n/a"
     if isinstance(value, float):
@@ -60,7 +61,7 @@ def trainer_rows(settings: Settings, run: str, spec: RunParams) -> tuple[list[di
         if state is None:
             rows.append({"stream": stream, "error": None, "started": False})
             continue
-        figures = ", ".join(f"{k} {_number(state.stats[k])}" for k in ("loss", "accuracy", "samples_per_s")
+        figures = ", ".join(f"{k} {figure(state.stats[k])}" for k in ("loss", "accuracy", "samples_per_s")
                             if k in state.stats)
         rows.append({"stream": stream, "error": None, "started": True, "status": state.status,
                      "epochs": f"{state.epoch_done + 1} / {spec.epochs}", "worker": state.worker,
@@ -84,9 +85,9 @@ def stream_figures(spec: RunParams, histories: dict[str, list[dict[str, Any]]]) 
         last = history[-1] if history else {}
         speeds = [float(h["samples_per_s"]) for h in history if isinstance(h.get("samples_per_s"), int | float)]
         wait = last.get("data_wait")
-        rows.append({"stream": stream, "epochs": len(history), "loss": _number(last.get("loss")),
+        rows.append({"stream": stream, "epochs": len(history), "loss": figure(last.get("loss")),
                      "accuracy": "n/a" if last.get("accuracy") is None else f"{100 * float(last['accuracy']):.1f}%",
-                     "samples_per_s": _number(last.get("samples_per_s"), 1) if last else "n/a",
+                     "samples_per_s": figure(last.get("samples_per_s"), 1) if last else "n/a",
                      "mean_samples_per_s": f"{sum(speeds) / len(speeds):.1f}" if speeds else "n/a",
                      "data_wait": "n/a" if wait is None else f"{100 * float(wait):.1f}%"})
     return rows
@@ -124,7 +125,7 @@ def curve_svg(histories: dict[str, list[dict[str, Any]]], key: str, title: str, 
         return top + plot_h * (1 - (value - low) / (high - low))
 
     def label(value: float) -> str:
-        return f"{100 * value:.0f}%" if percent else _number(value)
+        return f"{100 * value:.0f}%" if percent else figure(value)
 
     for value in (low, (low + high) / 2, high):
         parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y(value):.1f}" y2="{y(value):.1f}" '

@@ -64,6 +64,7 @@ from essp.lifecycle.epochs import load_run
 from essp.lifecycle.params import RunParams
 from essp.lifecycle.progress import registration
 from essp.orchestration.links import dag_run_of, load_link
+from essp.orchestration.progress import figure as _number
 from essp.orchestration.progress import live_view
 from essp.orchestration.records import record_view
 from essp.settings import Settings
@@ -106,14 +107,6 @@ def q(segment: str) -> str:
 
 def pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
-
-
-def _number(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}" if abs(value) < 1e-3 and value else f"{value:.{digits}f}"
-    return str(value)
 
 
 def _text(value: Any) -> str:
