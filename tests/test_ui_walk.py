@@ -112,16 +112,22 @@ def _trigger(b: Browser, ui: AirflowUI, dag_id: str, conf: dict[str, Any] | None
 
 def _tab(b: Browser, ui: AirflowUI, run: dict[str, Any], tab: str = "ESSP report") -> None:
     """The DAG run's page, on its tab ``tab`` (clicked, as a user does)."""
+    b.navigate(ui.url + _run_path(run["dag_id"], run["dag_run_id"]))
+    _click_tab(b, TABS[tab], tab)
+
+
+def _click_tab(b: Browser, route: str, text: str) -> None:
+    """Click the plugin tab ``route`` (its label ``text``) of the page, and wait for its page in the frame."""
     from cdp import BrowserTimeout
 
-    b.navigate(ui.url + _run_path(run["dag_id"], run["dag_run_id"]))
-    for attempt in range(3):  # a click while the page still lays itself out can miss: click again
-        b.click(f"a[href$='/plugin/{TABS[tab]}']", text=tab)
+    for attempt in range(4):  # a click while the page still lays itself out can miss: click again
+        time.sleep(0.5 * attempt)
+        b.click(f"a[href$='/plugin/{route}']", text=text)
         try:
-            b.wait_for(f"location.pathname.endsWith('/plugin/{TABS[tab]}')", what=f"the {tab} tab", timeout_s=5)
+            b.wait_for(f"location.pathname.endsWith('/plugin/{route}')", what=f"the {text} tab", timeout_s=5)
             break
         except BrowserTimeout:
-            if attempt == 2:
+            if attempt == 3:
                 raise
     b.wait_frame("doc.body.innerText.length > 0", what="the tab's page")
 
@@ -219,7 +225,7 @@ def test_an_ml_engineer_walks_the_ui_from_trigger_to_report(airflow_ui, browser,
 
     # 4. the worker logs, from the running train task's page, inside the UI
     b.navigate(ui.url + _run_path("essp_train", run["dag_run_id"]) + "/tasks/train/mapped/0")
-    b.click("a[href$='/plugin/essp-task-worker-logs']", text="Worker logs")  # the tab, not the extra link
+    _click_tab(b, "essp-task-worker-logs", "Worker logs")  # the tab, not the extra link
     b.wait_frame_text("trainer-walk-a-rgb")
     b.wait_frame_text("serving run walk-a stream rgb")
     train = [t for t in client.tasks("essp_train", run["dag_run_id"]) if t["task_id"] == "train"]
