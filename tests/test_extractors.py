@@ -33,7 +33,7 @@ from essp.dataplane.extractors import (
     unregister_extractor,
 )
 
-BUILTIN = ["flow", "framediff", "rgb"]
+BUILTIN = ["flow", "flow_bi", "framediff", "framestack", "rgb", "warped_flow"]
 
 # Per-pair motion (dx, dy) in pixels, content moving right/down is positive: an integer shift, a
 # sub-pixel one in other directions, then no motion. Different per pair so that a mixed-up channel
@@ -142,6 +142,131 @@ def test_flow_pairs_unquantised_matches_extract() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# The flow family (flow_bi, warped_flow) and the frame stack: known motion
+
+
+def _interior_medians(field: np.ndarray, border: int = 12) -> tuple[float, float]:
+    """Median (x, y) of a dequantised (2, H, W) field away from the edges, where content enters."""
+    return (float(np.median(field[0, border:-border, border:-border])),
+            float(np.median(field[1, border:-border, border:-border])))
+
+
+@pytest.mark.parametrize("method", ["dis_fast", "farneback"])
+def test_flow_bi_gives_the_forward_then_the_backward_motion(method: str) -> None:
+    frames = _moving_frames(128, MOTIONS)
+    length = len(MOTIONS)
+    options = {"method": method, "bound": TEST_BOUND}
+    feature = create_extractor("flow_bi", options).extract(frames)
+    assert feature.shape == (4 * length, 128, 128)
+    flow = dequantise_flow(feature, TEST_BOUND)  # (2L, 2, H, W): the L forward fields, then the L backward ones
+    tolerance = METHOD_TOLERANCE[method] + HALF_STEP
+    for t, (dx, dy) in enumerate(MOTIONS):
+        assert _interior_medians(flow[t]) == pytest.approx((dx, dy), abs=tolerance), f"forward {t}"
+        assert _interior_medians(flow[length + t]) == pytest.approx((-dx, -dy), abs=tolerance), f"backward {t}"
+    # The forward half is the flow stream's feature itself.
+    np.testing.assert_array_equal(feature[:2 * length], create_extractor("flow", options).extract(frames))
+
+
+def _pan_with_object(size: int, camera: tuple[float, float], motion: tuple[float, float], pairs: int,
+                     ) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Grey frames of a textured background the camera pans over by ``camera`` per frame, with a textured
+    48x48 object moving by ``motion`` per frame in the image; and the object's top-left corner per frame."""
+    margin, side = 24, 48
+    background, thing = _texture(size + 2 * margin), _texture(side, seed=5)
+    frames, corners = [], []
+    for t in range(pairs + 1):
+        shift = np.float32([[1, 0, camera[0] * t], [0, 1, camera[1] * t]])
+        moved = cv2.warpAffine(background, shift, background.shape[::-1], flags=cv2.INTER_CUBIC,
+                               borderMode=cv2.BORDER_REFLECT)[margin:margin + size, margin:margin + size]
+        x, y = 40 + motion[0] * t, 50 + motion[1] * t
+        place = np.float32([[1, 0, x], [0, 1, y]])
+        mask = cv2.warpAffine(np.ones((side, side), np.float32), place, (size, size))
+        pasted = cv2.warpAffine(thing, place, (size, size), flags=cv2.INTER_CUBIC)
+        frames.append(np.clip(moved * (1 - mask) + pasted * mask, 0, 255).round().astype(np.uint8))
+        corners.append((int(x), int(y)))
+    return np.stack(frames), corners
+
+
+def test_camera_motion_is_the_shift_of_the_frame_and_identity_without_texture() -> None:
+    gray = _moving_frames(128, MOTIONS[:1])[..., 0]
+    homography = ex.camera_motion(gray[0], gray[1], 100)
+    # The homography moves every point of the frame as the content moved (its 8 terms trade off a little: up to
+    # 0.11 px at the frame's corners, less than DIS's own error).
+    grid = np.stack(np.meshgrid(np.arange(12, 117, 8.0), np.arange(12, 117, 8.0)), axis=-1).reshape(-1, 1, 2)
+    moved = cv2.perspectiveTransform(grid, homography) - grid
+    assert np.abs(moved.reshape(-1, 2) - MOTIONS[0]).max() < 0.15
+    flat = np.full((64, 64), 90, np.uint8)  # no corners to track: no estimate
+    np.testing.assert_array_equal(ex.camera_motion(flat, flat, 100), np.eye(3))
+
+
+def test_warped_flow_of_pure_camera_motion_is_zero() -> None:
+    frames = _moving_frames(128, MOTIONS)
+    feature = create_extractor("warped_flow", {"bound": TEST_BOUND}).extract(frames)
+    assert feature.shape == (2 * len(MOTIONS), 128, 128)
+    flow = dequantise_flow(feature, TEST_BOUND)
+    for t in range(len(MOTIONS)):
+        assert _interior_medians(flow[t]) == pytest.approx((0.0, 0.0), abs=0.1 + HALF_STEP), f"pair {t}"
+        assert float(np.percentile(np.abs(flow[t, :, 12:-12, 12:-12]), 90)) < 0.2, f"pair {t}"
+    # ... while the plain flow of the same stack is the motion.
+    plain = dequantise_flow(create_extractor("flow", {"bound": TEST_BOUND}).extract(frames), TEST_BOUND)
+    assert _interior_medians(plain[3]) == pytest.approx(MOTIONS[3], abs=METHOD_TOLERANCE["dis_fast"] + HALF_STEP)
+
+
+@pytest.mark.parametrize("method", ["dis_medium", "farneback"])
+def test_warped_flow_keeps_an_object_s_own_motion_over_a_panning_camera(method: str) -> None:
+    camera, motion = (2.0, -1.0), (5.0, 2.0)  # the object's own motion is (3, 3)
+    size = 160
+    frames, corners = _pan_with_object(size, camera, motion, 3)
+    feature = create_extractor("warped_flow", {"method": method, "bound": TEST_BOUND}).extract(frames)
+    flow = dequantise_flow(feature, TEST_BOUND)
+    tolerance = METHOD_TOLERANCE[method] + HALF_STEP
+    for t, (x, y) in enumerate(corners[:-1]):
+        inside = flow[t, :, y + 12:y + 36, x + 12:x + 36]  # the object's middle, away from its edges
+        got = (float(np.median(inside[0])), float(np.median(inside[1])))
+        assert got == pytest.approx((motion[0] - camera[0], motion[1] - camera[1]), abs=tolerance), f"pair {t}"
+        background = np.ones((size, size), bool)
+        background[y - 12:y + 60, x - 12:x + 60] = False  # the object and its surroundings
+        background[:12], background[-12:], background[:, :12], background[:, -12:] = False, False, False, False
+        still = (float(np.median(flow[t, 0][background])), float(np.median(flow[t, 1][background])))
+        assert still == pytest.approx((0.0, 0.0), abs=0.1 + HALF_STEP), f"pair {t}"
+
+
+def test_framestack_is_the_grey_frames() -> None:
+    frames = _random_frames(5, 20, 30)
+    gray = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames])
+    extractor = create_extractor("framestack")
+    np.testing.assert_array_equal(extractor.extract(frames), gray[:4])  # the first L of the L+1 frames
+    feature = extractor.extract(gray)
+    np.testing.assert_array_equal(feature, gray[:4])
+    assert feature.dtype == np.uint8 and feature.flags.c_contiguous and not np.shares_memory(feature, gray)
+    assert extractor.output_shape(gray.shape) == extractor.output_shape(frames.shape) == (4, 20, 30)
+
+
+@pytest.mark.parametrize("kind", ["flow_bi", "warped_flow"])
+@pytest.mark.parametrize("options,named", [
+    ({"method": "foo"}, "method='foo'"),
+    ({"bound": -1}, "bound=-1"),
+    ({"bound": 0}, "bound=0"),
+    ({"bound": "20"}, "bound='20'"),
+])
+def test_flow_family_options_are_checked(kind: str, options: dict[str, Any], named: str) -> None:
+    with pytest.raises(ExtractorOptionError) as info:
+        create_extractor(kind, options)
+    assert named in str(info.value) and kind in str(info.value)
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, True, "200", None])
+def test_warped_flow_max_features_is_a_positive_integer(value: Any) -> None:
+    with pytest.raises(ExtractorOptionError, match=rf"max_features={value!r}.*an integer >= 1"):
+        create_extractor("warped_flow", {"max_features": value})
+    assert create_extractor("warped_flow", {"max_features": np.int64(50)}).options["max_features"] == 50
+    with pytest.raises(ExtractorOptionError, match="no option 'max_features'"):
+        create_extractor("flow_bi", {"max_features": 50})
+    with pytest.raises(ExtractorOptionError, match="no option 'bound'"):
+        create_extractor("framestack", {"bound": 3})
+
+
+# ------------------------------------------------------------------------------------------------
 # Quantisation
 
 
@@ -194,7 +319,8 @@ def _random_frames(count: int, height: int, width: int) -> np.ndarray:
     return np.random.default_rng(count * height + width).integers(0, 256, (count, height, width, 3), dtype=np.uint8)
 
 
-SHAPE_CASES = [("rgb", {}), ("framediff", {})] + [("flow", {"method": m}) for m in ex.FLOW_METHODS]
+SHAPE_CASES = ([("rgb", {}), ("framediff", {}), ("framestack", {}), ("flow_bi", {}), ("warped_flow", {})]
+               + [("flow", {"method": m}) for m in ex.FLOW_METHODS])
 
 
 @pytest.mark.parametrize("kind,options", SHAPE_CASES, ids=[f"{k}-{o.get('method', '')}" for k, o in SHAPE_CASES])
@@ -204,7 +330,8 @@ def test_shapes_dtypes_contiguity(kind: str, options: dict[str, Any], length: in
     frames = _random_frames(length + 1, height, width)
     feature = extractor.extract(frames)
     expected = {"rgb": (3, height, width), "framediff": (length, height, width),
-                "flow": (2 * length, height, width)}[kind]
+                "framestack": (length, height, width), "flow": (2 * length, height, width),
+                "flow_bi": (4 * length, height, width), "warped_flow": (2 * length, height, width)}[kind]
     assert feature.shape == expected == extractor.output_shape(frames.shape)
     assert feature.dtype == np.uint8
     assert feature.flags.c_contiguous
@@ -282,6 +409,9 @@ def test_builtin_kinds_and_table() -> None:
     assert create_extractor("flow").options == {"method": "dis_fast", "bound": 20.0}
     assert create_extractor("framediff").options == {"bound": 64.0}
     assert create_extractor("rgb").options == {}
+    assert create_extractor("flow_bi").options == {"method": "dis_fast", "bound": 20.0}
+    assert create_extractor("warped_flow").options == {"method": "dis_fast", "bound": 20.0, "max_features": 100}
+    assert create_extractor("framestack").options == {}
 
 
 def test_resolve_image_uses_settings() -> None:
@@ -447,6 +577,7 @@ def test_the_decoder_stores_grey_only_when_no_extractor_needs_colour() -> None:
 
     assert frames_format({"flow": {"method": "dis_fast"}}) == "gray"
     assert frames_format({"flow": {}, "framediff": {}}) == "gray"
+    assert frames_format({"flow_bi": {}, "warped_flow": {}, "framestack": {}}) == "gray"
     assert frames_format({"rgb": {}, "flow": {}}) == "rgb24"
     assert frames_format({"not_registered_here": {}}) == "rgb24"  # a plugin kind: colour, which all accept
     assert frames_format({}) == "rgb24"

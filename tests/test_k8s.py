@@ -34,6 +34,7 @@ from essp.deploy.kube import (
     pod_blocker,
     trainer_deployment,
     trainer_name,
+    worker_kinds,
 )
 from essp.errors import EsspError
 from essp.settings import Settings
@@ -225,7 +226,7 @@ def _essp_commands() -> list[list[str]]:
 
 def test_every_deployment_runs_a_real_essp_command():
     commands = _essp_commands()
-    assert len(commands) == 5  # decode, three extractors, the trainer
+    assert len(commands) == 8  # decode, six extractors, the trainer
     essp = _tool("essp")
     env = {**os.environ, "ESSP_STATE_DIR": "/nonexistent-essp-state"}
     for args in commands:
@@ -301,10 +302,11 @@ def _replicas(target: str) -> dict[str, int]:
 
 
 def test_overlay_replicas_images_and_placement():
+    off = {"essp-extract-flow-bi": 0, "essp-extract-warped-flow": 0, "essp-extract-framestack": 0}
     assert _replicas("local") == {"essp-decode": 1, "essp-extract-flow": 1, "essp-extract-rgb": 1,
-                                  "essp-extract-framediff": 0, TRAINER_TEMPLATE: 0}
+                                  "essp-extract-framediff": 0, TRAINER_TEMPLATE: 0, **off}
     assert _replicas("production") == {"essp-decode": 4, "essp-extract-flow": 8, "essp-extract-rgb": 2,
-                                       "essp-extract-framediff": 0, TRAINER_TEMPLATE: 0}
+                                       "essp-extract-framediff": 0, TRAINER_TEMPLATE: 0, **off}
     for deployment in deployments(rendered("local")):
         assert container(deployment)["image"] == "essp-worker-cpu:local"
         assert "nodeSelector" not in deployment["spec"]["template"]["spec"]
@@ -593,7 +595,8 @@ def test_scale_patches_the_replicas(api: FakeAppsApi):
 
 def test_scale_refuses_an_unknown_kind(api: FakeAppsApi):
     workers = KubeWorkers(NAMESPACE, apps_api=api)
-    with pytest.raises(EsspError, match="known kinds: decode, flow, framediff, rgb") as caught:
+    known = "known kinds: decode, flow, flow_bi, framediff, framestack, rgb, warped_flow"
+    with pytest.raises(EsspError, match=known) as caught:
         workers.scale("optical", 2)
     assert "'optical'" in str(caught.value)
     with pytest.raises(EsspError, match="integer >= 0"):
@@ -627,7 +630,7 @@ def test_ensure_trainer_creates_then_patches(api: FakeAppsApi):
     validate_object(patched)
     assert GPU not in str(patched["spec"]["template"]["spec"])
     assert container(patched)["args"][-1] == "1"
-    assert set(api.deployments) == {*WORKER_DEPLOYMENTS.values(), TRAINER_TEMPLATE, name}
+    assert set(api.deployments) == {*map(deployment_name, worker_kinds()), TRAINER_TEMPLATE, name}
 
 
 def test_ensure_trainer_refuses_a_name_another_run_holds(api: FakeAppsApi):

@@ -347,3 +347,30 @@ def test_pretrained_weights_load_from_s3_and_a_missing_object_is_named(settings)
     with pytest.raises(ModelError, match="missing.pt"):
         build_model("tiny", "flow", num_classes=5, length=4, pretrained=uri.replace("tiny-rgb", "missing"),
                     settings=settings)
+
+
+
+@pytest.mark.parametrize("stream,channels", [("flow_bi", 4 * LENGTH), ("warped_flow", 2 * LENGTH),
+                                             ("framestack", LENGTH)])
+def test_the_flow_family_and_framestack_streams_build_and_run(stream, channels, tmp_path):
+    assert stream_channels(stream, LENGTH) == channels
+    torch.manual_seed(0)
+    model = build_model("tiny", stream, num_classes=5, length=LENGTH).eval()
+    assert (model.stream, model.in_channels) == (stream, channels)
+    codes = torch.randint(0, 256, (2, channels, 32, 32), dtype=torch.uint8)
+    x = normalise_batch(stream, codes)
+    assert torch.allclose(x, (codes.float() - 127.5) / 127.5)  # flow-like codes; grey levels centred alike
+    with torch.no_grad():
+        assert model(x).shape == (2, 5)
+    # Started from an RGB checkpoint, the first conv is the cross-modality average, replicated.
+    rgb = build_model("tiny", "rgb", num_classes=5)
+    torch.save({"model": rgb.state_dict()}, tmp_path / "rgb.pt")
+    adapted = build_model("tiny", stream, num_classes=5, length=LENGTH, pretrained=tmp_path / "rgb.pt")
+    first = f"{adapted.first_conv_key}.weight"
+    assert adapted.pretrained_report["adapted"] == [first]
+    expected = rgb.state_dict()[first].mean(dim=1, keepdim=True).expand(-1, channels, -1, -1)
+    assert torch.equal(adapted.state_dict()[first], expected)
+    per_pair = channels // LENGTH
+    if per_pair > 1:  # a channel count that is no whole number of pairs
+        with pytest.raises(ModelError, match=rf"{stream} batch must have .*\({per_pair}L\)"):
+            normalise_batch(stream, torch.zeros(1, channels + 2 * per_pair - 1, 4, 4, dtype=torch.uint8))

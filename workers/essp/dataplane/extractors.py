@@ -39,7 +39,7 @@ import numbers
 import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -53,6 +53,8 @@ from essp.dataplane.coding import dequantise as dequantise
 from essp.dataplane.coding import dequantise_flow as dequantise_flow
 from essp.dataplane.coding import flow_to_rgb as flow_to_rgb
 from essp.dataplane.coding import quantise as quantise
+from essp.dataplane.flow import FLOW_METHODS as FLOW_METHODS
+from essp.dataplane.flow import camera_motion, flow_algorithm, stabilise
 from essp.errors import EsspError
 from essp.registry import Registry
 
@@ -94,6 +96,7 @@ class OptionSpec:
     default: Any
     choices: tuple[str, ...] | None = None  # a string option: one of these
     positive_number: bool = False  # a float option: finite and > 0
+    positive_integer: bool = False  # an int option: >= 1
     help: str = ""
 
     def allowed(self) -> str:
@@ -101,6 +104,8 @@ class OptionSpec:
             return "one of " + ", ".join(repr(c) for c in self.choices)
         if self.positive_number:
             return "a finite number > 0"
+        if self.positive_integer:
+            return "an integer >= 1"
         return "any JSON value"
 
     def normalise(self, value: Any) -> Any:
@@ -116,6 +121,10 @@ class OptionSpec:
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(self.allowed())
             return float(value)
+        if self.positive_integer:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(self.allowed())
+            return int(value)
         return value
 
 
@@ -448,45 +457,12 @@ class RgbExtractor(FeatureExtractor):
         return np.ascontiguousarray(frame.transpose(2, 0, 1))
 
 
-FLOW_METHODS = ("dis_ultrafast", "dis_fast", "dis_medium", "farneback", "tvl1")
-_DIS_PRESETS = {
-    "dis_ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
-    "dis_fast": cv2.DISOPTICAL_FLOW_PRESET_FAST,
-    "dis_medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM,
-}
-# Farneback: the parameters of OpenCV's own sample (pyramid halves 3 times, 15 px window).
-_FARNEBACK = {"pyr_scale": 0.5, "levels": 3, "winsize": 15, "iterations": 3, "poly_n": 5, "poly_sigma": 1.2,
-              "flags": 0}
-# TV-L1: OpenCV's defaults (5 scales 0.8 apart, 5 warps, 30 inner x 10 outer iterations). Cheaper
-# settings were measured and rejected: 3 warps (-30% time) misses a 5 px shift on 64x64 by 1.4 px,
-# 3 scales (-20%) misses 6 px shifts by 2-4 px. TV-L1 is the accurate reference, not the fast path.
-
-
-def _flow_algorithm(method: str) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """A function (gray t, gray t+1) -> float32 (H, W, 2) flow; the OpenCV object is made once here."""
-    if method in _DIS_PRESETS:
-        dis = cv2.DISOpticalFlow_create(_DIS_PRESETS[method])
-        finest_scale = dis.getFinestScale()
-
-        def dis_flow(prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
-            # DIS lowers its finest scale for a frame too small for the preset and never raises it
-            # again: after one small frame the instance would run ~15x slower (and give different
-            # flow) on every later frame. Restore the preset's scale before each pair.
-            dis.setFinestScale(finest_scale)
-            return dis.calc(prev, nxt, None)
-
-        return dis_flow
-    if method == "farneback":
-        return lambda prev, nxt: cv2.calcOpticalFlowFarneback(prev, nxt, None, **_FARNEBACK)
-    if method == "tvl1":
-        tvl1 = cv2.optflow.DualTVL1OpticalFlow_create()
-        return lambda prev, nxt: tvl1.calc(prev, nxt, None)
-    raise ValueError(f"flow method {method!r} is not one of {', '.join(FLOW_METHODS)}")
-
-
 @register_extractor
 class FlowExtractor(FeatureExtractor):
-    """The temporal stream's input: dense optical flow of the L consecutive frame pairs."""
+    """The temporal stream's input: dense optical flow of the L consecutive frame pairs.
+
+    The flow family (``flow_bi``, ``warped_flow``) subclasses it: a subclass yields other (H, W, 2) fields
+    from :meth:`fields` (``fields_per_pair`` per frame pair), quantised and stacked the same way."""
 
     kind = "flow"
     input_format = "gray"
@@ -497,13 +473,14 @@ class FlowExtractor(FeatureExtractor):
         "bound": OptionSpec(DEFAULT_FLOW_BOUND, positive_number=True,
                             help="flow in pixels is clipped to ±bound before quantisation"),
     }
+    fields_per_pair: ClassVar[int] = 1  # (H, W, 2) flow fields per frame pair: 2 * fields_per_pair * L channels
     replicas = 4  # the costly stage: most of the CPU of an epoch goes here
     cpu = "1"
     memory = "1Gi"
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        self._flow = _flow_algorithm(self._options["method"])
+        self._flow = flow_algorithm(self._options["method"])
 
     @property
     def bound(self) -> float:
@@ -511,38 +488,66 @@ class FlowExtractor(FeatureExtractor):
 
     def output_shape(self, frames_shape: tuple[int, ...]) -> tuple[int, ...]:
         length, height, width = self.check_frames_shape(frames_shape)
-        return (2 * length, height, width)
+        return (2 * self.fields_per_pair * length, height, width)
+
+    def fields(self, gray: list[np.ndarray] | np.ndarray) -> Iterator[np.ndarray]:
+        """The float32 (H, W, 2) fields of a grey stack in channel order: here the flow t -> t+1 of each pair."""
+        for prev, nxt in zip(gray[:-1], gray[1:], strict=True):
+            yield self._flow(prev, nxt)
 
     def flow_pairs(self, frames: np.ndarray) -> np.ndarray:
-        """Unquantised flow, float32 (L, H, W, 2): ``[t, y, x]`` is where pixel (x, y) of frame t went
-        in frame t+1, so content moving right gives positive x and moving down positive y."""
-        frames = self.check_frames(frames)
-        gray = _gray(frames)
-        return np.stack([self._flow(prev, nxt) for prev, nxt in zip(gray[:-1], gray[1:], strict=True)])
+        """Unquantised flow, float32 (L * fields_per_pair, H, W, 2): for ``flow`` ``[t, y, x]`` is where pixel
+        (x, y) of frame t went in frame t+1, so content moving right gives positive x and moving down positive y."""
+        return np.stack(list(self.fields(_gray(self.check_frames(frames)))))
 
     def extract(self, frames: np.ndarray) -> np.ndarray:
         frames = self.check_frames(frames)
-        length, height, width = self.check_frames_shape(frames.shape)
-        gray = _gray(frames)
-        out = np.empty((2 * length, height, width), np.uint8)
-        for t in range(length):
-            # (H, W, 2) -> channels 2t (x) and 2t+1 (y)
-            out[2 * t:2 * t + 2] = quantise(self._flow(gray[t], gray[t + 1]), self.bound).transpose(2, 0, 1)
+        out = np.empty(self.output_shape(frames.shape), np.uint8)
+        for index, field in enumerate(self.fields(_gray(frames))):
+            # (H, W, 2) -> channels 2i (x) and 2i+1 (y)
+            out[2 * index:2 * index + 2] = quantise(field, self.bound).transpose(2, 0, 1)
         return out
 
 
 @register_extractor
-class FrameDiffExtractor(FeatureExtractor):
-    """A cheap motion stream: differences of consecutive grayscale frames."""
+class BiFlowExtractor(FlowExtractor):
+    """Bi-directional flow: the forward stack of ``flow`` followed by the backward stack (t+1 -> t)."""
 
-    kind = "framediff"
-    input_format = "gray"
-    description = ("differences gray(t+1) - gray(t) of the L frame pairs as (L, H, W) uint8, quantised "
-                   "around 128 within ±bound gray levels")
+    kind = "flow_bi"
+    description = ("optical flow of the L frame pairs forward (t -> t+1) then backward (t+1 -> t) as (4L, H, W) "
+                   "uint8 stacked x1, y1, ..., xL, yL, x1', y1', ..., xL', yL', quantised as flow")
+    fields_per_pair = 2
+    replicas = 8  # twice the work of flow (2x its 4)
+
+    def fields(self, gray: list[np.ndarray] | np.ndarray) -> Iterator[np.ndarray]:
+        yield from super().fields(gray)
+        for prev, nxt in zip(gray[:-1], gray[1:], strict=True):
+            yield self._flow(nxt, prev)
+
+
+@register_extractor
+class WarpedFlowExtractor(FlowExtractor):
+    """Warped optical flow (TSN, Wang et al. 2016): the flow left once the camera's motion is taken out."""
+
+    kind = "warped_flow"
+    description = ("optical flow of the L frame pairs after the camera motion (a RANSAC homography of tracked "
+                   "corners) is warped out of frame t+1, as (2L, H, W) uint8 stacked as flow")
     option_specs = {
-        "bound": OptionSpec(DEFAULT_FRAMEDIFF_BOUND, positive_number=True,
-                            help="differences in gray levels are clipped to ±bound before quantisation"),
+        **FlowExtractor.option_specs,
+        "max_features": OptionSpec(100, positive_integer=True,
+                                   help="corners tracked per pair to estimate the camera's homography"),
     }
+    replicas = 10  # 2.4x the work of flow: +1.4 ms a pair at 224x224 for the homography and the warp
+
+    def fields(self, gray: list[np.ndarray] | np.ndarray) -> Iterator[np.ndarray]:
+        for prev, nxt in zip(gray[:-1], gray[1:], strict=True):
+            yield self._flow(prev, stabilise(nxt, camera_motion(prev, nxt, self._options["max_features"])))
+
+
+class _GreyPlanes(FeatureExtractor):
+    """The base of the cheap grey streams with one (H, W) plane per frame pair: (L, H, W) uint8."""
+
+    input_format = "gray"
     replicas = 1
     cpu = "500m"
     memory = "512Mi"
@@ -551,7 +556,32 @@ class FrameDiffExtractor(FeatureExtractor):
         length, height, width = self.check_frames_shape(frames_shape)
         return (length, height, width)
 
+
+@register_extractor
+class FrameDiffExtractor(_GreyPlanes):
+    """A cheap motion stream: differences of consecutive grayscale frames."""
+
+    kind = "framediff"
+    description = ("differences gray(t+1) - gray(t) of the L frame pairs as (L, H, W) uint8, quantised "
+                   "around 128 within ±bound gray levels")
+    option_specs = {
+        "bound": OptionSpec(DEFAULT_FRAMEDIFF_BOUND, positive_number=True,
+                            help="differences in gray levels are clipped to ±bound before quantisation"),
+    }
+
     def extract(self, frames: np.ndarray) -> np.ndarray:
         frames = self.check_frames(frames)
         gray = np.asarray(_gray(frames)).astype(np.int16)
         return np.ascontiguousarray(quantise(np.diff(gray, axis=0), self._options["bound"]))
+
+
+@register_extractor
+class FrameStackExtractor(_GreyPlanes):
+    """The paper's frame stack: the grey frames themselves."""
+
+    kind = "framestack"
+    description = "the first L of the L+1 frames in grayscale as (L, H, W) uint8"
+
+    def extract(self, frames: np.ndarray) -> np.ndarray:
+        frames = self.check_frames(frames)
+        return np.array(_gray(frames[:-1]), dtype=np.uint8)  # a copy, never a view of the input

@@ -54,7 +54,8 @@ def deployment_name(kind: str) -> str:
     if kind not in known:
         raise EsspError(f"unknown worker kind {kind!r}; known kinds: {', '.join(known)} (extractors from "
                         "plugins are known once their module is loaded, see ESSP_EXTRACTOR_MODULES)")
-    return WORKER_DEPLOYMENTS.get(kind, f"essp-extract-{kind}")
+    # Kubernetes names take no '_' (flow_bi -> essp-extract-flow-bi)
+    return WORKER_DEPLOYMENTS.get(kind, f"essp-extract-{kind.replace('_', '-')}")
 
 
 def _short_hash(text: str) -> str:

@@ -1,4 +1,5 @@
-"""Two-stream classifiers: an RGB (spatial) stream and temporal streams on stacked flow or frame differences.
+"""Two-stream classifiers: an RGB (spatial) stream and temporal streams on stacked flow (forward, bi-directional
+or warped), frame differences or grey frames.
 
 Every model is a :class:`StreamModel` around a torchvision ResNet/VGG or our own small ``tiny`` CNN. The
 stream decides the number of input channels (:func:`stream_channels`); the first conv is widened for the
@@ -28,12 +29,16 @@ torchvision = import_torchvision()
 
 log = logging.getLogger("essp.training.models")
 
-STREAMS = ("rgb", "flow", "framediff")
-TEMPORAL_STREAMS = ("flow", "framediff")
+STREAMS = ("rgb", "flow", "framediff", "flow_bi", "warped_flow", "framestack")
+TEMPORAL_STREAMS = ("flow", "framediff", "flow_bi", "warped_flow", "framestack")
+# Input channels per frame pair of each temporal stream (the extractor of the same name delivers them): x and
+# y of one flow field (flow, warped_flow), of a forward and a backward one (flow_bi), or one plane.
+CHANNELS_PER_PAIR = {"flow": 2, "framediff": 1, "flow_bi": 4, "warped_flow": 2, "framestack": 1}
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# Flow and frame differences are quantised so that code 127.5 is zero and 0/255 are -bound/+bound.
+# Flow and frame differences are quantised so that code 127.5 is zero and 0/255 are -bound/+bound; grey
+# frames (framestack) are centred on the same midpoint.
 QUANT_ZERO = 127.5
 
 TINY_WIDTHS = (32, 64, 128, 128)
@@ -44,22 +49,24 @@ class ModelError(EsspError, ValueError):
 
 
 def stream_channels(stream: str, length: int) -> int:
-    """Input channels of a stream: 3 for RGB, 2L for flow (x and y per frame pair), L for frame differences."""
+    """Input channels of a stream: 3 for RGB, 2L for flow and warped_flow (x and y per frame pair), 4L for flow_bi
+    (forward then backward), L for frame differences and framestack (one grey plane per pair)."""
     if stream not in STREAMS:
         raise ModelError(f"stream {stream!r} is unknown: known streams are {', '.join(STREAMS)}")
     if stream == "rgb":
         return 3
     if isinstance(length, bool) or not isinstance(length, int) or length < 1:
         raise ModelError(f"length {length!r} of stream {stream!r} must be a positive integer")
-    return 2 * length if stream == "flow" else length
+    return CHANNELS_PER_PAIR[stream] * length
 
 
 def normalise_batch(stream: str, batch: Tensor) -> Tensor:
     """uint8 (B, C, H, W) as the data plane delivers it -> float32 network input, on the batch's own device.
 
-    rgb: /255 then ImageNet mean/std (what torchvision's ImageNet checkpoints expect); flow and framediff:
-    (q - 127.5) / 127.5, i.e. [-1, 1] with 0 for no motion. The memory format (e.g. channels_last) is kept
-    because all arithmetic runs in place on a format-preserving copy.
+    rgb: /255 then ImageNet mean/std (what torchvision's ImageNet checkpoints expect); flow, flow_bi, warped_flow
+    and framediff: (q - 127.5) / 127.5, i.e. [-1, 1] with 0 for no motion; framestack (grey levels, not signed
+    codes): the same formula, i.e. /255 then centred and scaled to [-1, 1] (mid-grey 0). The memory format (e.g.
+    channels_last) is kept because all arithmetic runs in place on a format-preserving copy.
     """
     if stream not in STREAMS:
         raise ModelError(f"stream {stream!r} is unknown: known streams are {', '.join(STREAMS)}")
@@ -72,8 +79,11 @@ def normalise_batch(stream: str, batch: Tensor) -> Tensor:
     channels = batch.shape[1]
     if stream == "rgb" and channels != 3:
         raise ModelError(f"rgb batch must have 3 channels, got shape {tuple(batch.shape)}")
-    if stream == "flow" and channels % 2:
-        raise ModelError(f"flow batch must have an even number (2L) of channels, got shape {tuple(batch.shape)}")
+    per_pair = CHANNELS_PER_PAIR.get(stream, 1)
+    if channels % per_pair:
+        multiple = "an even number" if per_pair == 2 else f"a multiple of {per_pair}"
+        raise ModelError(f"{stream} batch must have {multiple} ({per_pair}L) of channels, got shape "
+                         f"{tuple(batch.shape)}")
     out = batch.to(dtype=torch.float32, memory_format=torch.preserve_format, copy=True)
     if stream == "rgb":
         mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
