@@ -51,7 +51,7 @@ def essp_train():
     plan = validate_params()
     prepared = training.prepare(plan)            # verify_manifest -> ensure_workers
     trained = training.train(plan)               # train (per stream, deferring each epoch) -> release_trainers
-    evaluated = training.evaluate(plan)          # score_test, score_train -> fuse_and_report
+    evaluated = training.evaluate(plan)          # score_test, score_val -> fuse_and_report
     registered = training.register(plan, evaluated)  # register_model -> report_summary
     plan >> prepared.group >> trained >> evaluated.group >> registered.group
     training.release_workers(plan, prepared, registered.summary)  # teardown, however the run ended

@@ -92,20 +92,29 @@ class TrainStreamOperator(BaseOperator):
 
     def _advance(self, context: Any, settings: Any, spec: Any, epoch: int, history: list[dict]) -> dict[str, Any]:
         from essp.deploy.fleet import worker_mode
-        from essp.lifecycle.epochs import epoch_status, plan_epoch_once
+        from essp.lifecycle.allocation import apply_allocation
+        from essp.lifecycle.epochs import early_stopped, epoch_status, plan_epoch_once
         from essp.lifecycle.liveness import observe_pause
 
-        if epoch >= spec.epochs:
+        stopped = early_stopped(settings, self.run)
+        if epoch >= spec.epochs or stopped is not None:
             final = history[-1] if history else {}
-            self.log.info("Stream %s of run %s: %d epochs trained", self.stream, self.run, spec.epochs)
-            return {"run": self.run, "stream": self.stream, "epochs": spec.epochs, "final": final,
-                    "history": history[-HISTORY_KEPT:]}
+            trained = spec.epochs if stopped is None else int(stopped["epoch"]) + 1
+            if stopped is not None:
+                self.log.info("Run %s stopped early after epoch %d: %s", self.run, stopped["epoch"],
+                              stopped["reason"])
+            self.log.info("Stream %s of run %s: %d epochs trained", self.stream, self.run, trained)
+            return {"run": self.run, "stream": self.stream, "epochs": trained, "final": final,
+                    "history": history[-HISTORY_KEPT:], "early_stop": stopped}
         carry = {"history": history[-HISTORY_KEPT:]}
         progress = epoch_status(settings, self.run, spec.streams, epoch)
         if progress.status == "done":  # already trained (a lagging stream's task): neither plan nor wait
             return self.epoch_done(context, {"run": self.run, "epoch": epoch, "status": "done",
                                              "stats": progress.done, "carry": carry})
-        if plan_epoch_once(settings, spec, epoch, self._token(context), planner=self._planner(context)):
+        # with allocation validation_loss the planner first moves trainer slots (essp.lifecycle.allocation)
+        before = (lambda: apply_allocation(settings, spec, epoch, log=self.log.info)) if epoch >= 1 else None
+        if plan_epoch_once(settings, spec, epoch, self._token(context), planner=self._planner(context),
+                           before=before):
             self.log.info("Planned and published epoch %d of run %s", epoch, self.run)
         else:
             self.log.info("Epoch %d of run %s is already planned by this DAG run", epoch, self.run)
@@ -124,7 +133,8 @@ class TrainStreamOperator(BaseOperator):
         raise AssertionError("unreachable: defer() raises")  # pragma: no cover
 
     def epoch_done(self, context: Any, event: dict[str, Any] | None = None, **_: Any) -> dict[str, Any]:
-        from essp.lifecycle.epochs import epoch_line
+        from essp.lifecycle.epochs import early_stop_after, epoch_line
+        from essp.training.validation import VAL_FIGURES
 
         if not event:
             raise AirflowException(f"run {self.run}: the epoch trigger ended without an event")
@@ -156,7 +166,8 @@ class TrainStreamOperator(BaseOperator):
                 self.log.info("epoch %d %s finished (its figures are in the run's report)%s", epoch, stream, mark)
         own = stats.get(self.stream, {})
         history = [*history, {"epoch": epoch, **{k: own[k] for k in ("loss", "accuracy", "samples_per_s",
-                                                                     "data_wait") if k in own}}]
+                                                                     "data_wait", *VAL_FIGURES) if k in own}}]
+        early_stop_after(settings, spec, epoch)  # with early_stop_patience: _advance then ends the task
         return self._advance(context, settings, spec, epoch + 1, history)
 
 
@@ -239,11 +250,12 @@ class Evaluated(NamedTuple):
 
 
 def evaluate(plan: Any) -> Evaluated:
-    """score_test and score_train (every video, each stream's final checkpoint; on a GPU in Kubernetes) ->
-    fuse_and_report (every fusion side by side, the report to S3)."""
+    """score_test and score_val (every test and validation video, each stream's final checkpoint; on a GPU in
+    Kubernetes) -> fuse_and_report (every fusion side by side, the learned ones fitted on the validation videos;
+    the report to S3)."""
     with TaskGroup("evaluation", prefix_group_id=False, tooltip="score, fuse, report") as group:
         scores = [EsspStageOperator(task_id=f"score_{split}", xcom_params=from_plan(plan, "run"), cpu="4",
-                                    memory="8Gi", gpus=1) for split in ("test", "train")]
+                                    memory="8Gi", gpus=1) for split in ("test", "val")]
         fuse = EsspStageOperator(task_id="fuse_and_report", xcom_params=from_plan(plan, "run"), cpu="1",
                                  memory="2Gi")
         scores >> fuse

@@ -129,7 +129,7 @@ def test_a_stopped_run_is_not_scored_fused_or_registered(settings):
     RunStore(settings, RUN).save_json("spec.json", {"spec": spec.model_dump(mode="json")})
     for stream in spec.streams:
         _trainer(settings, stream, status="stopped", epoch_done=1, detail="stopped mid-epoch")
-    for split in ("test", "train"):
+    for split in ("test", "val"):
         with pytest.raises(UserError, match=rf"run {RUN} has trained 2 of its 5 epochs \(stopped, or a stream "
                                             r"failed\): it is not scored"):
             run_stage(f"score-{split}", settings, {"run": RUN})

@@ -21,7 +21,7 @@ NIGHTLY_CHAIN = ["detect_changes", "changed", "refresh_manifest", "plan_finetune
                  "evaluation", "registry", "record_retrain", "release_workers"]
 # Inside the groups, what each task waits for (its direct upstream tasks).
 INSIDE = {"ensure_workers": {"verify_manifest"}, "train": {"streams"}, "release_trainers": {"train"},
-          "fuse_and_report": {"score_test", "score_train"}, "report_summary": {"register_model"}}
+          "fuse_and_report": {"score_test", "score_val"}, "report_summary": {"register_model"}}
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_the_dependencies_and_the_data_flow_are_still_there(dags, dag_id):
         assert before in dag.get_task(after).get_flat_relative_ids(upstream=True), (before, after)
     # what a task reads from further up when it runs comes from a task upstream of it, the plan's run id above all
     readers = {t.task_id: t.xcom_params for t in dag.tasks if isinstance(t, EsspStageOperator) and t.xcom_params}
-    assert {"ensure_workers", "release_trainers", "score_test", "score_train", "fuse_and_report", "register_model",
+    assert {"ensure_workers", "release_trainers", "score_test", "score_val", "fuse_and_report", "register_model",
             "release_workers"} <= set(readers)
     for task_id, sources in readers.items():
         upstream = dag.get_task(task_id).get_flat_relative_ids(upstream=True)

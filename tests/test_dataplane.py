@@ -46,7 +46,7 @@ def plane(base_settings, tmp_path_factory):
     tag = "t" + uuid.uuid4().hex[:10]
     settings = isolated_settings(base_settings, tag).model_copy(update={"heartbeat_s": 1.0})
     root = tmp_path_factory.mktemp("synth")
-    synthesize(root, classes=3, videos_per_class=4, frames=20, height=48, width=48, keyint=6, seed=3)
+    synthesize(root, classes=3, videos_per_class=6, frames=20, height=48, width=48, keyint=6, seed=3)
     manifest, _ = ingest_directory(settings, root, "tiny")
     # Damage two videos after ingest: one's bytes are garbage, the other is gone. Their samples
     # must be dead-lettered at decode while the epoch completes.

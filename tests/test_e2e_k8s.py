@@ -204,7 +204,7 @@ def test_essp_train_runs_every_stage_as_a_pod_and_the_workers_as_deployments(clu
     # every EsspStageOperator task ran as a pod of its stage
     stages = trained["watch"]
     by_stage = kubekit.PodWatch(seen=stages).by_label("essp/stage")
-    expected = {"verify-manifest", "ensure-workers", "release-trainers", "score-test", "score-train",
+    expected = {"verify-manifest", "ensure-workers", "release-trainers", "score-test", "score-val",
                 "fuse-and-report", "register-model", "release-workers"}
     assert expected <= set(by_stage), sorted(by_stage)
     # the data workers were the Deployments' pods, the trainers the clones of the template

@@ -57,10 +57,11 @@ def test_ingest_quarantines_bad_files_and_uploads_the_rest(settings, messy):
     assert len(done) == 15 and done[-1][:2] == (15, 15)
     assert manifest.classes == ["TranslateLeft", "TranslateRight", "TranslateUp"]
     assert len(manifest.videos) == 12 and counts == {"uploaded": 12, "unchanged": 0, "quarantined": 3, "unsplit": 0}
-    assert manifest.split_rule == "split lists trainlist01.txt / testlist01.txt"
-    train, test = manifest.split("train"), manifest.split("test")
-    assert len(train) + len(test) == 12 and not {v.id for v in train} & {v.id for v in test}
-    for split in ("train", "test"):
+    assert manifest.split_rule.startswith("split lists trainlist01.txt / testlist01.txt; validation: 0.1 of each ")
+    train, val, test = manifest.split("train"), manifest.split("val"), manifest.split("test")
+    assert len(train) + len(val) + len(test) == 12
+    assert not {v.id for v in train} & {v.id for v in test} and not {v.id for v in val} & {v.id for v in train + test}
+    for split in ("train", "val", "test"):
         assert sorted(manifest.by_class(split)) == [0, 1, 2]
 
     reasons = {q.path: q.reason for q in manifest.quarantined}
@@ -178,8 +179,11 @@ def test_ucf_split_files_are_honoured(settings, tmp_path):
 
     manifest, _ = ingest_directory(settings, root, "ucf")
     assert manifest.classes == ["Zeta", "Alpha"]
-    assert manifest.splits == {"train": ["Alpha/v_Alpha_g09_c01", "Zeta/v_Zeta_g08_c01", "Zeta/v_Zeta_g08_c02"],
+    # Zeta's one training group of two clips gives a validation clip; Alpha's single clip gives none
+    assert manifest.splits == {"train": ["Alpha/v_Alpha_g09_c01", "Zeta/v_Zeta_g08_c01"],
+                               "val": ["Zeta/v_Zeta_g08_c02"],
                                "test": ["Alpha/v_Alpha_g01_c01", "Zeta/v_Zeta_g01_c01"]}
+    assert manifest.val_by_clip == ["Zeta"]
     assert {v.id: v.label for v in manifest.videos} == {
         "Zeta/v_Zeta_g01_c01": 0, "Zeta/v_Zeta_g08_c01": 0, "Zeta/v_Zeta_g08_c02": 0,
         "Alpha/v_Alpha_g01_c01": 1, "Alpha/v_Alpha_g09_c01": 1}

@@ -174,6 +174,7 @@ def test_deleted_videos_leave_the_manifest_and_a_test_one_is_reported(settings, 
     assert manifest.version == 2 and uri is not None
     assert {v.id for v in manifest.videos} == {v.id for v in base.videos} - {train.id, test.id}
     assert manifest.splits == {"train": [i for i in base.splits["train"] if i != train.id],
+                               "val": base.splits["val"],  # the validation split stays as it was
                                "test": [i for i in base.splits["test"] if i != test.id]}
     assert changes.removed_test == [test.uri]
     assert any(test.uri in line and "TEST split" in line for line in lines)
@@ -284,3 +285,21 @@ def test_refresh_command(settings, synth_dir, extra_dir, monkeypatch):
 
     missing = runner.invoke(dataset_app, ["refresh", "nothing"])
     assert missing.exit_code != 0 and "not found" in str(missing.exception)
+
+
+def test_a_manifest_from_before_validation_splits_gets_one_on_refresh(settings, synth_dir):
+    base, _ = ingest_directory(settings, synth_dir, "ds")
+    # what an older ESSP wrote: train and test only, no val_fraction
+    old = base.model_copy(update={"version": 0, "val_fraction": None, "val_by_clip": [],
+                                  "split_rule": base.split_rule.split("; validation")[0],
+                                  "splits": {"train": sorted(base.splits["train"] + base.splits["val"]),
+                                             "test": base.splits["test"]}})
+    store = ManifestStore(settings)
+    store.save(old)
+    lines: list[str] = []
+    manifest, uri, changes = refresh_manifest(settings, "ds", log=lines.append)
+    assert not changes and uri is not None and manifest.version == 3  # no video changed, a version all the same
+    assert manifest.splits == base.splits and manifest.val_fraction == 0.1 and manifest.videos == base.videos
+    assert "validation split carved" in lines[-1]
+    again, written, _ = refresh_manifest(settings, "ds", log=lines.append)
+    assert written is None and again == manifest  # and only once

@@ -220,7 +220,7 @@ def test_every_stage_of_every_dag_renders_a_valid_pod_in_kubernetes_mode(monkeyp
         uses_fleet = "fleet." in inspect.getsource(STAGES.get(name))
         assert uses_fleet == (name in KUBE_API_STAGES), name
     # the scoring stages ask for a GPU in Kubernetes; none of the others do
-    assert {t.task_id for _, t in tasks if t.gpus} == {"score_test", "score_train"}
+    assert {t.task_id for _, t in tasks if t.gpus} == {"score_test", "score_val"}
 
 
 def test_a_task_its_stage_and_its_function_share_one_name():

@@ -243,3 +243,52 @@ def test_a_checkpoint_that_carries_code_is_refused(capsys):
     with pytest.raises(TrainingError, match="s3://b/evil.pt: not a readable checkpoint"):
         checkpoint_from_bytes(buffer.getvalue(), "s3://b/evil.pt")
     assert "this ran" not in capsys.readouterr().out
+
+
+def _resized_rank(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        trainer = StreamTrainer("flow", num_classes=CLASSES, length=L, params=PARAMS)
+        with open(os.path.join(out_dir, "one-process.pt"), "rb") as handle:
+            saved = checkpoint_from_bytes(handle.read(), "test")
+        trainer.load_checkpoint(saved)
+        resumed = {"state": state_of(trainer), "epoch": trainer.epoch, "iteration": trainer.iteration,
+                   "lr": trainer.current_lr(), "history": list(trainer.history),
+                   "momentum": [trainer.optimizer.state[p]["momentum_buffer"].clone()
+                                for p in trainer.model.parameters()]}
+        stats = trainer.train_epoch(samples_for(2, 24) if rank == 0 else None).as_dict()
+        torch.save({"resumed": resumed, "state": trainer.model.state_dict(), "stats": stats,
+                    "iteration": trainer.iteration, "epochs": [h["epoch"] for h in trainer.history]},
+                   os.path.join(out_dir, f"resized{rank}.pt"))
+        dist.barrier()
+        del trainer
+        gc.collect()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_trainer_resumed_with_another_world_size_continues_from_its_checkpoint(tmp_path):
+    # what essp.lifecycle.allocation does between epochs: a stream's trainer of one process stops after epoch 1,
+    # and a trainer of two DDP processes resumes from its checkpoint
+    straight = new_trainer()
+    for epoch in range(2):
+        straight.train_epoch(samples_for(epoch))
+    (tmp_path / "one-process.pt").write_bytes(checkpoint_bytes(straight.checkpoint()))
+    mp.start_processes(_resized_rank, args=(2, free_port_block(1), str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    ranks = [torch.load(tmp_path / f"resized{r}.pt", weights_only=False) for r in (0, 1)]
+    for rank in ranks:  # every rank starts where the run that never stopped was
+        resumed = rank["resumed"]
+        assert_same(resumed["state"], state_of(straight))
+        for a, p in zip(resumed["momentum"], straight.model.parameters(), strict=True):
+            assert torch.equal(a, straight.optimizer.state[p]["momentum_buffer"])
+        assert (resumed["epoch"], resumed["iteration"]) == (2, 8) and resumed["lr"] == straight.current_lr()
+        assert [h["epoch"] for h in resumed["history"]] == [0, 1]
+    # and trains on as one: replicas identical, the schedule and the history continue (24 samples: 3 steps of 2 x 4)
+    assert_same(ranks[0]["state"], ranks[1]["state"])
+    assert any(not torch.equal(ranks[0]["state"][k], state_of(straight)[k]) for k in ranks[0]["state"])
+    assert ranks[0]["iteration"] == ranks[1]["iteration"] == 8 + 3
+    assert ranks[0]["epochs"] == [0, 1, 2] and ranks[0]["stats"]["samples"] == 24

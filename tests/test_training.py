@@ -14,6 +14,7 @@ from conftest import _cleanup
 
 from essp.clients.s3 import ObjectStore, S3Uri
 from essp.datasets.ingest import ingest_directory
+from essp.datasets.manifest import ManifestStore
 from essp.datasets.synth import synthesize
 from essp.evaluation.report import read_report
 from essp.lifecycle.model_registry import ModelRegistry
@@ -62,16 +63,22 @@ def test_both_streams_learn_and_the_fusion_is_at_least_as_good(trained):
     assert report["selected"] == "weighted" and outcome["selected"] == "weighted"
     assert report["selected_metrics"]["top1"] >= best
     assert report["summary"]["fused_ge_best_stream"] is True
-    # every strategy was scored side by side, the learned ones fitted on training videos only
+    # every strategy was scored side by side, the learned ones fitted on the validation videos only
     fusion = report["evaluation"]["fusion"]
     assert {"average", "weighted", "max", "product", "learned", "sequence"} <= set(fusion)
     assert all("skipped" not in fusion[s] for s in ("learned", "sequence"))
     runs = RunStore(settings, spec.run)
     assert runs.load_json("fusion/weighted.json")["strategy"] == "weighted"
     test_ids = set(runs.load_json("predictions/test.json")["video_ids"])
-    train_ids = set(runs.load_scores("train", "flow").video_ids)
-    assert test_ids and train_ids and not test_ids & train_ids
+    fit = report["evaluation"]["fusion_fit"]
+    used = ManifestStore(settings).load(runs.load_json("spec.json")["manifest_uri"])
+    val_ids = {v.id for v in used.split("val")}
+    assert fit["split"] == "val" and set(fit["strategies"]) == {"learned", "sequence"}
+    assert set(fit["videos"]) == val_ids == set(runs.load_scores("val", "flow").video_ids)
+    train_ids = {v.id for v in used.split("train")}
+    assert val_ids and not val_ids & train_ids and not val_ids & test_ids
     assert test_ids == {v.id for v in manifest.split("test")}
+    assert not ObjectStore(settings).exists(runs.bucket, f"{spec.run}/scores/train/flow.npz")  # never scored
     # the report's plots are in S3 next to its JSON
     store = ObjectStore(settings)
     for name in ("loss.png", "accuracy.png", "confusion.png", "per_class.png", "fusion.png"):
@@ -89,10 +96,16 @@ def test_the_run_resumed_from_its_checkpoints_and_kept_the_history(trained):
         history = report["history"][stream]
         assert history[-1]["loss"] < history[0]["loss"]
         assert all(0 <= h["data_wait"] <= 1 and h["samples"] >= 46 for h in history)
+        # every epoch was validated: each validation video, all its snippets
+        val_videos = len(ManifestStore(settings).load(RunStore(settings, spec.run).load_json("spec.json")
+                                                      ["manifest_uri"]).split("val"))
+        assert all(h["val_videos"] == val_videos and h["val_loss"] > 0 and 0 <= h["val_top1"] <= 1
+                   and 0 <= h["val_mean_class_accuracy"] <= 1 for h in history), history
         state = RunStore(settings, spec.run).load_checkpoint(stream=stream)
         assert (state["epoch"], state["iteration"]) == (5, history[-1]["iteration"])
     epochs_lines = [line for line in lines if line.startswith("  epoch ")]
     assert len(epochs_lines) == 2 * 5  # each epoch trained once per stream, none twice
+    assert all(" | val loss " in line for line in epochs_lines)
     # what a watcher reads without loading a checkpoint: each stream's figures in its checkpoint pointer,
     # and the scoring's progress per split (the UI's report tab, essp.orchestration.progress)
     from essp.lifecycle.progress import scoring_progress, stream_histories
@@ -100,7 +113,7 @@ def test_the_run_resumed_from_its_checkpoints_and_kept_the_history(trained):
     assert stream_histories(settings, spec.run, ["rgb", "flow"]) == report["history"]
     scoring = scoring_progress(settings, spec.run)
     assert {split: (p["scored"], p["total"], p["finished"]) for split, p in scoring.items()} == {
-        split: (len(manifest.split(split)),) * 2 + (True,) for split in ("test", "train")}
+        split: (len(manifest.split(split)),) * 2 + (True,) for split in ("test", "val")}
 
 
 def test_the_registry_promotes_only_a_better_model(trained):
@@ -304,7 +317,7 @@ def test_the_steps_run_as_stages_with_small_json(trained):
     from essp.orchestration.stages import run_stage, stage_names
 
     settings, _, spec, _, outcome, _, _ = trained
-    assert {"verify-manifest", "train-epoch", "score-test", "score-train", "fuse-and-report", "register-model"} <= set(
+    assert {"verify-manifest", "train-epoch", "score-test", "score-val", "fuse-and-report", "register-model"} <= set(
         stage_names())
     fused = run_stage("fuse-and-report", settings, {"run": spec.run})
     assert fused["selected"] == "weighted" and fused["metrics"]["top1"] == outcome["metrics"]["top1"]

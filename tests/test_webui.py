@@ -366,7 +366,8 @@ def _training_run(settings, run: str, dag_run: str, *, epochs: int, done: dict[s
     save_link(settings, DAG, dag_run, run)
     for stream, finished in done.items():
         history = [{"epoch": e, "loss": 2.0 / (e + 1), "accuracy": 0.2 + 0.1 * e, "samples_per_s": 40.0 + e,
-                    "data_wait": 0.05} for e in range(finished)]
+                    "data_wait": 0.05, "val_loss": 2.5 / (e + 1), "val_top1": 0.1 + 0.1 * e}
+                   for e in range(finished)]
         runs.save_json(f"checkpoints/{stream}/latest.json", {"uri": "s3://x/y.pt", "epoch": finished,
                                                               "iteration": 10 * finished, "finished_epoch": True,
                                                               "history": history})
@@ -388,12 +389,15 @@ def test_a_training_run_shows_its_curves_growing_and_its_figures_per_stream(clie
     assert _phase(body) == ("training", "Training epoch 3 of 6.")
     for key in ("loss", "accuracy"):
         svg = re.search(rf'<svg [^>]*data-curve="{key}".*?</svg>', body, re.S).group(0)
-        lines = {s: p for p, s in re.findall(r'<polyline points="([^"]+)"[^>]*data-stream="([a-z]+)"', svg)}
+        lines = {s: p for p, s in re.findall(r'<polyline points="([^"]+)"[^>]*data-stream="([a-z]+)"/>', svg)}
         assert {s: len(p.split()) for s, p in lines.items()} == {"rgb": 3, "flow": 2}, key  # a point per epoch
-        assert svg.count("<circle") == 5
+        # and the validation curve beside it, dashed, a point per epoch too
+        held = dict(re.findall(r'<polyline points="([^"]+)"[^>]*stroke-dasharray="5 3" data-stream="([a-z]+)"', svg))
+        assert sorted(len(p.split()) for p in held) == [2, 3], key
+        assert svg.count("<circle") == 10
     rgb = re.search(r'<tr data-figures="rgb">(.*?)</tr>', body, re.S).group(1)
     cells = [_text(c) for c in re.findall(r"<td[^>]*>(.*?)</td>", rgb, re.S)]
-    assert cells == ["rgb", "3 / 6", "0.667", "40.0%", "42.0", "41.0", "5.0%"]
+    assert cells == ["rgb", "3 / 6", "0.667", "40.0%", "42.0", "41.0", "5.0%", "0.833", "30.0%"]
 
     # one more epoch of flow: the page (reloaded) shows it
     _training_run(ui_settings, "ui-live-1", "manual__2026-05-03T00:00:00+00:00", epochs=6, done={"rgb": 3, "flow": 3})
@@ -426,9 +430,9 @@ def test_the_phase_is_said_in_words_paused_stopped_scoring_and_reporting(client,
     row = re.search(r'<tr data-split="test">(.*?)</tr>', body, re.S).group(1)
     assert "12 of 30" in row and 'style="width: 40%"' in row
     test(30, 30, finished=True)
-    ScoringRecorder(ui_settings, "ui-live-2", "train")(5, 60)
-    assert _phase(client.get(path).text) == ("scoring", "Scoring the training videos: 5 of 60 scored.")
-    ScoringRecorder(ui_settings, "ui-live-2", "train")(60, 60, finished=True)
+    ScoringRecorder(ui_settings, "ui-live-2", "val")(5, 60)
+    assert _phase(client.get(path).text) == ("scoring", "Scoring the validation videos: 5 of 60 scored.")
+    ScoringRecorder(ui_settings, "ui-live-2", "val")(60, 60, finished=True)
     assert _phase(client.get(path).text) == ("reporting", "Fusing the streams and writing the report.")
 
 

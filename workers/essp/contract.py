@@ -185,6 +185,11 @@ class RedisKeys:
         """Hash video URI -> decodes started and not finished (a crash or a hang), for poison videos."""
         return f"{self.prefix}:{check_run_id(run)}:attempts"
 
+    def val_planned(self, run: str, epoch: int, attempt: str) -> str:
+        """Set (NX) by the first trainer of a run that publishes ``epoch``'s validation snippets for the epoch
+        request ``attempt``; see essp.training.validation."""
+        return f"{self.prefix}:{check_run_id(run)}:valplanned:{int(epoch)}:{attempt}"
+
     def quarantine(self, run: str) -> str:
         """Hash video URI -> reason, for videos that failed to decode in this run."""
         return f"{self.prefix}:{check_run_id(run)}:quarantine"

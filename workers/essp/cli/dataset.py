@@ -14,10 +14,14 @@ from rich.table import Table
 
 from essp.datasets.manifest import Manifest, ManifestStore, check_name
 from essp.datasets.synth import MOTIONS, SynthParamError, synthesize
+from essp.datasets.validation import DEFAULT_VAL_FRACTION, MAX_VAL_FRACTION
 from essp.errors import EsspError
 from essp.stack.services import prepare_settings
 
 dataset_app = typer.Typer(help="Datasets: synthesise, ingest, refresh, show manifests.", no_args_is_help=True)
+
+VAL_HELP = ("Share of each class's training groups held out as the validation split (never a test video; "
+            "a class with one training group gives none).")
 
 out = Console()
 err = Console(stderr=True)
@@ -41,7 +45,8 @@ def _summary(manifest: Manifest, uri: str, counts: dict[str, int] | None = None)
     rows = [("manifest", uri), ("created", created), ("source", manifest.source),
             ("split rule", manifest.split_rule or "-"), ("classes", str(len(manifest.classes))),
             ("videos", str(len(manifest.videos)))]
-    splits = sorted(manifest.splits, key=lambda s: (s != "train", s != "test", s))  # train, test, others
+    # train, val, test, others
+    splits = sorted(manifest.splits, key=lambda s: (s != "train", s != "val", s != "test", s))
     rows += [(f"  {name}", str(len(manifest.splits[name]))) for name in splits]
     unsplit = len(manifest.videos) - sum(len(ids) for ids in manifest.splits.values())
     if unsplit:
@@ -67,7 +72,8 @@ def _summary(manifest: Manifest, uri: str, counts: dict[str, int] | None = None)
         out.print(bad)
 
 
-def _ingest(directory: Path, name: str, split: int, prefix: str | None, workers: int | None) -> None:
+def _ingest(directory: Path, name: str, split: int, prefix: str | None, workers: int | None,
+            val_fraction: float = DEFAULT_VAL_FRACTION) -> None:
     from essp.datasets.ingest import ingest_directory
 
     settings = prepare_settings()
@@ -79,7 +85,7 @@ def _ingest(directory: Path, name: str, split: int, prefix: str | None, workers:
             progress.update(task, completed=done, total=total, item=path)
 
         manifest, uri = ingest_directory(settings, directory, name, split=split, prefix=prefix, progress=advance,
-                                         workers=workers, counts=counts)
+                                         workers=workers, counts=counts, val_fraction=val_fraction)
     _summary(manifest, uri, counts)
     out.print(f"manifest: {uri}")
 
@@ -99,6 +105,7 @@ def synth_cmd(
     seed: Annotated[int, typer.Option(help="Same seed, same videos.")] = 0,
     ingest: Annotated[bool, typer.Option("--ingest/--no-ingest", help="Ingest it into S3 afterwards.")] = False,
     name: Annotated[str, typer.Option(help="Manifest name when ingesting.")] = "synth",
+    val_fraction: Annotated[float, typer.Option(min=0.01, max=MAX_VAL_FRACTION, help=VAL_HELP)] = DEFAULT_VAL_FRACTION,
 ) -> None:
     """Write a synthetic dataset whose classes differ by motion; optionally ingest it."""
     if ingest:
@@ -114,7 +121,7 @@ def synth_cmd(
     out.print(f"wrote {result.videos} videos of {len(result.classes)} classes to {result.out_dir} "
               f"(train {len(result.train)}, test {len(result.test)}): {', '.join(result.classes)}")
     if ingest:
-        _ingest(result.out_dir, name, 1, None, None)
+        _ingest(result.out_dir, name, 1, None, None, val_fraction)
 
 
 @dataset_app.command("ingest")
@@ -127,12 +134,13 @@ def ingest_cmd(
     prefix: Annotated[str | None, typer.Option(help="Key prefix of the videos in the bucket; default: the name.")]
     = None,
     workers: Annotated[int | None, typer.Option(min=1, help="Files probed and uploaded at once.")] = None,
+    val_fraction: Annotated[float, typer.Option(min=0.01, max=MAX_VAL_FRACTION, help=VAL_HELP)] = DEFAULT_VAL_FRACTION,
 ) -> None:
-    """Upload and probe every video, quarantine the bad ones, write a new manifest version."""
+    """Upload and probe every video, quarantine the bad ones, write a new manifest version (train / val / test)."""
     name = _check_name(name or directory.resolve().name, "--name")
     if prefix is not None and not prefix.strip("/"):
         raise typer.BadParameter("must not be empty", param_hint="--prefix")
-    _ingest(directory, name, split, prefix, workers)
+    _ingest(directory, name, split, prefix, workers, val_fraction)
 
 
 @dataset_app.command("show")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from essp.clients.s3 import ObjectNotFound, ObjectStore, S3Uri
 from essp.datasets.manifest import Manifest, ManifestStore, ManifestVideo, QuarantinedVideo, check_name
+from essp.datasets.validation import DEFAULT_VAL_FRACTION, carve_validation, check_fraction
 from essp.datasets.video import VideoError, VideoInfo, probe_video
 from essp.errors import EsspError
 from essp.settings import Settings
@@ -303,8 +304,11 @@ def _kind(path: Path) -> str:
 
 def ingest_directory(settings: Settings, root: Path, name: str, *, split: int = 1, prefix: str | None = None,
                      progress: Progress | None = None, workers: int | None = None,
-                     counts: dict[str, int] | None = None) -> tuple[Manifest, str]:
-    """Ingest `root` (UCF-101 layout) as dataset `name`: upload, probe, split, write the manifest.
+                     counts: dict[str, int] | None = None,
+                     val_fraction: float = DEFAULT_VAL_FRACTION) -> tuple[Manifest, str]:
+    """Ingest `root` (UCF-101 layout) as dataset `name`: upload, probe, split (train / val / test: the
+    validation split is `val_fraction` of each class's training groups, essp.datasets.validation), write
+    the manifest.
 
     Returns the manifest and its URI. Re-ingesting unchanged files uploads nothing, and when the
     result equals the latest manifest no new version is written: the latest one is returned. A video
@@ -318,6 +322,7 @@ def ingest_directory(settings: Settings, root: Path, name: str, *, split: int = 
     check_name(name)
     if split not in UCF_TEST_GROUPS:
         raise EsspError(f"split {split}: must be 1, 2 or 3 (UCF-101's three train/test splits)")
+    check_fraction(val_fraction)
     prefix = (prefix or name).strip("/")
     if not prefix:
         raise EsspError("prefix: must not be empty")
@@ -378,6 +383,8 @@ def ingest_directory(settings: Settings, root: Path, name: str, *, split: int = 
     manifest = Manifest(name=name, source=str(root.resolve()), prefix=prefix, split_rule=split_rule,
                         classes=classes, videos=sorted(videos.values(), key=lambda v: v.id),
                         quarantined=sorted(quarantined, key=lambda q: q.path), splits=splits)
+    # the latest version's validation videos stay validation videos (essp.datasets.validation)
+    manifest = carve_validation(manifest, val_fraction, previous=latest)
     if counts is not None:
         counts.update(tally, quarantined=len(manifest.quarantined),
                       unsplit=len(videos) - sum(len(ids) for ids in splits.values()))

@@ -77,11 +77,14 @@ class Manifest(BaseModel):
     created_at: float = Field(default_factory=time.time)
     source: str  # where the videos came from (the ingested folder)
     prefix: str | None = None  # key prefix of the videos in the bucket (<prefix>/<Class>/<file>); None: older
-    split_rule: str = ""  # how train/test were decided (split files, UCF groups, hash)
+    split_rule: str = ""  # how train/test (and val) were decided (split files, UCF groups, hash)
     classes: list[str]
     videos: list[ManifestVideo] = []
     quarantined: list[QuarantinedVideo] = []
-    splits: dict[str, list[str]] = {}  # "train" / "test" -> video ids
+    splits: dict[str, list[str]] = {}  # "train" / "val" / "test" -> video ids
+    # The share of each class's training groups held out as "val" (essp.datasets.validation); None: no val split.
+    val_fraction: float | None = None
+    val_by_clip: list[str] = []  # classes with one training group, whose validation clips share its scene
 
     def video(self, video_id: str) -> ManifestVideo:
         for video in self.videos:
@@ -127,7 +130,8 @@ class Manifest(BaseModel):
             return sorted((e.uri, e.path, e.reason, e.class_name, e.stage) for e in q)
 
         return (self.classes == other.classes and self.videos == other.videos and self.splits == other.splits
-                and self.split_rule == other.split_rule and strip(self.quarantined) == strip(other.quarantined))
+                and self.split_rule == other.split_rule and self.val_fraction == other.val_fraction
+                and strip(self.quarantined) == strip(other.quarantined))
 
 
 def check_name(name: str) -> str:

@@ -11,8 +11,10 @@ it recorded neither (a video quarantined at decode by an older version), by whet
 written after it was set aside. :func:`refresh_manifest` probes what was added or changed, as ingest
 does, and saves the next version:
 
-- new videos go to the **train** split; the test split is fixed so that models stay comparable: nothing
-  is ever added to it or moved into it;
+- new videos go to the **train** split, or to **val** when their group is held out for validation
+  (:mod:`essp.datasets.validation`; a manifest from before validation splits gets one, even with no video
+  changed); the test split is fixed so that models stay comparable: nothing is ever added to it or moved
+  into it;
 - a changed video keeps its id and split and gets its new probe facts;
 - a video that does not probe, one in a folder that is not one of the manifest's classes, or one not in
   a class folder, is quarantined with the reason (with its ETag, so that it is not reported again until
@@ -35,6 +37,7 @@ from typing import Any
 from essp.clients.s3 import ObjectInfo, ObjectNotFound, ObjectStore, S3Uri
 from essp.datasets.ingest import VIDEO_EXTENSIONS, _sha256, manifest_video
 from essp.datasets.manifest import Manifest, ManifestStore, ManifestVideo, QuarantinedVideo
+from essp.datasets.validation import DEFAULT_VAL_FRACTION, carve_validation, needs_carving
 from essp.datasets.video import VideoError, probe_video
 from essp.errors import EsspError
 from essp.settings import Settings
@@ -266,6 +269,8 @@ def refresh_manifest(settings: Settings, manifest_ref: str, *, log: Log = print,
     (a refresh of an older one would drop what the versions after it recorded)."""
     scan = _scan(settings, manifest_ref, workers)
     base, changes = scan.manifest, scan.changes
+    if not changes and needs_carving(base, None):  # a manifest from before validation splits: it gets one
+        return _carved(settings, base, changes, log)
     if not changes:
         log(f"{base.ref}: no changes under s3://{scan.bucket}/{scan.prefix} ({changes.unchanged} videos unchanged)")
         return base, None, changes
@@ -350,10 +355,26 @@ def refresh_manifest(settings: Settings, manifest_ref: str, *, log: Log = print,
         "quarantined": sorted(quarantined, key=lambda q: q.path),
         "splits": splits,
     }, deep=True)
+    # new training videos of a held-out group join it; a manifest without a val split gets one
+    manifest = carve_validation(manifest, base.val_fraction or DEFAULT_VAL_FRACTION)
     uri = manifests.save(manifest)
     saved = manifests.load(uri)
     log(f"{saved.ref}: {uri} ({len(changes.added)} added, {len(changes.changed)} changed, "
         f"{len(changes.removed)} removed, {len(changes.quarantined)} quarantined)")
+    return saved, uri, changes
+
+
+def _carved(settings: Settings, base: Manifest, changes: Changes, log: Log) -> tuple[Manifest, str | None, Changes]:
+    """The next version of ``base`` with a validation split carved at the default fraction."""
+    manifests = ManifestStore(settings)
+    latest = manifests.latest_version(base.name)
+    if latest != base.version:
+        raise RefreshError(f"{base.ref} is not the latest version of {base.name!r} ({latest}): refresh the latest")
+    carved = carve_validation(base, DEFAULT_VAL_FRACTION).model_copy(update={"version": 0, "created_at": time.time()})
+    uri = manifests.save(carved)
+    saved = manifests.load(uri)
+    log(f"{saved.ref}: {uri} (no video changes; validation split carved: {len(saved.splits['val'])} of "
+        f"{len(base.splits.get('train', []))} training videos, {DEFAULT_VAL_FRACTION:g} of each class's groups)")
     return saved, uri, changes
 
 

@@ -144,8 +144,10 @@ class LocalFleet:
 
 
 def ensure_workers(settings: Settings, run: str, streams: list[str], replicas: dict[str, int], *,
-                   trainer_procs: int = 1, gpus: bool = False) -> dict[str, Any]:
-    """Scale the data workers to ``replicas`` and start the run's trainer of each stream."""
+                   trainer_procs: int | dict[str, int] = 1, gpus: bool = False) -> dict[str, Any]:
+    """Scale the data workers to ``replicas`` and start the run's trainer of each stream (``trainer_procs``
+    processes each, or per stream)."""
+    procs = trainer_procs if isinstance(trainer_procs, dict) else {s: trainer_procs for s in streams}
     for stream in streams:
         if stream not in extractor_kinds():
             raise FleetError(f"streams: {stream!r} is not an extractor ({', '.join(extractor_kinds())})")
@@ -159,11 +161,11 @@ def ensure_workers(settings: Settings, run: str, streams: list[str], replicas: d
 
         kube = KubeWorkers(settings.k8s_namespace)
         scaled = {kind: kube.scale(kind, count) for kind, count in check_replicas(replicas).items()}
-        trainers = {s: kube.ensure_trainer(run, s, nproc=trainer_procs, gpus=gpus) for s in streams}
+        trainers = {s: kube.ensure_trainer(run, s, nproc=procs.get(s, 1), gpus=gpus) for s in streams}
         return {"mode": "kubernetes", "workers": scaled, "trainers": trainers}
     fleet = LocalFleet(settings)
     scaled = fleet.scale(replicas)
-    trainers = {s: fleet.ensure_trainer(run, s, nproc=trainer_procs) for s in streams}
+    trainers = {s: fleet.ensure_trainer(run, s, nproc=procs.get(s, 1)) for s in streams}
     return {"mode": "local", "workers": scaled, "trainers": trainers}
 
 

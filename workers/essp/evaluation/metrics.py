@@ -11,14 +11,15 @@ from typing import Any
 
 import numpy as np
 
+from essp.dataplane.snippets import DEFAULT_SNIPPETS  # noqa: F401 - re-exported
 from essp.errors import EsspError
 
 # The video-level figures every report, registry version and comparison carries, in this order; a model
 # is promoted on one of them (the `promote_metric` param).
 SUMMARY_METRICS: tuple[str, ...] = ("top1", "top5", "mean_class_accuracy", "mAP")
 PROMOTION_METRICS: list[str] = list(SUMMARY_METRICS)
-# The paper's evaluation protocol: each video scored on 25 evenly spaced snippets, the scores averaged.
-DEFAULT_SNIPPETS = 25
+# The paper's evaluation protocol: each video scored on 25 evenly spaced snippets, the scores averaged
+# (essp.dataplane.snippets.DEFAULT_SNIPPETS, re-exported here).
 
 
 class MetricsError(EsspError, ValueError):

@@ -4,8 +4,8 @@ run, as JSON, PNG plots and a short markdown summary in S3.
 Layout in the runs bucket::
 
     <run>/report/report.json      the report (:func:`build_report`)
-    <run>/report/loss.png         training loss per epoch, one line per stream
-    <run>/report/accuracy.png     training accuracy per epoch, one line per stream
+    <run>/report/loss.png         training and validation loss per epoch, two lines per stream
+    <run>/report/accuracy.png     training accuracy and validation top-1 per epoch, two lines per stream
     <run>/report/confusion.png    the selected strategy's confusion matrix
     <run>/report/per_class.png    per-class accuracy of each stream and of the selected strategy
     <run>/report/fusion.png       top-1 of every fusion strategy and stream
@@ -28,6 +28,7 @@ from essp.contract import check_run_id
 from essp.errors import EsspError
 from essp.evaluation.metrics import SUMMARY_METRICS
 from essp.settings import Settings
+from essp.training.validation import best_epoch
 
 REPORT_PREFIX = "report"
 REPORT_FILE = "report.json"
@@ -124,7 +125,13 @@ def _final(epochs: list[dict[str, Any]]) -> dict[str, Any]:
         return {"epochs": 0}
     last = epochs[-1]
     samples = [e.get("samples") for e in epochs]
+    best = best_epoch(epochs)
     return {
+        "final_val_loss": last.get("val_loss"),
+        "final_val_top1": last.get("val_top1"),
+        "best_epoch": None if best is None else best["epoch"],
+        "best_val_loss": None if best is None else best["val_loss"],
+        "best_val_top1": None if best is None else best.get("val_top1"),
         "epochs": len(epochs),
         "last_epoch": last["epoch"],
         "final_loss": last.get("loss"),
@@ -217,7 +224,9 @@ def build_report(run: str, params: dict, history: dict, evaluation: dict) -> dic
         "class_names": list(class_names),
         "history": hist,
         "streams": streams,
-        "evaluation": {"streams": stream_metrics, "fusion": fusion},
+        "evaluation": {"streams": stream_metrics, "fusion": fusion,
+                       # the videos the learned fusions were fitted on (the validation split)
+                       "fusion_fit": evaluation.get("fusion_fit")},
         "fusion_table": table,
         "selected": selected,
         "selected_metrics": selected_metrics,
@@ -243,6 +252,18 @@ def summary_lines(report: dict) -> list[str]:
             continue
         lines.append(f"  stream {stream}: top1 {_pct(figures['top1'])}  top5 {_pct(figures['top5'])}  "
                      f"mAP {_pct(figures['mAP'])}  ({figures.get('videos') or '?'} videos)")
+        if figures.get("best_epoch") is not None:
+            lines.append(f"    validation: best epoch {figures['best_epoch']} (loss {figures['best_val_loss']:.3f}, "
+                         f"top1 {_pct(figures.get('best_val_top1'))}); last epoch top1 "
+                         f"{_pct(figures.get('final_val_top1'))}")
+    for decision in (report.get("allocation") or {}).get("decisions", []):
+        lines.append(f"  slots before epoch {decision['epoch']}: {decision['reason']}")
+    if report.get("early_stop"):
+        lines.append(f"  stopped early after epoch {report['early_stop']['epoch']}: {report['early_stop']['reason']}")
+    fit = (report.get("evaluation") or {}).get("fusion_fit")
+    if fit:
+        lines.append(f"  learned fusions ({', '.join(fit['strategies'])}) fitted on {len(fit['videos'])} "
+                     f"{fit['split']} videos only")
     width = max(len(row["name"]) for row in report["fusion_table"])
     for row in report["fusion_table"]:
         mark = "*" if row["selected"] else " "
@@ -339,14 +360,17 @@ def render_plots(report: dict) -> dict[str, bytes]:
     selected = report["selected"]
     out: dict[str, bytes] = {}
 
-    for key, label in (("loss", "training loss"), ("accuracy", "training accuracy")):
+    for key, label, val_key in (("loss", "loss", "val_loss"), ("accuracy", "accuracy", "val_top1")):
         fig, ax = figure(f"{key}.png")
         lines = 0
-        for stream, epochs in report["history"].items():
-            points = [(e["epoch"], e[key]) for e in epochs if e.get(key) is not None]
-            if points:
-                ax.plot(*zip(*points, strict=True), marker="o", label=stream)
-                lines += 1
+        for n, (stream, epochs) in enumerate(report["history"].items()):
+            colour = f"C{n}"
+            # training solid, validation (video-level top-1 for accuracy) dashed in the stream's colour
+            for which, style, name in ((key, "-", "train"), (val_key, "--", "validation")):
+                points = [(e["epoch"], e[which]) for e in epochs if e.get(which) is not None]
+                if points:
+                    ax.plot(*zip(*points, strict=True), style, marker="o", color=colour, label=f"{stream} {name}")
+                    lines += 1
         if lines:
             ax.set_xlabel("epoch")
             ax.set_ylabel(label)
@@ -357,7 +381,7 @@ def render_plots(report: dict) -> dict[str, bytes]:
             ax.legend()
         else:
             empty(ax, f"no {label} recorded")
-        ax.set_title(f"{label} per epoch: {run}")
+        ax.set_title(f"training and validation {label} per epoch: {run}")
         out[f"{key}.png"] = png(fig)
 
     fig, ax = figure("confusion.png")

@@ -27,12 +27,14 @@ from essp.contract import (
 from essp.dataplane.payloads import SampleStore
 from essp.dataplane.plan import decode_quarantine, plan_epoch, publish_plan
 from essp.dataplane.resident import RunControl
-from essp.datasets.manifest import ManifestStore
+from essp.datasets.manifest import Manifest, ManifestStore
+from essp.datasets.validation import DEFAULT_VAL_FRACTION, VAL_SPLIT, carve_validation, needs_carving
 from essp.errors import EsspError
 from essp.lifecycle.liveness import observe_pause, silent_trainers_now
 from essp.lifecycle.params import RunParams, RunParamsError, parse_params
 from essp.settings import Settings
-from essp.training.artifacts import PretrainedRefused, RunStore, check_pretrained
+from essp.training.artifacts import PretrainedRefused, RunArtifactMissing, RunStore, check_pretrained
+from essp.training.validation import best_epoch, epochs_without_improvement
 
 Log = Callable[[str], None]
 
@@ -54,19 +56,42 @@ def verify_manifest(settings: Settings, spec: RunParams) -> dict[str, Any]:
     store = ManifestStore(settings)
     manifest_uri = store.resolve(spec.dataset)
     manifest = store.load(manifest_uri)
+    if "train" in manifest.splits and needs_carving(manifest, spec.val_fraction):
+        manifest, manifest_uri = _with_validation(settings, spec, manifest)
     train = manifest.split("train") if "train" in manifest.splits else []
     test = manifest.split("test") if "test" in manifest.splits else []
+    val = manifest.split(VAL_SPLIT) if VAL_SPLIT in manifest.splits else []
     if not train or not test:
         raise RunParamsError(f"dataset: manifest {manifest_uri}: a training run needs a train and a test split "
                              f"(train {len(train)}, test {len(test)} videos)")
     if len(manifest.classes) < 2:
         raise RunParamsError(f"dataset: manifest {manifest_uri}: {len(manifest.classes)} class; at least 2 are "
                              "needed")
+    if not val:
+        raise RunParamsError(f"dataset: manifest {manifest_uri}: no validation video (val_fraction "
+                             f"{manifest.val_fraction} of each class's training groups; a class needs two training "
+                             "groups, or two clips, to give one): add videos")
     facts = {"spec": spec.model_dump(mode="json"), "manifest_uri": manifest_uri, "dataset": manifest.name,
-             "classes": manifest.classes, "train_videos": len(train), "test_videos": len(test),
+             "classes": manifest.classes, "train_videos": len(train), "val_videos": len(val),
+             "test_videos": len(test), "val_fraction": manifest.val_fraction,
              "samples_per_epoch": spec.samples_per_epoch or len(train)}
     RunStore(settings, spec.run_id()).save_json("spec.json", facts)
     return facts
+
+
+def _with_validation(settings: Settings, spec: RunParams, manifest: Manifest) -> tuple[Manifest, str]:
+    """``manifest`` with a validation split of the run's ``val_fraction`` (the manifest's own, else the default):
+    saved as the dataset's next version when ``manifest`` is its latest, else (a pinned older version, which a
+    new latest must not be made from) as the run's own copy, ``manifest.json`` in the run's folder."""
+    fraction = spec.val_fraction or manifest.val_fraction or DEFAULT_VAL_FRACTION
+    carved = carve_validation(manifest, fraction).model_copy(update={"version": 0, "created_at": time.time()})
+    store = ManifestStore(settings)
+    if store.latest_version(manifest.name) == manifest.version:
+        uri = store.save(carved)
+        return store.load(uri), uri
+    uri = RunStore(settings, spec.run_id()).save_json("manifest.json", carved.model_copy(
+        update={"version": manifest.version}).model_dump(mode="json"))
+    return store.load(uri), uri
 
 
 def trainer_states(settings: Settings, run: str, streams: list[str]) -> dict[str, TrainerState | None]:
@@ -89,11 +114,46 @@ def epoch_status(settings: Settings, run: str, streams: list[str], epoch: int, *
 def request_epoch(settings: Settings, run: str, epoch: int, expected: int) -> None:
     """Ask the run's trainers for ``epoch`` of ``expected`` samples (Redis, then a control wake-up)."""
     keys = RedisKeys(settings.redis_prefix)
-    redis_client(settings).set(keys.epoch_request(run), json.dumps({"epoch": epoch, "expected": expected}),
-                               ex=TRAINER_STATE_TTL_S)
+    # attempt: a new one for every request, so that the epoch's validation is published once per request
+    request = {"epoch": epoch, "expected": expected, "attempt": uuid.uuid4().hex[:12]}
+    redis_client(settings).set(keys.epoch_request(run), json.dumps(request), ex=TRAINER_STATE_TTL_S)
     with MessageProducer(settings) as producer:
         producer.publish(Topics(settings.topic_prefix).control,
                          ControlCommand(command="epoch", run=run, epoch=epoch, target=TRAINER_FAMILY))
+
+
+EARLY_STOP_FILE = "early_stop.json"
+
+
+def early_stopped(settings: Settings, run: str) -> dict[str, Any] | None:
+    """The run's early-stop record (``early_stop.json``: the epoch after which it stopped and why), if any."""
+    runs = RunStore(settings, run)
+    try:
+        return runs.load_json(EARLY_STOP_FILE)
+    except RunArtifactMissing:
+        return None
+
+
+def early_stop_after(settings: Settings, spec: RunParams, epoch: int) -> dict[str, Any] | None:
+    """After ``epoch`` (done by every stream): with ``early_stop_patience``, whether no stream's validation loss
+    has improved for that many epochs; if so the record is written (every caller computes the same one from
+    the streams' histories in their checkpoint pointers) and returned. None: train on."""
+    if spec.early_stop_patience < 1 or epoch + 1 >= spec.epochs:
+        return None
+    runs = RunStore(settings, spec.run_id())
+    stale: dict[str, dict[str, Any]] = {}
+    for stream in spec.streams:
+        pointer = runs.latest_pointer(stream) or {}
+        history = [h for h in pointer.get("history", []) if int(h["epoch"]) <= epoch]
+        best = best_epoch(history)
+        if best is None or epochs_without_improvement(history) < spec.early_stop_patience:
+            return None
+        stale[stream] = {"best_epoch": int(best["epoch"]), "best_val_loss": best["val_loss"]}
+    bests = ", ".join(f"{s} epoch {b['best_epoch']}" for s, b in stale.items())
+    record = {"epoch": epoch, "patience": spec.early_stop_patience, "streams": stale,
+              "reason": f"no stream's validation loss improved for {spec.early_stop_patience} epoch(s) (best: {bests})"}
+    runs.save_json(EARLY_STOP_FILE, record)
+    return record
 
 
 def trained_epochs(settings: Settings, spec: RunParams) -> int:
@@ -209,5 +269,9 @@ def wait_epoch_done(settings: Settings, run: str, streams: list[str], epoch: int
 
 
 def epoch_line(epoch: int, stream: str, figures: dict[str, Any]) -> str:
-    return (f"  epoch {epoch} {stream:<5} loss {figures['loss']:.3f}  train acc {figures['accuracy']:.3f}  "
+    line = (f"  epoch {epoch} {stream:<5} loss {figures['loss']:.3f}  train acc {figures['accuracy']:.3f}  "
             f"{figures['samples_per_s']:.1f} samples/s  data wait {100 * figures['data_wait']:.1f}%")
+    if figures.get("val_loss") is not None:
+        line += (f"  | val loss {figures['val_loss']:.3f}  val top-1 {figures['val_top1']:.3f}  "
+                 f"val mean class acc {figures['val_mean_class_accuracy']:.3f} ({figures.get('val_videos', 0)} videos)")
+    return line

@@ -18,6 +18,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator, model_
 
 from essp.contract import RUN_ID_PATTERN, check_run_id
 from essp.dataplane.extractors import create_extractor, extractor_class, extractor_kinds
+from essp.datasets.validation import MAX_VAL_FRACTION
 from essp.deploy.fleet import data_kinds
 from essp.errors import EsspError, UserError, describe_validation
 from essp.evaluation.fusion import FUSIONS
@@ -26,6 +27,9 @@ from essp.training.architectures import ARCHITECTURES
 from essp.training.params import FormParams, OptimParams, TrainParams, knob
 
 DEFAULT_REPLICAS = {"decode": 2, "flow": 2, "rgb": 1, "framediff": 0}
+SCORE_CHECKPOINTS = ["last", "best"]
+ALLOCATIONS = ["static", "validation_loss"]  # essp.lifecycle.allocation
+FLOW_KINDS = ("flow", "flow_bi", "warped_flow")  # the extractors that take flow_method
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
@@ -108,6 +112,11 @@ class RunParams(OptimParams):
                      description="Samples are size x size pixels.")
     flow_method: str = knob("dis_fast", enum=_flow_methods, title="Optical flow method", section="Data",
                             description="OpenCV algorithm of the flow stream.")
+    val_fraction: float | None = knob(None, gt=0, le=MAX_VAL_FRACTION, title="Validation fraction", section="Data",
+                                      description="Share of each class's training groups held out as the validation "
+                                                  "split (scored after every epoch, what the learned fusions are "
+                                                  "fitted on); empty: the manifest's own (0.1 if it has none). "
+                                                  "Another value writes a new manifest version.")
     # -- Model
     rgb_arch: str = knob("resnet18", enum=_architectures, title="RGB architecture", section="Model",
                          description="Network of the rgb (spatial) stream.")
@@ -126,9 +135,20 @@ class RunParams(OptimParams):
                                          section="Training",
                                          description="Samples drawn per epoch (class, then video, then offset); "
                                                      "empty: the number of training videos.")
+    early_stop_patience: int = knob(0, ge=0, le=1000, title="Early stopping patience", section="Training",
+                                    description="Stop the run once no stream's validation loss has improved for this "
+                                                "many epochs; 0: train every epoch.")
     # -- Workers
     trainer_procs: int = knob(1, ge=1, le=64, title="Processes per trainer", section="Workers",
                               description="DistributedDataParallel processes of each stream's trainer (one per GPU).")
+    allocation: str = knob("static", enum=lambda: ALLOCATIONS, title="Trainer slot allocation", section="Workers",
+                           description="static: every stream keeps trainer_procs processes; validation_loss: between "
+                                       "epochs the run's trainer_procs x streams slots move to the streams whose "
+                                       "validation loss still falls fastest (the paper's §3.4), each keeping at "
+                                       "least allocation_min.")
+    allocation_min: int = knob(1, ge=1, le=64, title="Slots a stream keeps", section="Workers",
+                               description="The fewest trainer processes the validation_loss allocation leaves a "
+                                           "stream (at most trainer_procs).")
     replicas: dict[str, Annotated[int, Field(ge=0, le=256)]] = knob(
         default_factory=lambda: dict(DEFAULT_REPLICAS), title="Worker replicas", section="Workers",
         description="Resident data workers to run per kind (decode and each extractor); the ensure step scales "
@@ -145,6 +165,13 @@ class RunParams(OptimParams):
     # -- Evaluation
     snippets: int = knob(DEFAULT_SNIPPETS, ge=1, le=250, title="Snippets per test video", section="Evaluation",
                          description="Evenly spaced snippets scored per video.")
+    val_snippets: int = knob(5, ge=1, le=50, title="Snippets per validation video", section="Evaluation",
+                             description="Evenly spaced snippets of each validation video that every trainer scores "
+                                         "after each epoch (validation loss, top-1, mean class accuracy).")
+    score_checkpoint: str = knob("last", enum=lambda: SCORE_CHECKPOINTS, title="Checkpoint scored",
+                                 section="Evaluation",
+                                 description="Which checkpoint of each stream scores the test videos: the last "
+                                             "epoch's, or the one of its best validation loss.")
     fusion: str = knob("average", enum=FUSIONS.names, title="Fusion", section="Evaluation",
                        description="The fusion registered with the model; every strategy is scored side by side in "
                                    "the report.")
@@ -175,9 +202,11 @@ class RunParams(OptimParams):
         if len(set(self.streams)) != len(self.streams):
             raise ValueError(f"streams: each stream once, got {self.streams}")
         for name, value in (("flow_method", self.flow_method), ("fusion", self.fusion),
-                            ("promote_metric", self.promote_metric)):
+                            ("promote_metric", self.promote_metric), ("score_checkpoint", self.score_checkpoint),
+                            ("allocation", self.allocation)):
             allowed = {"flow_method": _flow_methods, "fusion": FUSIONS.names,
-                       "promote_metric": lambda: PROMOTION_METRICS}[name]()
+                       "promote_metric": lambda: PROMOTION_METRICS,
+                       "score_checkpoint": lambda: SCORE_CHECKPOINTS, "allocation": lambda: ALLOCATIONS}[name]()
             if value not in allowed:
                 raise ValueError(f"{name}: {value!r} is not one of {', '.join(allowed)}")
         for stream in self.streams:
@@ -193,6 +222,7 @@ class RunParams(OptimParams):
             raise ValueError(f"pretrained: names stream(s) {', '.join(unknown)} that the run does not train "
                              f"({', '.join(self.streams)})")
         self._check_fusion_weights()
+        self._check_allocation()
         self._check_replicas()
         self._check_inflight_bytes()
         self._check_sample_bytes()
@@ -215,7 +245,8 @@ class RunParams(OptimParams):
         frames (L+1 frames of size x size, in colour at most) and one feature per stream (at most two bytes
         per pixel per flow field: L x 2 x size x size)."""
         pixels = self.size * self.size
-        return self.max_inflight * ((self.length + 1) * 3 * pixels + len(self.streams) * self.length * 2 * pixels)
+        planes = sum(4 if s == "flow_bi" else 2 for s in self.streams)  # flow_bi: forward and backward stacks
+        return self.max_inflight * ((self.length + 1) * 3 * pixels + planes * self.length * pixels)
 
     def _check_inflight_bytes(self) -> None:
         limit = MAX_INFLIGHT_GIB * 2**30
@@ -238,6 +269,15 @@ class RunParams(OptimParams):
         if sum(self.fusion_weights.values()) <= 0:
             raise ValueError("fusion_weights: weights must be >= 0 and not all zero")
 
+    def _check_allocation(self) -> None:
+        if self.allocation_min > self.trainer_procs:
+            raise ValueError(f"allocation_min: {self.allocation_min} is more than trainer_procs "
+                             f"({self.trainer_procs}): a stream cannot keep more slots than each has to start with")
+        if self.allocation != "static" and (len(self.streams) < 2 or self.allocation_min == self.trainer_procs):
+            raise ValueError(f"allocation: {self.allocation} has no slot to move with {len(self.streams)} stream(s) of "
+                             f"trainer_procs {self.trainer_procs}, each keeping allocation_min {self.allocation_min}: "
+                             "raise trainer_procs (or train two streams)")
+
     def _check_replicas(self) -> None:
         kinds = data_kinds()
         bad = sorted(set(self.replicas) - set(kinds))
@@ -255,8 +295,9 @@ class RunParams(OptimParams):
 
     # -- what the rest of ESSP reads off the params --------------------------------------------------
     def stream(self, name: str) -> StreamSpec:
-        """The stream ``name`` of this run (a stream without an ``<name>_arch`` param trains resnet18)."""
-        options = {"method": self.flow_method} if name == "flow" else {}
+        """The stream ``name`` of this run (a stream without an ``<name>_arch`` param trains resnet18; the flow
+        kinds compute their fields with ``flow_method``)."""
+        options = {"method": self.flow_method} if name in FLOW_KINDS else {}
         return StreamSpec(name, str(getattr(self, f"{name}_arch", "resnet18")), options, self.pretrained.get(name))
 
     def features(self) -> dict[str, dict[str, Any]]:
@@ -269,8 +310,9 @@ class RunParams(OptimParams):
         return TrainParams(**shared, arch=spec.arch, pretrained=spec.pretrained)
 
     def workers(self) -> dict[str, int]:
-        """Replicas per data-worker kind: the defaults with the param's counts on top."""
-        return {**DEFAULT_REPLICAS, **self.replicas}
+        """Replicas per data-worker kind: the defaults (one for a stream of a kind without a default) with the
+        param's counts on top."""
+        return {**DEFAULT_REPLICAS, **{s: 1 for s in self.streams if s not in DEFAULT_REPLICAS}, **self.replicas}
 
     def run_id(self) -> str:
         if self.run is None:
@@ -324,6 +366,14 @@ class NightlyParams(FormParams):
     samples_per_epoch: int | None = knob(None, ge=1, le=MAX_SAMPLES_PER_EPOCH, title="Samples per epoch",
                                          section="Training",
                                          description="Empty: production's setting.")
+    allocation: str = knob("static", enum=lambda: ALLOCATIONS, title="Trainer slot allocation", section="Workers",
+                           description="static: every stream keeps trainer_procs processes; validation_loss: between "
+                                       "epochs the run's trainer_procs x streams slots move to the streams whose "
+                                       "validation loss still falls fastest (the paper's §3.4), each keeping at "
+                                       "least allocation_min.")
+    allocation_min: int = knob(1, ge=1, le=64, title="Slots a stream keeps", section="Workers",
+                               description="The fewest trainer processes the validation_loss allocation leaves a "
+                                           "stream (at most trainer_procs).")
     replicas: dict[str, Annotated[int, Field(ge=0, le=256)]] = knob(
         default_factory=lambda: dict(DEFAULT_REPLICAS), title="Worker replicas", section="Workers",
         description="Resident data workers to run per kind while fine-tuning.")

@@ -8,10 +8,10 @@ Steps (each a plain function over the settings and the run's :class:`RunParams`,
    ``spec.json`` to the run's folder in S3 (the trainers read it from there, as pods would).
 2. :func:`train_epoch` plans one epoch, publishes it, asks the resident trainers for it and waits for
    every stream's ``epoch_done`` (the DAG defers instead of waiting, see essp.operators.training).
-3. :func:`score_split` scores the test videos (and the training videos, for the learned fusions)
+3. :func:`score_split` scores the test videos (and the validation videos, for the learned fusions)
    with each stream's final checkpoint, 25 evenly spaced snippets per video, through the workers.
-4. :func:`fuse_and_report` scores every fusion strategy side by side (the learned ones fitted on
-   training videos only), keeps the requested one, writes the report (JSON + plots) to S3.
+4. :func:`fuse_and_report` scores every fusion strategy side by side (the learned ones fitted on the
+   validation videos only), keeps the requested one, writes the report (JSON + plots) to S3.
 5. :func:`register_model` records the model in the registry and promotes it if it beats production.
 """
 
@@ -24,22 +24,36 @@ from typing import Any
 
 from essp.dataplane.plan import decode_quarantine
 from essp.datasets.manifest import ManifestStore
+from essp.datasets.validation import VAL_SPLIT
 from essp.deploy.fleet import LocalFleet
 from essp.deploy.local import LocalProcess, LocalProcesses, stop_together, trainer_args, trainer_name
 from essp.errors import EsspError
-from essp.evaluation.fusion import StreamScores, compare_fusions, make_fuser
+from essp.evaluation.fusion import FUSIONS, StreamScores, compare_fusions, make_fuser
 from essp.evaluation.metrics import SUMMARY_METRICS
 from essp.evaluation.scoring import manifest_videos
 from essp.evaluation.scoring import score_split as score_videos
-from essp.lifecycle.epochs import load_run, start_epoch, trained_epochs, verify_manifest, wait_epoch_done
+from essp.lifecycle.allocation import allocation_record, apply_allocation, current_slots
+from essp.lifecycle.epochs import (
+    early_stop_after,
+    early_stopped,
+    load_run,
+    start_epoch,
+    trained_epochs,
+    verify_manifest,
+    wait_epoch_done,
+)
 from essp.lifecycle.params import RunParams, RunParamsError
 from essp.lifecycle.progress import REGISTRATION_FILE, ScoringRecorder
 from essp.settings import Settings
 from essp.training.artifacts import RunStore, VideoScores
 from essp.training.models import build_model
 from essp.training.resident import TrainSpec
+from essp.training.validation import ValidationSpec, best_epoch
 
 Log = Callable[[str], None]
+# What the learned fusions are fitted on: the validation videos (essp.datasets.validation), never a training
+# or a test video.
+FUSION_FIT_SPLIT = VAL_SPLIT
 
 
 # -- 1. the trainers' view of a run -------------------------------------------------------------------
@@ -49,7 +63,18 @@ def train_spec(settings: Settings, run: str, stream: str) -> TrainSpec:
     if stream not in spec.streams:
         raise RunParamsError(f"run {run} has no stream {stream!r} (streams: {', '.join(spec.streams)})")
     return TrainSpec(run=run, stream=stream, num_classes=len(facts["classes"]), length=spec.length,
-                     params=spec.train_params(stream))
+                     params=spec.train_params(stream), validation=validation_spec(settings, spec, facts))
+
+
+def validation_spec(settings: Settings, spec: RunParams, facts: dict[str, Any]) -> ValidationSpec | None:
+    """The snippets the run's trainers score after each epoch: ``val_snippets`` of each video of the manifest's
+    validation split (None for a run whose spec.json predates validation splits)."""
+    if not facts.get("val_videos"):
+        return None
+    manifest = ManifestStore(settings).load(facts["manifest_uri"])
+    videos = [(v.id, v.uri, v.label, v.frames) for v in sorted(manifest.split(VAL_SPLIT), key=lambda v: v.id)]
+    return ValidationSpec(run=spec.run_id(), videos=videos, snippets=spec.val_snippets, features=spec.features(),
+                          length=spec.length, height=spec.size, width=spec.size, max_inflight=spec.max_inflight)
 
 
 # -- 2. one epoch -------------------------------------------------------------------------------------
@@ -69,11 +94,20 @@ def load_stream_models(settings: Settings, spec: RunParams, num_classes: int, de
     runs = RunStore(settings, spec.run_id())
     models = {}
     for stream in spec.streams:
-        state = runs.load_checkpoint(stream=stream)
+        state = runs.load_checkpoint(scored_checkpoint(runs, spec, stream), stream=stream)
         model = build_model(spec.stream(stream).arch, stream, num_classes=num_classes, length=spec.length)
         model.load_state_dict(state["model"])
         models[stream] = model.to(torch.device(device)).eval()
     return models
+
+
+def scored_checkpoint(runs: RunStore, spec: RunParams, stream: str) -> str | None:
+    """The checkpoint of ``stream`` that scores the videos: with ``score_checkpoint`` "best", the one of the epoch of
+    lowest validation loss (every epoch's is kept), else the latest (None)."""
+    if spec.score_checkpoint != "best":
+        return None
+    best = best_epoch((runs.latest_pointer(stream) or {}).get("history", []))
+    return None if best is None else runs.epoch_checkpoint_uri(stream, int(best["epoch"]))
 
 
 def score_split(settings: Settings, spec: RunParams, split: str, *, snippets: int | None = None,
@@ -126,10 +160,11 @@ def fuse_and_report(settings: Settings, spec: RunParams, *, history: dict[str, l
     classes = facts["classes"]
     runs = RunStore(settings, spec.run_id())
     test = stream_scores({s: runs.load_scores("test", s) for s in spec.streams})
-    train = stream_scores({s: runs.load_scores("train", s) for s in spec.streams})
-    comparison = compare_fusions(train, test, weights=spec.fusion_weights, seed=spec.seed, class_names=classes)
+    # the learned fusions are fitted on held-out videos: on the training videos every stream looks perfect
+    held_out = stream_scores({s: runs.load_scores(FUSION_FIT_SPLIT, s) for s in spec.streams})
+    comparison = compare_fusions(held_out, test, weights=spec.fusion_weights, seed=spec.seed, class_names=classes)
     fuser = make_fuser(spec.fusion, weights=spec.fusion_weights, seed=spec.seed, num_classes=len(classes))
-    fuser.fit(train)
+    fuser.fit(held_out)
     fused = fuser.predict(test)
     selected = video_metrics(fused, test.labels, classes)
     fusion_uri = runs.save_json(f"fusion/{spec.fusion}.json", {"strategy": spec.fusion, "state": fuser.state()})
@@ -138,10 +173,16 @@ def fuse_and_report(settings: Settings, spec: RunParams, *, history: dict[str, l
     runs.save_json("predictions/test.json", predictions)
     evaluation = {"class_names": classes,
                   "streams": {s: comparison[f"stream:{s}"] for s in spec.streams},
-                  "fusion": {**comparison, spec.fusion: selected}, "selected": spec.fusion}
+                  "fusion": {**comparison, spec.fusion: selected}, "selected": spec.fusion,
+                  # which videos each fusion saw: the fixed rules none, the learned ones the held-out videos
+                  "fusion_fit": {"split": FUSION_FIT_SPLIT, "videos": list(held_out.video_ids),
+                                 "strategies": [s for s in FUSIONS.names() if FUSIONS.get(s).learned]}}
     if history is None:
         history = {s: runs.load_checkpoint(stream=s).get("history", []) for s in spec.streams}
     report = build_report(spec.run_id(), spec.model_dump(mode="json"), history, evaluation)
+    # every slot decision with its reason (essp.lifecycle.allocation), and whether the run stopped early
+    report["allocation"] = allocation_record(settings, spec.run_id()) or {"policy": spec.allocation, "decisions": []}
+    report["early_stop"] = early_stopped(settings, spec.run_id())
     uris = write_report(settings, report)
     for line in summary_lines(report):
         log(f"  {line}")
@@ -162,7 +203,8 @@ def register_model(settings: Settings, spec: RunParams, metrics: dict[str, Any],
     registry = ModelRegistry(settings, name)
     production = registry.production()
     version = registry.register(
-        run=spec.run_id(), streams={s: runs.latest_checkpoint_uri(s) for s in spec.streams},
+        run=spec.run_id(), streams={s: scored_checkpoint(runs, spec, s) or runs.latest_checkpoint_uri(s)
+                                    for s in spec.streams},
         fusion={"strategy": spec.fusion, "weights": spec.fusion_weights, "state": fusion_state},
         metrics={k: metrics[k] for k in (*SUMMARY_METRICS, "videos")},
         params=spec.model_dump(mode="json"), manifest=facts["manifest_uri"], class_names=facts["classes"])
@@ -187,10 +229,13 @@ def registry_name(spec: RunParams, facts: dict[str, Any]) -> str:
 
 
 # -- end to end, locally --------------------------------------------------------------------------------
-def run_training(settings: Settings, spec: RunParams, *, log: Log = print, data_workers: bool = True) -> dict[str, Any]:
+def run_training(settings: Settings, spec: RunParams, *, log: Log = print, data_workers: bool = True,
+                 on_epoch: Callable[[int, float], None] | None = None) -> dict[str, Any]:
     """The whole run on the embedded default: resident workers as local processes (at least one decode
-    worker and one extractor per stream, started here unless running; one trainer per stream), every epoch,
-    scoring, fusion, report and registry. What it started, it stops."""
+    worker and one extractor per stream, started here unless running; one trainer per stream), every epoch
+    (with ``allocation`` validation_loss, trainer slots moved between epochs), scoring, fusion, report and
+    registry. What it started, it stops. ``on_epoch(epoch, seconds since the start)`` is called after each
+    epoch."""
     run = spec.run_id()
     started = time.monotonic()
     facts = verify_manifest(settings, spec)
@@ -204,8 +249,8 @@ def run_training(settings: Settings, spec: RunParams, *, log: Log = print, data_
         new = [name for done in scaled.values() for name in done["started"]]
         workers += [w for w in (processes.find(name) for name in new) if w is not None]
     try:
-        workers += processes.start([(trainer_name(run, s), trainer_args(run, s, spec.trainer_procs))
-                                    for s in spec.streams])
+        slots = current_slots(settings, spec)  # a resumed run whose slots moved starts each trainer with its own
+        workers += processes.start([(trainer_name(run, s), trainer_args(run, s, slots[s])) for s in spec.streams])
     except BaseException:
         stop_together(workers)
         raise
@@ -223,13 +268,21 @@ def run_training(settings: Settings, spec: RunParams, *, log: Log = print, data_
                     raise EsspError(f"run {run}: worker {worker.name} exited with {worker.returncode()} during "
                                     f"epoch {epoch}; its log ({worker.log_path}) ends:\n{worker.tail(30)}")
 
-        for epoch in range(first, spec.epochs):
+        for epoch in range(first, spec.epochs if early_stopped(settings, run) is None else first):
+            if apply_allocation(settings, spec, epoch, log=log) is not None:  # trainers restarted: follow the new
+                workers = [processes.find(w.name) or w for w in workers]
             train_epoch(settings, spec, epoch, log=log, alive=alive)
+            if on_epoch is not None:
+                on_epoch(epoch, time.monotonic() - started)
+            stop = early_stop_after(settings, spec, epoch)
+            if stop is not None:
+                log(f"  stopped early after epoch {epoch}: {stop['reason']}")
+                break
         timings["train_s"] = time.monotonic() - t0
         stop_together(_trainers(workers, run))  # their checkpoints are in S3: free their cores for scoring
         t0 = time.monotonic()
         score_split(settings, spec, "test", log=log)
-        score_split(settings, spec, "train", log=log)
+        score_split(settings, spec, FUSION_FIT_SPLIT, log=log)
         timings["score_s"] = time.monotonic() - t0
     finally:
         stop_together(workers)

@@ -19,6 +19,7 @@ from typing import Any
 from essp.clients.redis import redis_client
 from essp.contract import RedisKeys, TrainerState
 from essp.deploy.fleet import LocalFleet, worker_mode
+from essp.lifecycle.allocation import current_slots
 from essp.lifecycle.epochs import Log, plan_epoch_once, trainer_states
 from essp.lifecycle.liveness import TRAINER_SILENT_S
 from essp.lifecycle.params import RunParams
@@ -53,12 +54,13 @@ def _heartbeating(settings: Settings, state: TrainerState) -> bool:
 def ensure_trainer(settings: Settings, spec: RunParams, stream: str) -> dict[str, Any]:
     """Start the run's trainer of ``stream`` unless it runs (local), or make sure its Deployment exists."""
     run = spec.run_id()
+    nproc = current_slots(settings, spec)[stream]  # as the allocation left it (essp.lifecycle.allocation)
     if worker_mode(settings) == "kubernetes":
         from essp.deploy.kube import KubeWorkers
 
         gpus = settings.k8s_trainer_gpus and spec.device != "cpu"
-        return KubeWorkers(settings.k8s_namespace).ensure_trainer(run, stream, nproc=spec.trainer_procs, gpus=gpus)
-    return LocalFleet(settings).ensure_trainer(run, stream, nproc=spec.trainer_procs)
+        return KubeWorkers(settings.k8s_namespace).ensure_trainer(run, stream, nproc=nproc, gpus=gpus)
+    return LocalFleet(settings).ensure_trainer(run, stream, nproc=nproc)
 
 
 def recover_epoch(settings: Settings, spec: RunParams, epoch: int, *, stream: str, token: str, planner: str,

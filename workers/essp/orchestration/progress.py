@@ -21,9 +21,11 @@ from essp.lifecycle.params import RunParams
 from essp.lifecycle.progress import scoring_progress, stream_histories
 from essp.settings import Settings
 
-SPLIT_WORDS = {"test": "the test videos", "train": "the training videos"}
+SPLIT_WORDS = {"test": "the test videos", "val": "the validation videos", "train": "the training videos"}
 COLOURS = ["#0b6bcb", "#d9480f", "#2b8a3e", "#7048e8", "#c2255c", "#1098ad"]
-CURVES = (("loss", "training loss", False), ("accuracy", "training accuracy", True))
+# (training figure, its validation figure drawn dashed beside it, title, percent)
+CURVES = (("loss", "val_loss", "loss: training, validation (dashed)", False),
+          ("accuracy", "val_top1", "accuracy: training, validation top-1 (dashed)", True))
 
 
 def figure(value: Any, digits: int = 3) -> str:
@@ -77,8 +79,8 @@ def trainer_rows(settings: Settings, run: str, spec: RunParams) -> tuple[list[di
 
 
 def stream_figures(spec: RunParams, histories: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per stream: epochs finished, the last epoch's loss, accuracy, samples/s and data wait, and the mean
-    samples/s over the finished epochs."""
+    """Per stream: epochs finished, the last epoch's loss, accuracy, samples/s, data wait, validation loss and
+    top-1, and the mean samples/s over the finished epochs."""
     rows = []
     for stream in spec.streams:
         history = histories.get(stream) or []
@@ -89,18 +91,26 @@ def stream_figures(spec: RunParams, histories: dict[str, list[dict[str, Any]]]) 
                      "accuracy": "n/a" if last.get("accuracy") is None else f"{100 * float(last['accuracy']):.1f}%",
                      "samples_per_s": figure(last.get("samples_per_s"), 1) if last else "n/a",
                      "mean_samples_per_s": f"{sum(speeds) / len(speeds):.1f}" if speeds else "n/a",
-                     "data_wait": "n/a" if wait is None else f"{100 * float(wait):.1f}%"})
+                     "data_wait": "n/a" if wait is None else f"{100 * float(wait):.1f}%",
+                     "val_loss": figure(last.get("val_loss")),
+                     "val_top1": "n/a" if last.get("val_top1") is None else f"{100 * float(last['val_top1']):.1f}%"})
     return rows
 
 
 def curve_svg(histories: dict[str, list[dict[str, Any]]], key: str, title: str, *, percent: bool = False,
-              epochs: int | None = None, width: int = 440, height: int = 220) -> Markup:
+              epochs: int | None = None, width: int = 440, height: int = 220, val_key: str | None = None) -> Markup:
     """One figure of every stream's ``key`` by epoch, as an inline SVG (one line and its points per stream,
-    the axes' range written out, a legend); empty streams are left out."""
+    ``val_key`` beside it dashed in the same colour, the axes' range written out, a legend); empty streams are
+    left out."""
     left, right, top, bottom = 52, 12, 26, 34
-    series = {s: [(int(h.get("epoch", i)), float(h[key])) for i, h in enumerate(hist)
-                  if isinstance(h.get(key), int | float)] for s, hist in histories.items()}
+
+    def points_of(hist: list[dict[str, Any]], name: str | None) -> list[tuple[int, float]]:
+        return [(int(h.get("epoch", i)), float(h[name])) for i, h in enumerate(hist)
+                if name and isinstance(h.get(name), int | float)]
+
+    series = {s: points_of(hist, key) for s, hist in histories.items()}
     series = {s: points for s, points in series.items() if points}
+    validation = {s: points_of(histories[s], val_key) for s in series}
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="{width}" '
              f'height="{height}" role="img" data-curve="{escape(key)}" aria-label="{escape(title)} by epoch">',
              f'<text x="{left}" y="16" font-size="13" font-weight="600" fill="#1f2933">{escape(title)}</text>']
@@ -110,7 +120,7 @@ def curve_svg(histories: dict[str, list[dict[str, Any]]], key: str, title: str, 
         parts.append(f'<text x="{left + plot_w / 2}" y="{top + plot_h / 2}" font-size="12" fill="#616e7c" '
                      'text-anchor="middle">no epoch finished yet</text></svg>')
         return Markup("".join(parts))
-    values = [v for points in series.values() for _, v in points]
+    values = [v for points in (*series.values(), *validation.values()) for _, v in points]
     low, high = min(values), max(values)
     if percent:
         low, high = min(0.0, low), max(1.0, high)
@@ -144,10 +154,18 @@ def curve_svg(histories: dict[str, list[dict[str, Any]]], key: str, title: str, 
                      f'data-stream="{escape(stream)}"/>')
         parts += [f'<circle cx="{x(e):.1f}" cy="{y(v):.1f}" r="3" fill="{colour}"><title>{escape(stream)} epoch '
                   f'{e + 1}: {label(v)}</title></circle>' for e, v in points]
-        lx = left + plot_w - 110
+        held = validation.get(stream) or []
+        if held:
+            path = " ".join(f"{x(e):.1f},{y(v):.1f}" for e, v in held)
+            parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2" '
+                         f'stroke-dasharray="5 3" data-stream="{escape(stream)}" data-validation="{escape(val_key)}"/>')
+            parts += [f'<circle cx="{x(e):.1f}" cy="{y(v):.1f}" r="2.5" fill="#fff" stroke="{colour}"><title>'
+                      f'{escape(stream)} epoch {e + 1}, validation: {label(v)}</title></circle>' for e, v in held]
+        lx = left + plot_w - (150 if held else 110)
         parts.append(f'<rect x="{lx}" y="{top + 8 + 16 * i}" width="10" height="10" fill="{colour}"/>')
         parts.append(f'<text x="{lx + 14}" y="{top + 17 + 16 * i}" font-size="11" fill="#1f2933">'
-                     f'{escape(stream)} {label(points[-1][1])}</text>')
+                     f'{escape(stream)} {label(points[-1][1])}'
+                     + (f' / val {label(held[-1][1])}' if held else '') + '</text>')
     parts.append("</svg>")
     return Markup("".join(parts))
 
@@ -155,7 +173,7 @@ def curve_svg(histories: dict[str, list[dict[str, Any]]], key: str, title: str, 
 def scoring_rows(progress: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Each split's scoring: what is scored, videos done of N, finished, percent (for a bar)."""
     rows = []
-    for split in ("test", "train", *sorted(set(progress) - {"test", "train"})):
+    for split in ("test", "val", *sorted(set(progress) - {"test", "val"})):
         entry = progress.get(split)
         if not entry:
             continue
@@ -185,7 +203,7 @@ def run_phase(spec: RunParams | None, run_state: str | None, epochs_done: int, s
     if busy:
         row = busy[0]
         return "scoring", f"Scoring {row['what']}: {row['scored']} of {row['total']} scored."
-    if {row["split"] for row in scoring} >= {"test", "train"}:
+    if {row["split"] for row in scoring} >= {"test", "val"}:
         return "reporting", "Fusing the streams and writing the report."
     return "scoring", f"All {spec.epochs} epochs trained: scoring the videos comes next."
 
@@ -205,6 +223,7 @@ def live_view(settings: Settings, run: str, spec: RunParams | None) -> dict[str,
     except EsspError:  # the trainers' rows say what is not reachable
         histories, scoring, run_state = {}, [], None
     phase, sentence = run_phase(spec, run_state, done, scoring, line)
-    curves = [curve_svg(histories, key, title, percent=percent, epochs=spec.epochs) for key, title, percent in CURVES]
+    curves = [curve_svg(histories, key, title, percent=percent, epochs=spec.epochs, val_key=val_key)
+              for key, val_key, title, percent in CURVES]
     return {"phase": phase, "sentence": sentence, "trainers": trainers, "progress": line,
             "figures": stream_figures(spec, histories), "curves": curves, "scoring": scoring}

@@ -4,7 +4,7 @@ and takes small JSON params, typed; everything large stays in S3 under the run's
 
 validate_params (a Python task: the run's params checked, its id fixed) -> verify_manifest ->
 ensure_workers -> train (the operator essp.operators.training.TrainStreamOperator, one task per stream,
-deferring between epochs) -> release_trainers -> score_test, score_train -> fuse_and_report ->
+deferring between epochs) -> release_trainers -> score_test, score_val -> fuse_and_report ->
 register_model -> report_summary (a Python task) ; release_workers at the end, however the run ended.
 The stages that run models import torch (essp.lifecycle.pipeline) when they run, so that the others
 start in a fraction of a second.
@@ -20,6 +20,7 @@ from essp.deploy import fleet
 from essp.errors import EsspError, UserError
 from essp.evaluation.metrics import SUMMARY_METRICS
 from essp.lifecycle import epochs
+from essp.lifecycle.allocation import current_slots
 from essp.lifecycle.claims import release_run
 from essp.lifecycle.params import RunParams, parse_params
 from essp.orchestration.links import DagRun, run_id_for, save_link
@@ -68,7 +69,9 @@ def ensure_workers(settings: Settings, run: str, gpus: bool | None = None) -> di
     Kubernetes unless the run's device is the CPU or ``gpus`` is false)."""
     spec, _ = epochs.load_run(settings, run)
     wanted = settings.k8s_trainer_gpus and spec.device != "cpu" if gpus is None else gpus
-    return fleet.ensure_workers(settings, run, spec.streams, spec.workers(), trainer_procs=spec.trainer_procs,
+    # a resumed run whose slots moved (essp.lifecycle.allocation) starts each trainer with its own
+    return fleet.ensure_workers(settings, run, spec.streams, spec.workers(),
+                                trainer_procs=current_slots(settings, spec),
                                 gpus=wanted)
 
 
@@ -110,9 +113,9 @@ def score_test(settings: Settings, run: str) -> dict[str, Any]:
 
 
 @stage
-def score_train(settings: Settings, run: str) -> dict[str, Any]:
-    """Score every training video per stream (what the learned fusions are fitted on)."""
-    return _score(settings, run, "train")
+def score_val(settings: Settings, run: str) -> dict[str, Any]:
+    """Score every validation video per stream (what the learned fusions are fitted on)."""
+    return _score(settings, run, "val")
 
 
 def _score(settings: Settings, run: str, split: str) -> dict[str, Any]:
@@ -122,7 +125,7 @@ def _score(settings: Settings, run: str, split: str) -> dict[str, Any]:
     # release_trainers runs however training ended, so the scoring after it must check: a run stopped (or
     # failed) part way is not scored, fused or registered as if it were trained
     done = epochs.trained_epochs(settings, spec)
-    if done < spec.epochs:
+    if done < spec.epochs and epochs.early_stopped(settings, run) is None:
         raise UserError(f"run {run} has trained {done} of its {spec.epochs} epochs (stopped, or a stream failed): "
                         "it is not scored; trigger essp_train again with the same run to go on")
     return {"split": split, "scores": score_split(settings, spec, split)}

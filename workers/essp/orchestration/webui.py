@@ -75,7 +75,7 @@ SettingsFactory = Callable[[], Settings]
 Access = Callable[[str], list[Any]]  # what a route shows ("runs", "dag_run", "logs") -> its FastAPI dependencies
 
 FILE_TYPES = {**{name: "image/png" for name in PLOTS}, SUMMARY_FILE: "text/markdown; charset=utf-8"}
-PLOT_TITLES = {"loss.png": "training loss", "accuracy.png": "training accuracy",
+PLOT_TITLES = {"loss.png": "training and validation loss", "accuracy.png": "training accuracy and validation top-1",
                "confusion.png": "confusion matrix (selected)", "per_class.png": "per-class accuracy",
                "fusion.png": "top-1 per strategy"}
 METRIC_KEYS = SUMMARY_METRICS  # the metrics table's figures, in its columns

@@ -149,6 +149,10 @@ class RunStore:
             "history": [dict(h) for h in state.get("history", [])][-HISTORY_IN_POINTER:]})
         return uri
 
+    def epoch_checkpoint_uri(self, stream: str, epoch: int) -> str:
+        """Where the checkpoint written at the end of ``epoch`` is (every epoch's is kept)."""
+        return self.uri(f"checkpoints/{stream}/epoch-{int(epoch):04d}.pt")
+
     def latest_pointer(self, stream: str) -> dict[str, Any] | None:
         """``latest.json`` of a stream: uri, epoch (the next to train), iteration, finished_epoch."""
         try:

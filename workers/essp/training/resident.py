@@ -39,7 +39,8 @@ from essp.errors import EsspError, ServiceUnavailable
 from essp.settings import Settings
 from essp.training.artifacts import RunStore, check_pretrained
 from essp.training.params import TrainParams
-from essp.training.trainer import StreamTrainer
+from essp.training.trainer import EpochStats, StreamTrainer
+from essp.training.validation import ValidationSpec, publish_once
 
 log = logging.getLogger("essp.train")
 
@@ -55,6 +56,7 @@ class TrainSpec(BaseModel):
     length: int = Field(ge=1, description="Stack length L of the run's samples.")
     params: TrainParams = Field(default_factory=TrainParams)
     prefetch: int | None = Field(None, ge=1)
+    validation: ValidationSpec | None = None  # the snippets scored after each epoch; None: no validation
 
 
 class TrainWorker(ResidentProcess):
@@ -71,14 +73,17 @@ class TrainWorker(ResidentProcess):
         self.wake = threading.Event()
         self.trainer: StreamTrainer | None = None
         self.source: SampleStream | None = None
+        self.val_source: SampleStream | None = None
+        self._attempt = ""
         self._state: TrainerState | None = None
 
     # -- state and events ---------------------------------------------------------------------------
-    def _set_state(self, status: TrainerStatus, **extra: Any) -> None:
+    def _set_state(self, status: TrainerStatus, *, epoch_done: int | None = None, **extra: Any) -> None:
         assert self.trainer is not None
         if not self.leader:
             return
-        self._state = TrainerState(status=status, epoch_done=self.trainer.epoch - 1, iteration=self.trainer.iteration,
+        done = self.trainer.epoch - 1 if epoch_done is None else epoch_done
+        self._state = TrainerState(status=status, epoch_done=done, iteration=self.trainer.iteration,
                                    worker=self.worker_id, updated_at=time.time(), **extra)
         redis_client(self.settings).set(self.keys.trainer(self.spec.run, self.spec.stream),
                                         self._state.model_dump_json(), ex=TRAINER_STATE_TTL_S)
@@ -115,6 +120,8 @@ class TrainWorker(ResidentProcess):
         # the ranks agree to stop between epochs (see _agree).
         if self.source is not None and not self.distributed:
             self.source.interrupt()
+        if self.val_source is not None:
+            self.val_source.interrupt()
 
     # -- DDP -----------------------------------------------------------------------------------------
     @property
@@ -145,6 +152,7 @@ class TrainWorker(ResidentProcess):
         if not raw:
             return None
         request = json.loads(raw)
+        self._attempt = str(request.get("attempt", ""))  # which request for the epoch (validation publishes once)
         return int(request["epoch"]), int(request["expected"])
 
     def serve(self, *, install_signals: bool = True) -> dict[str, Any]:
@@ -169,6 +177,9 @@ class TrainWorker(ResidentProcess):
         ensure_topics(self.settings, [self.topics.control, self.topics.events, self.topics.run_dead(spec.run)])
         if self.leader:  # under DDP rank 0 reads the stream and hands each rank its slice
             self.source = SampleStream(self.settings, spec.run, spec.stream, prefetch=spec.prefetch)
+            if spec.validation is not None:
+                self.val_source = SampleStream(self.settings, spec.validation.data_run, spec.stream,
+                                               prefetch=spec.prefetch)
         self._set_state("ready", resumed_from=resumed)
         self.start_resident(install_signals=install_signals,
                             detail=f"device {self.trainer.device}, resumed from {resumed or 'nothing'}")
@@ -198,8 +209,9 @@ class TrainWorker(ResidentProcess):
             raise
         finally:
             self.stopping.set()
-            if self.source is not None:
-                self.source.close()
+            for source in (self.source, self.val_source):
+                if source is not None:
+                    source.close()
             if self._state is None or self._state.status != "failed":
                 self._set_state("stopped")
             self.stop_resident()
@@ -226,6 +238,8 @@ class TrainWorker(ResidentProcess):
         finished = trainer.epoch == epoch + 1
         if not self.leader:
             return
+        if finished and stats is not None and spec.validation is not None:
+            self._validate(epoch, stats)
         uri = self._checkpoint(finished)
         if not finished:
             self._set_state("stopped", epoch=epoch, checkpoint=uri, detail="stopped mid-epoch")
@@ -235,8 +249,33 @@ class TrainWorker(ResidentProcess):
         figures = stats.as_dict()
         log.info("%s epoch %d: loss %.4f accuracy %.3f %.1f samples/s data wait %.1f%%", spec.stream, epoch,
                  stats.loss, stats.accuracy, stats.samples_per_s, 100 * stats.data_wait)
+        if stats.val_loss is not None:
+            log.info("%s epoch %d: validation loss %.4f top-1 %.3f mean class accuracy %.3f (%d videos, %.1fs)",
+                     spec.stream, epoch, stats.val_loss, stats.val_top1, stats.val_mean_class_accuracy,
+                     stats.val_videos, stats.val_seconds)
         self._set_state("epoch_done", checkpoint=uri, stats=figures)
         self.event("epoch_done", epoch=epoch, counters={k: float(v) for k, v in figures.items()}, detail=uri)
+
+    def _validate(self, epoch: int, stats: EpochStats) -> None:
+        """Score the validation snippets of ``epoch`` (published by the first trainer to get here) and add the
+        figures to ``stats`` and to the epoch's history entry, before the checkpoint is written."""
+        assert self.trainer is not None and self.val_source is not None and self.spec.validation is not None
+        # the epoch is not done (for the master, and for the other trainers' publish_once) until validated
+        self._set_state("training", epoch=epoch, epoch_done=epoch - 1, detail="validating")
+        plan, _ = publish_once(self.settings, self.spec.validation, epoch, self._attempt, self.spec.stream)
+        delivered = self.val_source.epoch(epoch, len(plan.jobs), timeout_s=120.0,
+                                          keep_waiting=lambda: self.control.get(self.spec.run) == "paused")
+        try:
+            figures = self.trainer.validate(delivered)
+        except StreamClosed:
+            log.warning("%s epoch %d: stopped while validating; the epoch is kept without validation figures",
+                        self.spec.stream, epoch)
+            return
+        except EpochStalled as exc:
+            raise EsspError(f"validation of epoch {epoch}: {exc}") from None
+        self.trainer.record_validation(figures)
+        for key in ("val_loss", "val_top1", "val_mean_class_accuracy", "val_videos", "val_seconds"):
+            setattr(stats, key, figures[key])
 
     def _checkpoint(self, finished: bool) -> str:
         assert self.trainer is not None

@@ -65,6 +65,12 @@ class EpochStats:
     lr: float = 0.0
     iteration: int = 0
     dead: int = 0
+    # validation after the epoch (essp.training.validation); None: not validated
+    val_loss: float | None = None
+    val_top1: float | None = None
+    val_mean_class_accuracy: float | None = None
+    val_videos: int = 0
+    val_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -252,6 +258,47 @@ class StreamTrainer:
             self.consumed = []
             self.history.append(stats.as_dict())
         return stats
+
+    @torch.no_grad()
+    def validate(self, samples: Iterable[Any]) -> dict[str, Any]:
+        """Score validation snippets (``Sample``s with ids ``v<video>-s<snippet>``) with the model in eval mode:
+        the validation loss over snippets and the video-level top-1 and mean class accuracy (see
+        essp.training.validation). Draws no random numbers, so a resumed run stays exact."""
+        from essp.training.validation import ValidationTally
+
+        tally = ValidationTally(self.num_classes)
+        started = time.monotonic()
+        was_training = self.model.training
+        self.model.eval()
+
+        def run(arrays: list[np.ndarray], labels: list[int], ids: list[str]) -> None:
+            with self._autocast():
+                logits = self.model(self._batch_tensor(arrays)).float()
+            targets = torch.as_tensor(labels, dtype=torch.long, device=self.device)
+            losses = nn.functional.cross_entropy(logits, targets, reduction="none")
+            tally.add(ids, labels, torch.softmax(logits, dim=1).cpu().numpy(), losses.cpu().numpy())
+
+        try:
+            arrays: list[np.ndarray] = []
+            labels: list[int] = []
+            ids: list[str] = []
+            for sample in samples:
+                arrays.append(sample.array)
+                labels.append(int(sample.label))
+                ids.append(sample.sample_id)
+                if len(arrays) == self.params.batch_size:
+                    run(arrays, labels, ids)
+                    arrays, labels, ids = [], [], []
+            if arrays:
+                run(arrays, labels, ids)
+        finally:
+            self.model.train(was_training)
+        return {**tally.figures(), "val_seconds": time.monotonic() - started}
+
+    def record_validation(self, figures: dict[str, Any]) -> None:
+        """Add the last finished epoch's validation figures to its history entry (checkpointed with it)."""
+        if self.history and int(self.history[-1]["epoch"]) == self.epoch - 1:
+            self.history[-1].update({k: (round(v, 6) if isinstance(v, float) else v) for k, v in figures.items()})
 
     @torch.no_grad()
     def recompute_batchnorm(self, batches: list[list[np.ndarray]]) -> None:
