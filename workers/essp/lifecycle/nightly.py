@@ -83,6 +83,7 @@ def plan_finetune(settings: Settings, params: NightlyParams, manifest: str, run:
     if production is None:
         raise EsspError(f"registry {params.registry!r} has no production model to fine-tune")
     values = upgrade_stored(dict(production.params))
+    values.pop("preset", None)  # its values are in the params already; it must not refill lr_steps=[] below
     values.update(run=run, dataset=manifest, registry=params.registry, epochs=params.epochs,
                   lr=float(values.get("lr", 0.01)) * params.lr_scale, lr_steps=[],
                   pretrained=dict(production.streams), fusion=production.fusion["strategy"],

@@ -23,6 +23,7 @@ from essp.deploy.fleet import data_kinds
 from essp.errors import EsspError, UserError, describe_validation
 from essp.evaluation.fusion import FUSIONS
 from essp.evaluation.metrics import DEFAULT_SNIPPETS, PROMOTION_METRICS
+from essp.lifecycle.presets import PresetError, apply_preset, preset_names
 from essp.training.architectures import ARCHITECTURES
 from essp.training.params import FormParams, OptimParams, TrainParams, knob
 
@@ -95,7 +96,8 @@ class RunParams(OptimParams):
     """Every knob of a training run: what `essp_train`'s form shows and what `essp train` takes."""
 
     model_config = ConfigDict(json_schema_extra=_keyed_schema(
-        {"pretrained": extractor_kinds, "replicas": data_kinds, "fusion_weights": extractor_kinds},
+        {"pretrained": extractor_kinds, "replicas": data_kinds, "fusion_weights": extractor_kinds,
+         "dropout": extractor_kinds},
         {"fusion_weights": {"minProperties": 1}}))
 
     # -- Data
@@ -125,6 +127,10 @@ class RunParams(OptimParams):
     framediff_arch: str = knob("resnet18", enum=_architectures, title="Frame-difference architecture",
                                section="Model", description="Network of the framediff stream (when it is among "
                                                             "the streams).")
+    dropout: dict[str, Annotated[float, Field(ge=0, lt=1)]] = knob(
+        default_factory=dict, title="Dropout", section="Model",
+        description="Per stream, the dropout before the classifier, e.g. {\"rgb\": 0.9}; a stream not named: its "
+                    "architecture's default.")
     pretrained: dict[str, Annotated[str, Field(min_length=1)]] = knob(
         default_factory=dict, title="Pretrained weights", section="Model",
         description="Per stream, weights to start from (torchvision state_dict or an ESSP checkpoint): an s3:// URI "
@@ -185,6 +191,9 @@ class RunParams(OptimParams):
                                description="The model is promoted to production only if it beats production on "
                                            "this metric.")
     # -- Run
+    preset: str | None = knob(None, enum=preset_names, title="Recipe preset", section="Run",
+                              description="A named training recipe (docs/training.md): it fills the params left at "
+                                          "their defaults, e.g. paper-temporal-resnet50 (needs pretrained weights).")
     run: str | None = knob(None, pattern=RUN_ID_PATTERN.pattern, title="Run id", section="Run",
                            description="ESSP run id; empty: derived from the DAG run. Reusing an id resumes that run.")
 
@@ -217,6 +226,13 @@ class RunParams(OptimParams):
                 create_extractor(stream, self.stream(stream).options)
             except (ValueError, EsspError) as exc:
                 raise ValueError(f"streams.{stream}: {exc}") from None
+        for name in ("dropout",):
+            others = sorted(set(getattr(self, name)) - set(self.streams))
+            if others:
+                raise ValueError(f"{name}: names stream(s) {', '.join(others)} that the run does not train "
+                                 f"({', '.join(self.streams)})")
+        if self.preset is not None and self.preset not in preset_names():
+            raise ValueError(f"preset: {self.preset!r} is not one of {', '.join(preset_names())}")
         unknown = sorted(set(self.pretrained) - set(self.streams))
         if unknown:
             raise ValueError(f"pretrained: names stream(s) {', '.join(unknown)} that the run does not train "
@@ -307,7 +323,7 @@ class RunParams(OptimParams):
     def train_params(self, stream: str) -> TrainParams:
         spec = self.stream(stream)
         shared = {name: getattr(self, name) for name in OptimParams.model_fields}
-        return TrainParams(**shared, arch=spec.arch, pretrained=spec.pretrained)
+        return TrainParams(**shared, arch=spec.arch, pretrained=spec.pretrained, dropout=self.dropout.get(stream))
 
     def workers(self) -> dict[str, int]:
         """Replicas per data-worker kind: the defaults (one for a stream of a kind without a default) with the
@@ -324,9 +340,16 @@ def parse_params(values: dict[str, Any]) -> RunParams:
     """RunParams from user values (the DAG's params, `essp train`'s options, a stored spec), with errors
     that name each bad param."""
     try:
-        return RunParams.model_validate(upgrade_stored(values))
+        return RunParams.model_validate(apply_preset(upgrade_stored(values), _defaults()))
+    except PresetError as exc:
+        raise RunParamsError(f"bad training parameters: {exc}") from None
     except ValidationError as exc:
         raise RunParamsError(f"bad training parameters: {describe_validation(exc)}") from None
+
+
+def _defaults() -> dict[str, Any]:
+    """Each RunParams param's default (what a preset may fill in)."""
+    return {name: field.get_default(call_default_factory=True) for name, field in RunParams.model_fields.items()}
 
 
 def upgrade_stored(values: dict[str, Any]) -> dict[str, Any]:

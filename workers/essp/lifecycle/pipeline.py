@@ -234,7 +234,7 @@ def run_training(settings: Settings, spec: RunParams, *, log: Log = print, data_
     """The whole run on the embedded default: resident workers as local processes (at least one decode
     worker and one extractor per stream, started here unless running; one trainer per stream), every epoch
     (with ``allocation`` validation_loss, trainer slots moved between epochs), scoring, fusion, report and
-    registry. What it started, it stops. ``on_epoch(epoch, seconds since the start)`` is called after each
+    registry. What it started, it stops. ``on_epoch(epoch, seconds of training so far)`` is called after each
     epoch."""
     run = spec.run_id()
     started = time.monotonic()
@@ -273,7 +273,7 @@ def run_training(settings: Settings, spec: RunParams, *, log: Log = print, data_
                 workers = [processes.find(w.name) or w for w in workers]
             train_epoch(settings, spec, epoch, log=log, alive=alive)
             if on_epoch is not None:
-                on_epoch(epoch, time.monotonic() - started)
+                on_epoch(epoch, time.monotonic() - t0)
             stop = early_stop_after(settings, spec, epoch)
             if stop is not None:
                 log(f"  stopped early after epoch {epoch}: {stop['reason']}")
