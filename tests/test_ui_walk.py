@@ -155,8 +155,9 @@ def _phase(b: Browser) -> str:
 
 def _curve_points(b: Browser) -> dict[str, int]:
     """Stream -> points of its loss curve, as the report tab draws it."""
-    return b.frame_evaluate("""Object.fromEntries([...(doc ? doc.querySelectorAll('svg[data-curve=loss] polyline')
-        : [])].map(p => [p.dataset.stream, p.getAttribute('points').trim().split(/\\s+/).length]))""") or {}
+    return b.frame_evaluate("""Object.fromEntries([...(doc ? doc.querySelectorAll(
+        'svg[data-curve=loss] polyline:not([data-validation])') : [])]
+        .map(p => [p.dataset.stream, p.getAttribute('points').trim().split(/\\s+/).length]))""") or {}
 
 
 def _task_log(ui: AirflowUI, run: dict[str, Any], task_id: str) -> str:

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from essp.bench.allocation import allocation_cmd as _registers_bench_allocation  # noqa: F401 - `essp bench allocation`
 from essp.bench.dataplane import bench_app
+from essp.bench.fusionfit import fusion_fit_cmd as _registers_bench_fusion_fit  # noqa: F401 - `essp bench fusion-fit`
 from essp.bench.trainer import trainer_cmd as _registers_bench_trainer  # noqa: F401 - `essp bench trainer`
 from essp.cli.dataplane import consume_cmd, control_app, plan_cmd, worker_app
 from essp.cli.dataset import dataset_app
