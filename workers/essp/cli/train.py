@@ -81,6 +81,8 @@ def _spawn_ranks(argv: list[str], nproc: int, name: str) -> None:
 def train_cmd(
     params: Annotated[str, typer.Option("--params", help="Run params as one JSON object (the options below "
                                                          "win over it).")] = "{}",
+    all_splits: Annotated[bool, typer.Option("--all-splits", help="Train each of the dataset's three UCF splits "
+                                                                 "(runs <run>-s1..s3) and report their mean.")] = False,
     **options: Any,
 ) -> None:
     """Train the run's streams through the data plane on the local stack, score, fuse, report, register.
@@ -97,6 +99,13 @@ def train_cmd(
     values = {**values, **given_values(RunParams, options)}
     values["run"] = values.get("run") or f"train-{int(time.time())}"
     spec = parse_params(values)
+    if all_splits:
+        from essp.lifecycle.protocol import train_splits
+
+        report = train_splits(Settings(), spec, log=out.print)
+        out.print_json(json.dumps({"mean": report["mean"], "splits": {n: r["metrics"]
+                                                                      for n, r in report["splits"].items()}}))
+        return
     outcome = run_training(Settings(), spec, log=out.print)
     out.print_json(json.dumps({k: outcome[k] for k in ("selected", "metrics", "registry", "timings", "report")},
                               default=str))

@@ -225,6 +225,41 @@ def _split_by_rule(split: int, files: list[_File]) -> tuple[dict[str, str], str]
     return assigned, "; ".join(sorted(rules)) or "none (no videos)"
 
 
+def _other_splits(root: Path, split: int, classes: list[str], files: list[_File], lists: bool,
+                  ) -> dict[int, dict[str, str]]:
+    """UCF-101's other splits, as the asked one is decided: by their own split lists (a split whose lists are
+    missing is left out; their problems are the asked split's to report), else by the same rule."""
+    out: dict[int, dict[str, str]] = {}
+    for other in UCF_TEST_GROUPS:
+        if other == split:
+            continue
+        if lists:
+            try:
+                found = _split_lists(root, other, classes, files)
+            except EsspError:
+                found = None
+            if found is not None:
+                out[other] = {rel: where for rel, where in found[0].items() if where != "bad"}
+        else:
+            out[other] = _split_by_rule(other, files)[0]
+    return out
+
+
+def _protocol(split: int, others: dict[int, dict[str, str]], ids_of: dict[str, str], manifest: Manifest,
+              val_fraction: float, latest: Manifest | None) -> dict[str, dict[str, list[str]]]:
+    """Every split ingest found, each with its validation split carved (the asked one is `manifest.splits`)."""
+    protocol = {str(split): {k: list(v) for k, v in manifest.splits.items()}}
+    known = set(manifest.splits.get("train", [])) | set(manifest.splits.get("val", [])) | set(
+        manifest.splits.get("test", []))
+    for other, assigned in sorted(others.items()):
+        splits = {s: sorted(ids_of[rel] for rel, where in assigned.items() if where == s and ids_of.get(rel) in known)
+                  for s in ("train", "test")}
+        view = manifest.model_copy(update={"splits": splits, "val_fraction": None, "val_by_clip": []})
+        previous = latest.for_split(other) if latest is not None and str(other) in latest.protocol else None
+        protocol[str(other)] = carve_validation(view, val_fraction, previous=previous).splits
+    return dict(sorted(protocol.items()))
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -333,6 +368,7 @@ def ingest_directory(settings: Settings, root: Path, name: str, *, split: int = 
         raise EsspError(f"dataset folder {root}: no class folders with videos (expected <root>/<Class>/<video>.avi, "
                         f"extensions {', '.join(sorted(VIDEO_EXTENSIONS))})")
     listed = _split_lists(root, split, classes, files)
+    assigned_by_split = _other_splits(root, split, classes, files, listed is not None)
     if listed is None:
         assigned, split_rule = _split_by_rule(split, files)
     else:
@@ -380,11 +416,14 @@ def ingest_directory(settings: Settings, root: Path, name: str, *, split: int = 
         videos[video.id] = video
         split_of[video.id] = assigned.get(file.rel)
     splits = {s: sorted(i for i, where in split_of.items() if where == s) for s in ("train", "test")}
+    ids_of = {file.rel: video.id for file, video in results if videos.get(video.id) is video}
     manifest = Manifest(name=name, source=str(root.resolve()), prefix=prefix, split_rule=split_rule,
                         classes=classes, videos=sorted(videos.values(), key=lambda v: v.id),
                         quarantined=sorted(quarantined, key=lambda q: q.path), splits=splits)
     # the latest version's validation videos stay validation videos (essp.datasets.validation)
     manifest = carve_validation(manifest, val_fraction, previous=latest)
+    protocol = _protocol(split, assigned_by_split, ids_of, manifest, val_fraction, latest)
+    manifest = manifest.model_copy(update={"protocol": protocol, "ucf_split": split})
     if counts is not None:
         counts.update(tally, quarantined=len(manifest.quarantined),
                       unsplit=len(videos) - sum(len(ids) for ids in splits.values()))

@@ -85,6 +85,10 @@ class Manifest(BaseModel):
     # The share of each class's training groups held out as "val" (essp.datasets.validation); None: no val split.
     val_fraction: float | None = None
     val_by_clip: list[str] = []  # classes with one training group, whose validation clips share its scene
+    # UCF-101's three train/test splits as ingest found them: "1".."3" -> {"train", "val", "test"}; `splits`
+    # is the one ingest was asked for. Empty: the manifest knows only `splits` (ingested before issue 14).
+    protocol: dict[str, dict[str, list[str]]] = {}
+    ucf_split: int | None = None  # which of `protocol` `splits` is
 
     def video(self, video_id: str) -> ManifestVideo:
         for video in self.videos:
@@ -110,6 +114,18 @@ class Manifest(BaseModel):
             out.setdefault(video.label, []).append(video)
         return out
 
+    def for_split(self, split: int) -> Manifest:
+        """This manifest as UCF split ``split`` sees it: `splits` are that split's train / val / test (a view for
+        one run, not a version of the dataset: its `protocol` is left empty)."""
+        if str(split) not in self.protocol:
+            have = ", ".join(sorted(self.protocol)) or "none recorded"
+            raise EsspError(f"manifest {self.ref} has no UCF split {split} (splits: {have}); ingest the folder again "
+                            "(`essp dataset ingest`, with trainlist0N/testlist0N or UCF-101 group names) to record "
+                            "all three")
+        return self.model_copy(update={"splits": {k: list(v) for k, v in self.protocol[str(split)].items()},
+                                       "protocol": {}, "split_rule": f"UCF split {split}; {self.split_rule}"},
+                               deep=True)
+
     def quarantine(self, uri: str, reason: str, stage: Literal["ingest", "decode"] = "decode") -> Manifest:
         """A new manifest (version + 1) without the video at `uri`, which is listed as quarantined."""
         video = next((v for v in self.videos if v.uri == uri), None)
@@ -121,6 +137,8 @@ class Manifest(BaseModel):
             "created_at": time.time(),
             "videos": [v for v in self.videos if v.uri != uri],
             "splits": {name: [i for i in ids if i != video.id] for name, ids in self.splits.items()},
+            "protocol": {n: {name: [i for i in ids if i != video.id] for name, ids in split.items()}
+                         for n, split in self.protocol.items()},
             "quarantined": [*self.quarantined, entry],
         }, deep=True)
 
@@ -131,7 +149,7 @@ class Manifest(BaseModel):
 
         return (self.classes == other.classes and self.videos == other.videos and self.splits == other.splits
                 and self.split_rule == other.split_rule and self.val_fraction == other.val_fraction
-                and strip(self.quarantined) == strip(other.quarantined))
+                and self.protocol == other.protocol and strip(self.quarantined) == strip(other.quarantined))
 
 
 def check_name(name: str) -> str:

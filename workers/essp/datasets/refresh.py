@@ -356,7 +356,19 @@ def refresh_manifest(settings: Settings, manifest_ref: str, *, log: Log = print,
         "splits": splits,
     }, deep=True)
     # new training videos of a held-out group join it; a manifest without a val split gets one
-    manifest = carve_validation(manifest, base.val_fraction or DEFAULT_VAL_FRACTION)
+    fraction = base.val_fraction or DEFAULT_VAL_FRACTION
+    manifest = carve_validation(manifest, fraction)
+    protocol = {}
+    for n in base.protocol:  # every UCF split: new videos train there too, each split's validation kept
+        if base.ucf_split is not None and n == str(base.ucf_split):
+            protocol[n] = {k: list(v) for k, v in manifest.splits.items()}
+            continue
+        view = base.for_split(int(n))
+        kept = {name: [i for i in ids if i in videos] for name, ids in view.splits.items()}
+        for new_id in new_train:
+            kept["train"] = _insert(kept.get("train", []), new_id)
+        protocol[n] = carve_validation(view.model_copy(update={"splits": kept}), fraction, previous=view).splits
+    manifest = manifest.model_copy(update={"protocol": protocol})
     uri = manifests.save(manifest)
     saved = manifests.load(uri)
     log(f"{saved.ref}: {uri} ({len(changes.added)} added, {len(changes.changed)} changed, "

@@ -56,8 +56,14 @@ def verify_manifest(settings: Settings, spec: RunParams) -> dict[str, Any]:
     store = ManifestStore(settings)
     manifest_uri = store.resolve(spec.dataset)
     manifest = store.load(manifest_uri)
-    if "train" in manifest.splits and needs_carving(manifest, spec.val_fraction):
-        manifest, manifest_uri = _with_validation(settings, spec, manifest)
+    view = spec.split is not None
+    if view:  # one of the dataset's UCF splits: the run keeps its view of the manifest as its own copy
+        try:
+            manifest = manifest.for_split(spec.split)
+        except EsspError as exc:
+            raise RunParamsError(f"split: {exc}") from None
+    if view or ("train" in manifest.splits and needs_carving(manifest, spec.val_fraction)):
+        manifest, manifest_uri = _with_validation(settings, spec, manifest, own_copy=view)
     train = manifest.split("train") if "train" in manifest.splits else []
     test = manifest.split("test") if "test" in manifest.splits else []
     val = manifest.split(VAL_SPLIT) if VAL_SPLIT in manifest.splits else []
@@ -73,20 +79,21 @@ def verify_manifest(settings: Settings, spec: RunParams) -> dict[str, Any]:
                              "groups, or two clips, to give one): add videos")
     facts = {"spec": spec.model_dump(mode="json"), "manifest_uri": manifest_uri, "dataset": manifest.name,
              "classes": manifest.classes, "train_videos": len(train), "val_videos": len(val),
-             "test_videos": len(test), "val_fraction": manifest.val_fraction,
+             "test_videos": len(test), "val_fraction": manifest.val_fraction, "split": spec.split,
              "samples_per_epoch": spec.samples_per_epoch or len(train)}
     RunStore(settings, spec.run_id()).save_json("spec.json", facts)
     return facts
 
 
-def _with_validation(settings: Settings, spec: RunParams, manifest: Manifest) -> tuple[Manifest, str]:
+def _with_validation(settings: Settings, spec: RunParams, manifest: Manifest, *,
+                     own_copy: bool = False) -> tuple[Manifest, str]:
     """``manifest`` with a validation split of the run's ``val_fraction`` (the manifest's own, else the default):
     saved as the dataset's next version when ``manifest`` is its latest, else (a pinned older version, which a
     new latest must not be made from) as the run's own copy, ``manifest.json`` in the run's folder."""
     fraction = spec.val_fraction or manifest.val_fraction or DEFAULT_VAL_FRACTION
     carved = carve_validation(manifest, fraction).model_copy(update={"version": 0, "created_at": time.time()})
     store = ManifestStore(settings)
-    if store.latest_version(manifest.name) == manifest.version:
+    if not own_copy and store.latest_version(manifest.name) == manifest.version:
         uri = store.save(carved)
         return store.load(uri), uri
     uri = RunStore(settings, spec.run_id()).save_json("manifest.json", carved.model_copy(

@@ -114,6 +114,10 @@ class RunParams(OptimParams):
                      description="Samples are size x size pixels.")
     flow_method: str = knob("dis_fast", enum=_flow_methods, title="Optical flow method", section="Data",
                             description="OpenCV algorithm of the flow stream.")
+    split: int | None = knob(None, ge=1, le=3, title="UCF split", section="Data",
+                             description="Which of the dataset's three train/test splits to train on (UCF-101's "
+                                         "protocol; ingest records the splits it finds); empty: the manifest's own. "
+                                         "`essp train --all-splits` trains all three and reports their mean.")
     val_fraction: float | None = knob(None, gt=0, le=MAX_VAL_FRACTION, title="Validation fraction", section="Data",
                                       description="Share of each class's training groups held out as the validation "
                                                   "split (scored after every epoch, what the learned fusions are "
