@@ -35,11 +35,13 @@ def test_a_converged_stream_gives_its_slots_to_the_one_still_improving():
     histories = {"rgb": losses(1.0, 0.5, 0.5, 0.499), "flow": losses(1.2, 1.0, 0.8, 0.6)}
     slots, reason, rates = decide(histories, {"rgb": 2, "flow": 2}, total=4, minimum=1)
     assert slots == {"rgb": 1, "flow": 3} and "converged: rgb" in reason and rates["rgb"] < 0.01
-    # both improving: the 3 spare slots in proportion to their rates (0.30 and 0.10 an epoch: 2.25 and 0.75,
-    # then the largest remainder) -> 1 + 2 and 1 + 1
+    # both improving: the shares of the 4 spare slots in proportion to their rates (0.30 and 0.10 an epoch: 3 and
+    # 1) are 4 and 2; from 2 and 4 a decision moves one slot towards them, and again two epochs later
     histories = {"rgb": losses(1.0, 0.7, 0.4), "flow": losses(1.0, 0.9, 0.8)}
-    slots, _, _ = decide(histories, {"rgb": 2, "flow": 2}, total=5, minimum=1)
-    assert slots == {"rgb": 3, "flow": 2}
+    slots, reason, _ = decide(histories, {"rgb": 2, "flow": 4}, total=6, minimum=1)
+    assert slots == {"rgb": 3, "flow": 3} and reason.endswith("towards rgb 4, flow 2")
+    assert decide(histories, slots, total=6, minimum=1, since_move=1)[0] == slots  # cooling down
+    assert decide(histories, slots, total=6, minimum=1, since_move=2)[0] == {"rgb": 4, "flow": 2}
 
 
 def test_nothing_moves_without_two_validated_epochs_or_any_improvement_or_with_the_static_policy():

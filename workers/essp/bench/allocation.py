@@ -70,7 +70,7 @@ def run_policy(settings: Any, policy: str, *, dataset: str, epochs: int, procs: 
 
 
 def bench_allocation(*, classes: int = 4, videos_per_class: int = 16, epochs: int = 8, procs: int = 2,
-                     target: float = 0.75, write_docs: bool = False, docs_path: Path = DEFAULT_DOCS,
+                     target: float = 0.85, write_docs: bool = False, docs_path: Path = DEFAULT_DOCS,
                      json_path: Path | None = None, command: str | None = None) -> dict[str, Any]:
     from essp.datasets.ingest import ingest_directory
     from essp.datasets.synth import synthesize
@@ -138,7 +138,7 @@ def render(result: dict[str, Any]) -> str:
 def allocation_cmd(
     epochs: Annotated[int, typer.Option(min=2, help="Epochs of each run.")] = 8,
     procs: Annotated[int, typer.Option(min=2, help="trainer_procs: each stream's slots to start with.")] = 2,
-    target: Annotated[float, typer.Option(min=0, max=1, help="Validation top-1 both streams must reach.")] = 0.75,
+    target: Annotated[float, typer.Option(min=0, max=1, help="Validation top-1 both streams must reach.")] = 0.85,
     videos_per_class: Annotated[int, typer.Option(min=4)] = 16,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the full result as JSON here.")] = None,
     write_docs: Annotated[bool, typer.Option("--write-docs", help="Update docs/benchmarks.md's block.")] = False,

@@ -6,9 +6,11 @@ A run has ``trainer_procs x streams`` **slots** (DDP processes: GPUs in Kubernet
 locally). With ``allocation`` ``static`` each stream keeps ``trainer_procs``. With ``validation_loss`` the
 master decides between epochs (:func:`decide`): each stream's recent rate of improvement is the relative fall
 of its validation loss per epoch over the last ``RATE_WINDOW`` epochs (0 when it rose); a stream whose rate is
-below ``CONVERGED_RATE`` has converged and gets ``allocation_min`` slots; the slots above everyone's minimum go
-to the streams still improving, in proportion to their rates (largest remainders, ties to the stream listed
-first). Nothing moves while no stream has two validated epochs, or when no stream improves.
+below ``CONVERGED_RATE`` has converged and its share is ``allocation_min`` slots; the slots above everyone's minimum
+are shared by the streams still improving, in proportion to their rates (largest remainders, ties to the stream
+listed first). Each decision moves one slot towards those shares, from the stream furthest above its share to the
+one furthest below, and at most once every ``COOLDOWN`` epochs. Nothing moves while a stream has fewer than two
+validated epochs, or when no stream improves.
 
 :func:`apply_allocation` runs the decision for the epoch about to be planned (once: the planner calls it under
 its lease, essp.lifecycle.epochs.plan_epoch_once's ``before``), records it in the run's ``allocation.json``
@@ -31,6 +33,9 @@ from essp.training.artifacts import RunArtifactMissing, RunStore
 ALLOCATION_FILE = "allocation.json"
 RATE_WINDOW = 2  # epochs over which a stream's rate of improvement is measured
 CONVERGED_RATE = 0.01  # a validation loss falling less than 1% an epoch has converged
+# Slots move at most once every COOLDOWN epochs, one slot at a time: the rates measured across a restart (a new
+# world size, so another batch) are noisy, and a restart costs a trainer's start-up (~15 s on 2 CPU cores).
+COOLDOWN = 2
 READY_TIMEOUT_S = 300.0
 
 Log = Callable[[str], None]
@@ -51,8 +56,10 @@ def improvement_rate(history: list[dict[str, Any]], window: int = RATE_WINDOW) -
 
 
 def decide(histories: dict[str, list[dict[str, Any]]], current: dict[str, int], *, total: int, minimum: int = 1,
-           policy: str = "validation_loss") -> tuple[dict[str, int], str, dict[str, float | None]]:
-    """The slots of each stream for the next epoch, the reason, and each stream's rate (see the module's doc)."""
+           policy: str = "validation_loss", since_move: int | None = None,
+           ) -> tuple[dict[str, int], str, dict[str, float | None]]:
+    """The slots of each stream for the next epoch, the reason, and each stream's rate (see the module's doc).
+    ``since_move``: epochs since slots last moved (None: never)."""
     streams = list(current)
     if policy not in ALLOCATIONS:
         raise EsspError(f"allocation {policy!r}: one of {', '.join(ALLOCATIONS)}")
@@ -69,19 +76,33 @@ def decide(histories: dict[str, list[dict[str, Any]]], current: dict[str, int], 
     if not improving:
         return dict(current), f"no stream's validation loss falls by {100 * CONVERGED_RATE:g}%/epoch ({words}): " \
                               "slots stay", rates
+    if since_move is not None and since_move < COOLDOWN:
+        return dict(current), f"slots moved {since_move} epoch(s) ago, at most once every {COOLDOWN} ({words}): " \
+                              "they stay", rates
     spare = total - minimum * len(streams)
     weight = sum(improving.values())
     shares = {s: spare * improving.get(s, 0.0) / weight for s in streams}
-    slots = {s: minimum + int(shares[s]) for s in streams}
-    left = total - sum(slots.values())
+    target = {s: minimum + int(shares[s]) for s in streams}
+    left = total - sum(target.values())
     for s in sorted(streams, key=lambda s: (-(shares[s] - int(shares[s])), streams.index(s)))[:left]:
-        slots[s] += 1
+        target[s] += 1
+    slots = dict(current)
+    if sum(current.values()) != total:
+        slots = dict(target)
+    else:  # one slot a decision, from the stream furthest above its share to the one furthest below
+        giver = max(streams, key=lambda s: (slots[s] - target[s], -streams.index(s)))
+        taker = max(streams, key=lambda s: (target[s] - slots[s], -streams.index(s)))
+        if slots[giver] > target[giver] and slots[taker] < target[taker]:
+            slots[giver] -= 1
+            slots[taker] += 1
     converged = [s for s in streams if s not in improving]
     reason = f"validation loss falling {words}"
     if converged:
         reason += f"; converged: {', '.join(converged)}"
     moved = slots != current
     reason += f" -> {', '.join(f'{s} {n}' for s, n in slots.items())} slot(s)" + ("" if moved else " (as before)")
+    if moved and slots != target:
+        reason += f", towards {', '.join(f'{s} {n}' for s, n in target.items())}"
     return slots, reason, rates
 
 
@@ -120,8 +141,9 @@ def apply_allocation(settings: Settings, spec: RunParams, epoch: int, *, log: Lo
     if decided is None:
         histories = {s: [h for h in hs if int(h["epoch"]) < epoch]
                      for s, hs in stream_histories(settings, spec.run_id(), spec.streams).items()}
+        moves = [int(d["epoch"]) for d in record["decisions"] if d.get("moved")]
         slots, reason, rates = decide(histories, before, total=record["total"], minimum=record["minimum"],
-                                      policy=spec.allocation)
+                                      policy=spec.allocation, since_move=epoch - moves[-1] if moves else None)
         decided = {"epoch": epoch, "after_epoch": epoch - 1, "slots": slots, "before": before, "reason": reason,
                    "rates": rates, "moved": slots != before, "at": time.time()}
         record["decisions"].append(decided)
