@@ -185,11 +185,15 @@ def test_an_epoch_without_samples_and_bad_params_are_refused():
             raise TrainingError("CUDA present: nothing to refuse")
 
 
-def _ddp_rank(rank: int, world: int, port: int, out_dir: str) -> None:
+def _join_gloo(rank: int, world: int, port: int) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
+
+
+def _ddp_rank(rank: int, world: int, port: int, out_dir: str) -> None:
+    _join_gloo(rank, world, port)
     try:
         trainer = StreamTrainer("flow", num_classes=CLASSES, length=L, params=PARAMS)
         assert trainer.distributed and trainer.world_size == world
@@ -246,10 +250,7 @@ def test_a_checkpoint_that_carries_code_is_refused(capsys):
 
 
 def _resized_rank(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    _join_gloo(rank, world, port)
     try:
         trainer = StreamTrainer("flow", num_classes=CLASSES, length=L, params=PARAMS)
         with open(os.path.join(out_dir, "one-process.pt"), "rb") as handle:

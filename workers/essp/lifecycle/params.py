@@ -393,14 +393,6 @@ class NightlyParams(FormParams):
     samples_per_epoch: int | None = knob(None, ge=1, le=MAX_SAMPLES_PER_EPOCH, title="Samples per epoch",
                                          section="Training",
                                          description="Empty: production's setting.")
-    allocation: str = knob("static", enum=lambda: ALLOCATIONS, title="Trainer slot allocation", section="Workers",
-                           description="static: every stream keeps trainer_procs processes; validation_loss: between "
-                                       "epochs the run's trainer_procs x streams slots move to the streams whose "
-                                       "validation loss still falls fastest (the paper's §3.4), each keeping at "
-                                       "least allocation_min.")
-    allocation_min: int = knob(1, ge=1, le=64, title="Slots a stream keeps", section="Workers",
-                               description="The fewest trainer processes the validation_loss allocation leaves a "
-                                           "stream (at most trainer_procs).")
     replicas: dict[str, Annotated[int, Field(ge=0, le=256)]] = knob(
         default_factory=lambda: dict(DEFAULT_REPLICAS), title="Worker replicas", section="Workers",
         description="Resident data workers to run per kind while fine-tuning.")
