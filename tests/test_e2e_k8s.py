@@ -24,6 +24,7 @@ import kubekit
 import pytest
 from conftest import airflow_test_settings, remove_airflow_test
 
+from essp.deploy.kube import deployment_name, worker_kinds
 from essp.settings import Settings
 from essp.stack.airflow import AirflowClient, AirflowStack
 from essp.stack.services import LocalStack
@@ -226,8 +227,8 @@ def test_essp_train_runs_every_stage_as_a_pod_and_the_workers_as_deployments(clu
     assert not any(left.values()), left
     scaled = {d["metadata"]["name"]: d["spec"]["replicas"] for d in
               kubekit.kubectl_json("-n", kubekit.NAMESPACE, "get", "deployments")["items"]}
-    assert scaled == {"essp-decode": 0, "essp-extract-flow": 0, "essp-extract-framediff": 0, "essp-extract-rgb": 0,
-                      "essp-trainer": 0}, scaled
+    # every data-worker Deployment (one per registered extractor) and the trainer template, all at 0
+    assert scaled == {**{deployment_name(kind): 0 for kind in worker_kinds()}, "essp-trainer": 0}, scaled
 
 
 def test_deleting_the_decode_pod_mid_run_loses_no_sample(cluster, trained):
